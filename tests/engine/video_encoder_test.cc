@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -303,6 +304,10 @@ struct Mp4Case {
   int num_frames;
   int fps;
 };
+
+void PrintTo(const Mp4Case& c, std::ostream* os) {
+  *os << c.width << "x" << c.height << ", " << c.num_frames << " frames @" << c.fps << " fps";
+}
 
 class Mp4RoundTripTest : public ::testing::TestWithParam<Mp4Case> {};
 
