@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""SpargeAttention2 kernel benchmark: ours (mask + block-sparse fwd, bwd) vs torch SDPA cuDNN and
+FlashAttention dense, and compiled FlexAttention with the identical block mask, all in one process
+on one card, bf16, Wan2.1 shapes, hybrid masks from structured ("real-looking") Q/K calibrated to
+90/95/97% sparsity. Writes bench/results/<card>-<date>.json and a speedup plot (PNG).
+
+Usage (GPU machine): python3 bench/kernels/bench_sparge.py --lib build/engine/ops/libsparge_ops.so
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+MODE_DENSE, MODE_TOPK, MODE_TOPP, MODE_HYBRID = 1, 2, 3, 4
+
+
+def timed(fn, min_iters=3, max_iters=50, budget_s=1.0, warmup=2):
+    """Median of CUDA-event timings (ms): warm-up first, then repeat within a time budget."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    total = 0.0
+    while len(times) < max_iters and (len(times) < min_iters or total < budget_s * 1e3):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        t = a.elapsed_time(b)
+        times.append(t)
+        total += t
+    times.sort()
+    return times[len(times) // 2]
+
+
+def structured_qk(B, L, H, D, seed, dev="cuda"):
+    """Block-smooth Q/K with a shared sink direction plus noise (peaked and flat rows)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    coarse = 192
+    nc = (L + coarse - 1) // coarse
+    cq = torch.randn(B, nc, H, D, generator=g, device=dev).repeat_interleave(coarse, 1)[:, :L]
+    ck = torch.randn(B, nc, H, D, generator=g, device=dev).repeat_interleave(coarse, 1)[:, :L]
+    sink = torch.randn(1, 1, H, D, generator=g, device=dev)
+    q = cq + 0.7 * ck + 0.6 * torch.randn(B, L, H, D, generator=g, device=dev) + 0.5 * sink
+    k = ck + 0.6 * torch.randn(B, L, H, D, generator=g, device=dev)
+    k[:, :32] += 2.0 * sink
+    return q.bfloat16().contiguous(), k.bfloat16().contiguous()
+
+
+def achieved_sparsity(counts, indices, L, bq, bk):
+    nq, nk = indices.shape[-2], indices.shape[-1]
+    kc = torch.clamp(L - torch.arange(nk, device=indices.device) * bk, max=bk).double()
+    qr = torch.clamp(L - torch.arange(nq, device=indices.device) * bq, max=bq).double()
+    idx = indices.long()
+    cols = torch.where(idx >= 0, kc[idx.clamp(min=0)], torch.zeros((), dtype=torch.double, device=idx.device)).sum(-1)
+    return 1.0 - ((cols * qr).sum(-1) / (L * L)).mean().item()
+
+
+def predict(q, k, mode, topk, topp, bq, bk):
+    dev = q.device
+    return torch.ops.sparge.predict_block_mask(
+        q, k, torch.tensor([mode], dtype=torch.int32, device=dev),
+        torch.tensor([topk], dtype=torch.float32, device=dev),
+        torch.tensor([topp], dtype=torch.float32, device=dev), bq, bk)
+
+
+def calibrate(q, k, target, topp, bq, bk):
+    """Bisect the hybrid top-k fraction (at a fixed top-p) until the achieved sparsity hits target."""
+    L = q.shape[1]
+    lo, hi = 0.0, 1.0 - target
+    best = None
+    for _ in range(14):
+        mid = 0.5 * (lo + hi)
+        c, i, tc, ti = predict(q, k, MODE_HYBRID, mid, topp, bq, bk)
+        s = achieved_sparsity(c, i, L, bq, bk)
+        if best is None or abs(s - target) < abs(best[1] - target):
+            best = (mid, s)
+        if s > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    ap.add_argument("--shapes", default="wan1.3B-480p,wan14B-720p")
+    ap.add_argument("--sparsities", default="0.90,0.95,0.97")
+    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--topp", type=float, default=0.3)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.ops.load_library(args.lib)
+    card = torch.cuda.get_device_name()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        commit = os.environ.get("SPARGE_COMMIT", "unknown")
+    print(f"torch {torch.__version__} {card} commit {commit}", flush=True)
+    shapes = {"wan1.3B-480p": (12, 32760), "wan14B-720p": (40, 75600)}
+    B, D, bq, bk = 1, 128, 128, args.block_k
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    cases = []
+    for name in args.shapes.split(","):
+        H, L = shapes[name]
+        q, k = structured_qk(B, L, H, D, seed=L)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        v = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
+        g = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
+        scale = 1.0 / math.sqrt(D)
+        # Dense references on head-major copies (what SDPA is fastest on).
+        qh, kh, vh, gh = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))
+        dense = {}
+        for be, bn in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
+            try:
+                with sdpa_kernel([be]):
+                    dense[f"{bn}_fwd_ms"] = timed(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+                    qg, kg, vg = (t.detach().requires_grad_() for t in (qh, kh, vh))
+                    o = F.scaled_dot_product_attention(qg, kg, vg)
+                    dense[f"{bn}_bwd_ms"] = timed(lambda: torch.autograd.grad(o, (qg, kg, vg), gh, retain_graph=True))
+                    del o, qg, kg, vg
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} {bn} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            torch.cuda.empty_cache()
+        print(f"{name} dense: " + " ".join(f"{k_}={v_:.2f}" for k_, v_ in dense.items()), flush=True)
+        # Our dense mode (all blocks kept) against cuDNN.
+        cD, iD, tcD, tiD = predict(q, k, MODE_DENSE, 0.0, 0.0, bq, bk)
+        ours_dense_fwd = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
+        print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
+        del cD, iD, tcD, tiD
+        torch.cuda.empty_cache()
+        for target in [float(s) for s in args.sparsities.split(",")]:
+            topk, sp = calibrate(q, k, target, args.topp, bq, bk)
+            c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
+            mask_ms = timed(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk))
+            attn_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
+
+            def ours_fwd():
+                c_, i_, _, _ = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
+                return torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c_, i_, bq, bk, scale)
+
+            fwd_ms = timed(ours_fwd)
+            o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
+            bwd_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale))
+            row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
+                       block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
+                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_bwd_ms=bwd_ms, mask_ms=mask_ms,
+                       ours_dense_mode_fwd_ms=ours_dense_fwd, card=card, commit=commit)
+            row.update(dense)
+            if flex is not None:
+                try:
+                    from torch.nn.attention.flex_attention import BlockMask
+                    bm = BlockMask.from_kv_blocks(c, i.clamp(min=0), BLOCK_SIZE=(bq, bk), seq_lengths=(L, L))
+                    fo = flex(qh, kh, vh, block_mask=bm, scale=scale)
+                    row["flex_vs_ours_relerr"] = ((fo.transpose(1, 2).float() - o.float()).norm() / fo.float().norm()).item()
+                    row["flex_fwd_ms"] = timed(lambda: flex(qh, kh, vh, block_mask=bm, scale=scale))
+                    qg, kg, vg = (t.detach().requires_grad_() for t in (qh, kh, vh))
+                    fo = flex(qg, kg, vg, block_mask=bm, scale=scale)
+                    row["flex_bwd_ms"] = timed(lambda: torch.autograd.grad(fo, (qg, kg, vg), gh, retain_graph=True))
+                    del fo, qg, kg, vg, bm
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name} flex failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            for kind in ("fwd", "bwd"):
+                if f"cudnn_{kind}_ms" in row:
+                    row[f"speedup_{kind}_vs_cudnn"] = row[f"cudnn_{kind}_ms"] / row[f"ours_{kind}_ms"]
+                if f"flex_{kind}_ms" in row:
+                    row[f"speedup_{kind}_vs_flex"] = row[f"flex_{kind}_ms"] / row[f"ours_{kind}_ms"]
+            if "cudnn_fwd_ms" in row:
+                row["mask_pct_of_cudnn_fwd"] = 100.0 * mask_ms / row["cudnn_fwd_ms"]
+            cases.append(row)
+            print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
+            del c, i, tc, ti, o, lse
+            torch.cuda.empty_cache()
+        del q, k, v, g, qh, kh, vh, gh
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.utcnow().strftime("%Y-%m-%dT%H%M%SZ")
+    slug = card.replace(" ", "-").replace("/", "-")
+    base = os.path.join(args.out, f"{slug}-{stamp}{args.tag}")
+    with open(base + ".json", "w") as f:
+        json.dump({"card": card, "commit": commit, "date": stamp, "torch": torch.__version__, "cases": cases}, f, indent=1)
+    print("wrote", base + ".json", flush=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, kind in zip(axes, ("fwd", "bwd")):
+            for name in sorted({c_["name"] for c_ in cases}):
+                rows = [c_ for c_ in cases if c_["name"] == name]
+                xs = [100 * r["sparsity"] for r in rows]
+                for ref, style in (("cudnn", "o-"), ("flex", "s--")):
+                    key = f"speedup_{kind}_vs_{ref}"
+                    if all(key in r for r in rows):
+                        ax.plot(xs, [r[key] for r in rows], style, label=f"{name} vs {ref}")
+            ax.set_xlabel("attention sparsity (%)")
+            ax.set_ylabel("speedup (x)")
+            ax.set_title(f"{kind} ({card})")
+            ax.grid(True)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(base + ".png", dpi=110)
+        print("wrote", base + ".png", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print("plot failed:", e, flush=True)
+    print("\nname sparsity ours_fwd mask attn bwd | cudnn_fwd cudnn_bwd flex_fwd flex_bwd | x_fwd_cudnn x_bwd_cudnn x_fwd_flex x_bwd_flex")
+    for r in cases:
+        print(f"{r['name']} {r['sparsity']:.3f} {r['ours_fwd_ms']:.3f} {r['mask_ms']:.3f} {r['ours_attn_fwd_ms']:.3f} {r['ours_bwd_ms']:.3f} | "
+              f"{r.get('cudnn_fwd_ms', float('nan')):.2f} {r.get('cudnn_bwd_ms', float('nan')):.2f} {r.get('flex_fwd_ms', float('nan')):.3f} {r.get('flex_bwd_ms', float('nan')):.3f} | "
+              f"{r.get('speedup_fwd_vs_cudnn', float('nan')):.2f} {r.get('speedup_bwd_vs_cudnn', float('nan')):.2f} {r.get('speedup_fwd_vs_flex', float('nan')):.2f} {r.get('speedup_bwd_vs_flex', float('nan')):.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: build the kernels-only configuration, run the kernel tests,
+# compute-sanitizer (memcheck + racecheck) on a small case, and the benchmark. Logs go to $OUT.
+#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [bench] [bench-args...]
+# GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
+# libgmock-dev googletest.
+set -u
+OUT=${OUT:-/tmp/sparge-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+root=$(pwd)
+bdir=$root/build-dev
+stages=" $* "
+log() { echo "[$(date +%T)] $*"; }
+if [[ $stages == *" build "* ]]; then
+  gt=$root/.devdeps/gtest/root
+  if [ ! -d "$gt" ]; then mkdir -p "$gt"; for d in "$root"/.devdeps/gtest/*.deb; do dpkg -x "$d" "$gt"; done; fi
+  log "configure"
+  cmake -S "$root" -B "$bdir" -G Ninja -DSPARGE_KERNELS_ONLY=ON -DSPARGE_PYTHON=python3 \
+    -DCMAKE_PREFIX_PATH="$gt/usr" -DSPARGE_KERNELS_RESOURCE_USAGE=ON > "$OUT/configure.log" 2>&1 \
+    || { tail -30 "$OUT/configure.log"; exit 1; }
+  log "build"
+  ninja -C "$bdir" -j16 sparge_ops sparge_ops_cpu_test sparge_kernels_gpu_test > "$OUT/build.log" 2>&1 \
+    || { grep -B2 -A12 -m3 "error" "$OUT/build.log" | head -80; exit 1; }
+  grep -E "Function properties|registers|spill" "$OUT/build.log" | grep -B1 -E "spill stores [1-9]|registers" | tail -40 > "$OUT/ptxas.txt"
+  log "built"
+fi
+if [[ $stages == *" test "* ]]; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  log "cpu test"
+  "$bdir/tests/kernels/sparge_ops_cpu_test" > "$OUT/cpu_test.log" 2>&1; echo "cpu_test rc=$?"
+  grep -E "^\[  (PASSED|FAILED) |FAILED|Failure" "$OUT/cpu_test.log" | head -20
+  log "gpu test"
+  "$bdir/tests/kernels/sparge_kernels_gpu_test" ${GPU_TEST_FILTER:+--gtest_filter=$GPU_TEST_FILTER} > "$OUT/gpu_test.log" 2>&1; echo "gpu_test rc=$?"
+  grep -E "^\[  (PASSED|FAILED) |^\[       OK|FAILED|Failure|Expected|Which is|vs SDPA|sparsity" "$OUT/gpu_test.log" | head -60
+fi
+if [[ $stages == *" sanitize "* ]]; then
+  for tool in memcheck racecheck; do
+    log "compute-sanitizer $tool"
+    compute-sanitizer --tool $tool --error-exitcode 9 "$bdir/tests/kernels/sparge_kernels_gpu_test" \
+      --gtest_filter=SpargeKernelsGpu.SanitizerCase > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
+  done
+fi
+if [[ $stages == *" bench "* ]]; then
+  log "bench"
+  shift_args=()
+  for a in "$@"; do case $a in build|test|sanitize|bench) ;; *) shift_args+=("$a");; esac; done
+  python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
+    --out "$OUT" "${shift_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^{" 
+fi
+log "end"
