@@ -1,0 +1,432 @@
+#include "server/config.h"
+
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/base/status_macros.h"
+#include "server/internal/range_checks.h"
+#include "yaml-cpp/yaml.h"
+
+namespace sparge::server {
+namespace {
+
+using internal::CheckFloatInRange;
+using internal::CheckFourKPlusOne;
+using internal::CheckIntInRange;
+using internal::CheckMultipleInRange;
+
+absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+// Shared state of one parse: the first error, and where each key was (1-based line, column) so
+// that Validate() errors can point at the offending line too.
+struct ParseContext {
+  std::string source;
+  absl::Status status;
+  std::map<std::string, std::pair<int, int>> positions;
+
+  void Fail(const YAML::Mark& mark, absl::string_view path, absl::string_view problem) {
+    if (!status.ok()) return;
+    std::string where = source;
+    if (!mark.is_null()) absl::StrAppend(&where, ":", mark.line + 1, ":", mark.column + 1);
+    status = absl::InvalidArgumentError(absl::StrCat(where, ": ", path, ": ", problem));
+  }
+};
+
+std::string Describe(const YAML::Node& node) {
+  if (!node.IsDefined() || node.IsNull()) return "null";
+  if (node.IsScalar()) return absl::StrCat("'", node.Scalar(), "'");
+  if (node.IsSequence()) return "a list";
+  return "a mapping";
+}
+
+// One YAML mapping being read into a struct. Each Read() consumes a key; Finish() reports any key
+// that no Read() asked for, so that typos do not silently fall back to defaults.
+class Section {
+ public:
+  Section(YAML::Node node, std::string path, ParseContext* ctx)
+      : node_(std::move(node)), path_(std::move(path)), ctx_(ctx) {
+    if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
+      ctx_->Fail(node_.Mark(), path_.empty() ? "(top level)" : path_,
+                 absl::StrCat("expected a mapping, got ", Describe(node_)));
+    }
+  }
+
+  void Read(const char* key, int* out) {
+    ReadScalar(key, "an integer", [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
+  }
+  void Read(const char* key, int64_t* out) {
+    ReadScalar(key, "an integer", [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
+  }
+  void Read(const char* key, uint64_t* out) {
+    ReadScalar(key, "a non-negative integer",
+               [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
+  }
+  void Read(const char* key, float* out) {
+    ReadScalar(key, "a number", [out](const std::string& s) { return absl::SimpleAtof(s, out); });
+  }
+  void Read(const char* key, double* out) {
+    ReadScalar(key, "a number", [out](const std::string& s) { return absl::SimpleAtod(s, out); });
+  }
+  void Read(const char* key, bool* out) {
+    ReadScalar(key, "true or false",
+               [out](const std::string& s) { return absl::SimpleAtob(s, out); });
+  }
+  void Read(const char* key, std::string* out) {
+    ReadScalar(key, "a string", [out](const std::string& s) {
+      *out = s;
+      return true;
+    });
+  }
+  // Enums spelled as lower-case names; parse returns INVALID_ARGUMENT listing the choices.
+  template <typename T, typename ParseFn>
+  void ReadEnum(const char* key, T* out, ParseFn parse) {
+    YAML::Node value = Lookup(key);
+    if (!value.IsDefined()) return;
+    if (!value.IsScalar()) {
+      ctx_->Fail(value.Mark(), Path(key), absl::StrCat("expected a name, got ", Describe(value)));
+      return;
+    }
+    absl::StatusOr<T> parsed = parse(value.Scalar());
+    if (!parsed.ok()) {
+      // The parser names its field ("sampler: must be ..."); the path here names it already.
+      absl::string_view message = parsed.status().message();
+      const size_t colon = message.find(": ");
+      if (colon != absl::string_view::npos) message.remove_prefix(colon + 2);
+      ctx_->Fail(value.Mark(), Path(key), message);
+      return;
+    }
+    *out = *parsed;
+  }
+
+  Section Sub(const char* key) {
+    YAML::Node value = Lookup(key);
+    return Section(value.IsDefined() ? value : YAML::Node(), Path(key), ctx_);
+  }
+
+  // Unknown or repeated keys are errors.
+  void Finish() {
+    if (!node_.IsMap()) return;
+    std::set<std::string> seen;
+    for (auto it = node_.begin(); it != node_.end(); ++it) {
+      const std::string key = it->first.Scalar();
+      if (!seen.insert(key).second) {
+        ctx_->Fail(it->first.Mark(), Path(key.c_str()), "duplicate key");
+        return;
+      }
+      if (consumed_.count(key) == 0) {
+        ctx_->Fail(it->first.Mark(), Path(key.c_str()),
+                   absl::StrCat("unknown key '", key, "' (known keys here: ",
+                                absl::StrJoin(asked_, ", "), ")"));
+        return;
+      }
+    }
+  }
+
+ private:
+  std::string Path(const char* key) const {
+    return path_.empty() ? std::string(key) : absl::StrCat(path_, ".", key);
+  }
+
+  // The value under key (undefined node if absent); records the key as known and its position.
+  YAML::Node Lookup(const char* key) {
+    asked_.push_back(key);
+    if (!node_.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
+    for (auto it = node_.begin(); it != node_.end(); ++it) {
+      if (it->first.Scalar() == key) {
+        consumed_.insert(key);
+        const YAML::Mark mark = it->first.Mark();
+        if (!mark.is_null()) ctx_->positions[Path(key)] = {mark.line + 1, mark.column + 1};
+        return it->second;
+      }
+    }
+    consumed_.insert(key);
+    return YAML::Node(YAML::NodeType::Undefined);
+  }
+
+  template <typename ParseFn>
+  void ReadScalar(const char* key, const char* expected, ParseFn parse) {
+    YAML::Node value = Lookup(key);
+    if (!value.IsDefined()) return;
+    if (!value.IsScalar() ||
+        !parse(std::string(absl::StripAsciiWhitespace(value.Scalar())))) {
+      ctx_->Fail(value.Mark(), Path(key), absl::StrCat("expected ", expected, ", got ",
+                                                       Describe(value)));
+    }
+  }
+
+  YAML::Node node_;
+  std::string path_;
+  ParseContext* ctx_;
+  std::set<std::string> consumed_;
+  std::vector<std::string> asked_;
+};
+
+void ReadConfig(const YAML::Node& root, ParseContext* ctx, ServerConfig* c) {
+  Section top(root, "", ctx);
+  top.Read("listen_address", &c->listen_address);
+  top.Read("port", &c->port);
+  top.Read("metrics_address", &c->metrics_address);
+  top.Read("metrics_port", &c->metrics_port);
+  top.Read("device", &c->model.device);
+  top.Read("output_chunk_bytes", &c->output_chunk_bytes);
+  top.Read("warmup", &c->warmup);
+  top.Read("shutdown_grace_seconds", &c->shutdown_grace_seconds);
+
+  Section model = top.Sub("model");
+  model.Read("name", &c->model.model);
+  model.Read("dtype", &c->model.dtype);
+  model.Read("weight_seed", &c->model.weight_seed);
+  model.Read("block_q", &c->model.block_q);
+  model.Read("block_k", &c->model.block_k);
+  model.Read("threads", &c->model.num_threads);
+  model.Finish();
+
+  Section scheduler = top.Sub("scheduler");
+  scheduler.Read("max_queue_length", &c->scheduler.max_queue_length);
+  scheduler.Read("max_running_jobs", &c->scheduler.max_running_jobs);
+  scheduler.Finish();
+
+  RequestLimits& l = c->limits;
+  Section limits = top.Sub("limits");
+  limits.Read("min_width", &l.min_width);
+  limits.Read("max_width", &l.max_width);
+  limits.Read("min_height", &l.min_height);
+  limits.Read("max_height", &l.max_height);
+  limits.Read("size_multiple", &l.size_multiple);
+  limits.Read("min_frames", &l.min_frames);
+  limits.Read("max_frames", &l.max_frames);
+  limits.Read("max_steps", &l.max_steps);
+  limits.Read("max_prompt_bytes", &l.max_prompt_bytes);
+  limits.Read("max_guidance_scale", &l.max_guidance_scale);
+  limits.Read("max_shift", &l.max_shift);
+  limits.Read("max_fps", &l.max_fps);
+  limits.Finish();
+
+  RequestDefaults& d = c->defaults;
+  Section defaults = top.Sub("defaults");
+  defaults.Read("negative_prompt", &d.negative_prompt);
+  defaults.Read("width", &d.width);
+  defaults.Read("height", &d.height);
+  defaults.Read("num_frames", &d.num_frames);
+  defaults.Read("fps", &d.fps);
+  defaults.Read("num_steps", &d.num_steps);
+  defaults.Read("guidance_scale", &d.guidance_scale);
+  defaults.ReadEnum("sampler", &d.sampler, ParseSampler);
+  defaults.Read("shift", &d.shift);
+  defaults.ReadEnum("output_format", &d.output_format, ParseOutputFormat);
+  Section sparsity = defaults.Sub("sparsity");
+  sparsity.ReadEnum("mode", &d.sparsity.mode, ParseAttentionMode);
+  sparsity.Read("topk", &d.sparsity.topk);
+  sparsity.Read("topp", &d.sparsity.topp);
+  sparsity.Read("dense_steps", &d.sparsity.dense_steps);
+  sparsity.Finish();
+  defaults.Finish();
+
+  top.Finish();
+}
+
+absl::Status ValidatePipelineConfig(const engine::PipelineConfig& m) {
+  if (m.model.empty()) return absl::InvalidArgumentError("model.name: must be non-empty");
+  if (m.dtype != "float32" && m.dtype != "bfloat16" && m.dtype != "float16") {
+    return internal::OutOfRange("model.dtype", "one of float32, bfloat16, float16", m.dtype);
+  }
+  int cuda_index = 0;
+  const bool device_ok =
+      m.device == "cpu" || m.device == "cuda" ||
+      (absl::StartsWith(m.device, "cuda:") &&
+       absl::SimpleAtoi(absl::string_view(m.device).substr(5), &cuda_index) && cuda_index >= 0);
+  if (!device_ok) return internal::OutOfRange("device", "cpu, cuda or cuda:N", m.device);
+  for (auto [name, value] : {std::pair<const char*, int>{"model.block_q", m.block_q},
+                             std::pair<const char*, int>{"model.block_k", m.block_k}}) {
+    absl::Status s = CheckMultipleInRange(name, value, 16, 16, 1024);
+    if (!s.ok()) return s;
+  }
+  return CheckIntInRange("model.threads", m.num_threads, 0, 1024);
+}
+
+}  // namespace
+
+const char* ToString(OutputFormat format) {
+  switch (format) {
+    case OutputFormat::kMp4:
+      return "mp4";
+    case OutputFormat::kPngFrames:
+      return "png";
+  }
+  return "unknown";
+}
+
+const char* AttentionModeName(engine::AttentionMode mode) {
+  switch (mode) {
+    case engine::AttentionMode::kDense:
+      return "dense";
+    case engine::AttentionMode::kTopK:
+      return "topk";
+    case engine::AttentionMode::kTopP:
+      return "topp";
+    case engine::AttentionMode::kHybrid:
+      return "hybrid";
+  }
+  return "unknown";
+}
+
+const char* SamplerName(engine::SamplerKind sampler) {
+  switch (sampler) {
+    case engine::SamplerKind::kEuler:
+      return "euler";
+    case engine::SamplerKind::kUniPC:
+      return "unipc";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<engine::AttentionMode> ParseAttentionMode(absl::string_view name) {
+  for (auto mode : {engine::AttentionMode::kDense, engine::AttentionMode::kTopK,
+                    engine::AttentionMode::kTopP, engine::AttentionMode::kHybrid}) {
+    if (name == AttentionModeName(mode)) return mode;
+  }
+  return internal::OutOfRange("mode", "one of dense, topk, topp, hybrid",
+                              absl::StrCat("'", name, "'"));
+}
+
+absl::StatusOr<engine::SamplerKind> ParseSampler(absl::string_view name) {
+  for (auto sampler : {engine::SamplerKind::kEuler, engine::SamplerKind::kUniPC}) {
+    if (name == SamplerName(sampler)) return sampler;
+  }
+  return internal::OutOfRange("sampler", "one of euler, unipc", absl::StrCat("'", name, "'"));
+}
+
+absl::StatusOr<OutputFormat> ParseOutputFormat(absl::string_view name) {
+  if (name == "mp4") return OutputFormat::kMp4;
+  if (name == "png") return OutputFormat::kPngFrames;
+  return internal::OutOfRange("output_format", "one of mp4, png", absl::StrCat("'", name, "'"));
+}
+
+absl::Status RequestLimits::Validate() const {
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("size_multiple", size_multiple, 1, 1024));
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("min_width", min_width, size_multiple, size_multiple, 16384));
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("max_width", max_width, size_multiple, min_width, 16384));
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("min_height", min_height, size_multiple, size_multiple, 16384));
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("max_height", max_height, size_multiple, min_height, 16384));
+  SPARGE_RETURN_IF_ERROR(CheckFourKPlusOne("min_frames", min_frames, 1, 1001));
+  SPARGE_RETURN_IF_ERROR(CheckFourKPlusOne("max_frames", max_frames, min_frames, 1001));
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("max_steps", max_steps, 1, 1000));
+  SPARGE_RETURN_IF_ERROR(
+      CheckIntInRange("max_prompt_bytes", max_prompt_bytes, 1, 1 << 20));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("max_guidance_scale", max_guidance_scale, 0.0, 100.0));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("max_shift", max_shift, 0.0, 1000.0, /*lo_open=*/true));
+  return CheckIntInRange("max_fps", max_fps, 1, 1000);
+}
+
+absl::Status RequestDefaults::Validate(const RequestLimits& l) const {
+  if (static_cast<int64_t>(negative_prompt.size()) > l.max_prompt_bytes) {
+    return internal::OutOfRange("negative_prompt",
+                                absl::StrCat("at most ", l.max_prompt_bytes, " bytes"),
+                                absl::StrCat(negative_prompt.size(), " bytes"));
+  }
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("width", width, l.size_multiple, l.min_width, l.max_width));
+  SPARGE_RETURN_IF_ERROR(
+      CheckMultipleInRange("height", height, l.size_multiple, l.min_height, l.max_height));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFourKPlusOne("num_frames", num_frames, l.min_frames, l.max_frames));
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("fps", fps, 1, l.max_fps));
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("num_steps", num_steps, 1, l.max_steps));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("guidance_scale", guidance_scale, 0.0, l.max_guidance_scale));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("shift", shift, 0.0, l.max_shift, /*lo_open=*/true));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("sparsity.topk", sparsity.topk, 0.0, 1.0, /*lo_open=*/true));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("sparsity.topp", sparsity.topp, 0.0, 1.0, /*lo_open=*/true));
+  return CheckIntInRange("sparsity.dense_steps", sparsity.dense_steps, 0, num_steps);
+}
+
+absl::Status SchedulerConfig::Validate() const {
+  SPARGE_RETURN_IF_ERROR(
+      CheckIntInRange("max_queue_length", max_queue_length, 0, 100000));
+  return CheckIntInRange("max_running_jobs", max_running_jobs, 1, 256);
+}
+
+absl::Status ServerConfig::Validate() const {
+  if (listen_address.empty()) {
+    return absl::InvalidArgumentError("listen_address: must be non-empty");
+  }
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("port", port, 0, 65535));
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("metrics_port", metrics_port, 0, 65535));
+  SPARGE_RETURN_IF_ERROR(
+      CheckIntInRange("output_chunk_bytes", output_chunk_bytes, 1024, 4 << 20));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("shutdown_grace_seconds", shutdown_grace_seconds, 0.0, 3600.0));
+  SPARGE_RETURN_IF_ERROR(ValidatePipelineConfig(model));
+  SPARGE_RETURN_IF_ERROR(Prefixed("limits.", limits.Validate()));
+  SPARGE_RETURN_IF_ERROR(Prefixed("defaults.", defaults.Validate(limits)));
+  return Prefixed("scheduler.", scheduler.Validate());
+}
+
+absl::StatusOr<ServerConfig> ParseServerConfig(absl::string_view yaml_text,
+                                               absl::string_view source_name) {
+  ParseContext ctx;
+  ctx.source = std::string(source_name);
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(yaml_text));
+  } catch (const YAML::Exception& e) {
+    ctx.Fail(e.mark, "(syntax)", e.msg);
+    return ctx.status;
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(source_name, ": ", e.what()));
+  }
+  ServerConfig config;
+  try {
+    ReadConfig(root, &ctx, &config);
+  } catch (const std::exception& e) {
+    // yaml-cpp throws only on malformed trees (e.g. non-scalar keys); report rather than crash.
+    ctx.Fail(YAML::Mark::null_mark(), "(structure)", e.what());
+  }
+  if (!ctx.status.ok()) return ctx.status;
+
+  absl::Status valid = config.Validate();
+  if (!valid.ok()) {
+    // Point at the line of the offending key when the file set it.
+    absl::string_view message = valid.message();
+    std::string location(source_name);
+    const size_t colon = message.find(": ");
+    if (colon != absl::string_view::npos) {
+      auto it = ctx.positions.find(std::string(message.substr(0, colon)));
+      if (it != ctx.positions.end()) {
+        absl::StrAppend(&location, ":", it->second.first, ":", it->second.second);
+      }
+    }
+    return absl::InvalidArgumentError(absl::StrCat(location, ": ", message));
+  }
+  return config;
+}
+
+absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read config file ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseServerConfig(text.str(), path);
+}
+
+}  // namespace sparge::server

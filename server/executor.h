@@ -1,0 +1,132 @@
+// The executor: one thread that creates and owns the engine::Pipeline and runs every job through
+// it (Start -> Step... -> Decode -> encode), choosing each next action with the pure policy of
+// scheduler_policy.h. gRPC threads only Submit() and read each job's event channel.
+// Thread-safe: every public method may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/pipeline.h"
+#include "engine/video/video_encoder.h"
+#include "server/clock.h"
+#include "server/config.h"
+#include "server/job.h"
+#include "server/metrics.h"
+#include "server/request_validation.h"
+#include "server/scheduler_policy.h"
+
+namespace sparge::server {
+
+// Runs on the executor thread, which then owns the pipeline (CUDA state is per thread).
+using PipelineFactory = std::function<absl::StatusOr<std::unique_ptr<engine::Pipeline>>()>;
+using VideoEncodeFn = std::function<absl::StatusOr<engine::EncodedVideo>(
+    const engine::VideoFrames& frames, int fps, engine::VideoContainer container)>;
+
+struct ExecutorOptions {
+  PipelineFactory create_pipeline;  // required
+  VideoEncodeFn encode_video;       // required
+  const Clock* clock = Clock::Real();
+  ServerMetrics* metrics = nullptr;  // optional
+  SchedulerConfig scheduler;
+  int64_t output_chunk_bytes = 64 * 1024;
+  bool warmup = true;
+  // Called once on the executor thread after loading (and warming up) the model, or failing to.
+  std::function<void(const absl::Status&)> on_ready;
+};
+
+// Model facts for GetServerInfo, available once loaded.
+struct LoadedModelInfo {
+  engine::ModelDescription description;
+  std::string device_name;
+};
+
+class Executor {
+ public:
+  // Starts the executor thread, which loads the model; Submit() answers UNAVAILABLE until then.
+  static absl::StatusOr<std::unique_ptr<Executor>> Create(ExecutorOptions options);
+  ~Executor();  // Stop()
+
+  // Queues a job. Its channel first gets `accepted`, then progress, chunks, `completed` and the
+  // final OK status, or a non-OK status. UNAVAILABLE while loading or stopping,
+  // RESOURCE_EXHAUSTED "queue full (max_queue_length=N)".
+  absl::StatusOr<std::shared_ptr<JobHandle>> Submit(ResolvedRequest request,
+                                                    absl::Time deadline = absl::InfiniteFuture());
+
+  // Blocks until the model is loaded and warmed up (OK), loading failed (its status), or
+  // `timeout` passed (DEADLINE_EXCEEDED).
+  absl::Status WaitUntilReady(absl::Duration timeout);
+  bool ready() const;
+  std::optional<LoadedModelInfo> model_info() const;
+  int queue_depth() const;
+
+  // Stops accepting jobs, ends queued and running jobs with UNAVAILABLE at their next step
+  // boundary, destroys the pipeline and joins the thread. Idempotent.
+  void Stop();
+
+ private:
+  // Executor-thread-only state of a started job.
+  struct RunningJob {
+    std::shared_ptr<JobHandle> handle;
+    std::unique_ptr<engine::GenerationJob> job;
+    absl::Time started;
+    double queue_wait_seconds = 0;
+    double text_encode_seconds = 0;
+    double denoise_seconds = 0;
+    double sparsity_sum = 0;
+    int sparsity_count = 0;
+  };
+
+  explicit Executor(ExecutorOptions options);
+  void ThreadMain();
+  absl::Status LoadModel();
+  // One policy decision and its execution; false when there is nothing to do.
+  bool RunOnce();
+  void StartJob(std::shared_ptr<JobHandle> handle);
+  void StepJobs(const std::vector<uint64_t>& sequences);
+  void FinishJob(uint64_t sequence);
+  // Ends jobs that were cancelled, passed their deadline or are caught by shutdown.
+  void ReapStoppedJobs();
+  // Ends a job with a non-OK status (its engine state, if any, is freed by the caller).
+  void EndJob(JobHandle& handle, const absl::Status& status, JobState state);
+  void EndStoppedJob(JobHandle& handle, CancelReason reason, const std::string& where);
+  // The reason a job must stop now, or kNone.
+  CancelReason StopReason(const JobHandle& handle, absl::Time now, bool stopping) const;
+  void PushProgress(JobHandle& handle, sparge::v1::Stage stage, int step, int total_steps,
+                    float sparsity, double eta_seconds);
+  void ReportQueuePositions() ABSL_LOCKS_EXCLUDED(mu_);
+  double EstimateRemainingSeconds(const RunningJob& job) const;
+  void UpdateGauges();
+
+  const ExecutorOptions options_;
+  std::thread thread_;
+  absl::Mutex stop_mu_;  // serializes Stop() callers around the join
+
+  mutable absl::Mutex mu_;
+  std::vector<std::shared_ptr<JobHandle>> queued_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 1;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<absl::Status> load_status_ ABSL_GUARDED_BY(mu_);
+  std::optional<LoadedModelInfo> model_info_ ABSL_GUARDED_BY(mu_);
+  int running_count_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Executor thread only.
+  std::unique_ptr<engine::Pipeline> pipeline_;
+  std::vector<RunningJob> running_;
+  // Throughput estimates for ETAs, in seconds per million output voxels (width*height*frames):
+  // denoising per step, and decode + encode. Seeded by warm-up, then smoothed per job.
+  double step_seconds_per_mvoxel_ = 0;
+  double finish_seconds_per_mvoxel_ = 0;
+};
+
+}  // namespace sparge::server
