@@ -7,20 +7,21 @@
 #   docker build -t sparge-serve:dev .
 #   docker build -t sparge-serve:dev --build-arg CUDA_ARCHITECTURES="90a;100a" .   # more GPUs
 # Run (needs the NVIDIA Container Toolkit on the host and a driver for CUDA 13.0, i.e. >= 580):
-#   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 \
-#     -v /srv/models:/models:ro sparge-serve:dev                      # embedded tiny model on GPU
+#   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 sparge-serve:dev  # embedded tiny model
+#   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 -v /srv/models:/models:ro \
+#     sparge-serve:dev --config /etc/sparge/server.yaml --device cuda --model /models/<dir>
 #   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 \
 #     -v $PWD/my-server.yaml:/etc/sparge/server.yaml:ro sparge-serve:dev        # own config
 #   docker run --rm --gpus all sparge-serve:dev --help                  # every server flag
-#   docker run --rm --network host --entrypoint sparge-cli sparge-serve:dev \
-#     generate --server localhost:50051 --prompt "a red fox in snow" --out /tmp/fox.mp4
+#   docker run --rm --network host --user "$(id -u)" -v "$PWD:/out" --entrypoint sparge-cli \
+#     sparge-serve:dev generate --server localhost:50051 --prompt "a red fox" --out /out/fox.mp4
 # Ports: 50051 gRPC (VideoService, grpc.health.v1, reflection), 9090 Prometheus /metrics.
 # Health: HEALTHCHECK runs `sparge-cli health`, SERVING once the model is loaded and warmed up.
 #
 # Base image choice. NVIDIA publishes nvidia/cuda images only for Ubuntu, UBI/Rocky and Oracle
 # Linux, not for Debian, yet every C++ dependency here comes from Debian 12 packages, and the
 # project was checked on exactly that set (gRPC 1.51, protobuf 3.21, Abseil 20220623, FFmpeg 5.1,
-# GCC 12; see scripts/setup.sh and shared/design/ARCHITECTURE.md). Ubuntu 24.04
+# GCC 12; see scripts/setup.sh and the design's ARCHITECTURE.md). Ubuntu 24.04
 # (nvidia/cuda:13.0.2-devel-ubuntu24.04) would bring other versions (FFmpeg 6.1, GCC 13, Python
 # 3.12, ...) that nobody tests. So both stages are debian:12 (bookworm):
 #  - build: the CUDA 13.0 toolkit from NVIDIA's official Debian 12 apt repository (the same
@@ -146,7 +147,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 
-# Unprivileged user; /models is where model directories are mounted (config: model: /models/...).
+# Unprivileged user; /models is where model directories are mounted (--model /models/<dir>).
 RUN groupadd --system --gid 10001 sparge \
  && useradd --system --uid 10001 --gid sparge --home-dir /home/sparge --create-home \
       --shell /usr/sbin/nologin sparge \
