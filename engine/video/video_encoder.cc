@@ -58,9 +58,9 @@ constexpr int kAvioBufferSize = 1 << 16;
 
 absl::Status ValidateFrames(const VideoFrames& frames, int fps) {
   if (frames.num_frames <= 0 || frames.width <= 0 || frames.height <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "video frames must be non-empty, got num_frames=", frames.num_frames,
-        " width=", frames.width, " height=", frames.height));
+    return absl::InvalidArgumentError(
+        absl::StrCat("video frames must be non-empty, got num_frames=", frames.num_frames,
+                     " width=", frames.width, " height=", frames.height));
   }
   if (frames.num_frames > kMaxVideoFrames || frames.width > kMaxVideoDimension ||
       frames.height > kMaxVideoDimension) {
@@ -72,8 +72,8 @@ absl::Status ValidateFrames(const VideoFrames& frames, int fps) {
   const int64_t expected = int64_t{frames.num_frames} * frames.height * frames.width * 3;
   if (static_cast<int64_t>(frames.rgb.size()) != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "rgb has ", frames.rgb.size(), " bytes but num_frames*height*width*3 = ",
-        frames.num_frames, "*", frames.height, "*", frames.width, "*3 = ", expected));
+        "rgb has ", frames.rgb.size(), " bytes but num_frames*height*width*3 = ", frames.num_frames,
+        "*", frames.height, "*", frames.width, "*3 = ", expected));
   }
   if (fps < 1 || fps > kMaxVideoFps) {
     return absl::InvalidArgumentError(
@@ -167,10 +167,10 @@ int OpenMemoryFileForRead(AVFormatContext* context, AVIOContext** pb, const char
   auto* file = static_cast<const MemoryFile*>(context->opaque);
   auto* reader = new (std::nothrow) MemoryFileReader{file};
   auto* buffer = static_cast<uint8_t*>(av_malloc(kAvioBufferSize));
-  AVIOContext* avio = (reader && buffer) ? avio_alloc_context(buffer, kAvioBufferSize, 0, reader,
-                                                              ReadFromMemoryFile, nullptr,
-                                                              SeekMemoryFileForRead)
-                                         : nullptr;
+  AVIOContext* avio = (reader && buffer)
+                          ? avio_alloc_context(buffer, kAvioBufferSize, 0, reader,
+                                               ReadFromMemoryFile, nullptr, SeekMemoryFileForRead)
+                          : nullptr;
   if (avio == nullptr) {
     av_free(buffer);
     delete reader;
@@ -270,8 +270,7 @@ absl::StatusOr<CodecContextPtr> OpenH264Encoder(int width, int height, int fps,
       av_dict_set(&options, "preset", kX264Preset, 0);
     } else {
       context->bit_rate = std::max<int64_t>(
-          kFallbackMinBitRate,
-          static_cast<int64_t>(kFallbackBitsPerPixel * width * height * fps));
+          kFallbackMinBitRate, static_cast<int64_t>(kFallbackBitsPerPixel * width * height * fps));
     }
     const int rc = avcodec_open2(context.get(), codec, &options);
     av_dict_free(&options);  // whatever the encoder did not consume
@@ -292,8 +291,7 @@ absl::StatusOr<EncodedVideo> EncodeMp4(const VideoFrames& frames, int fps) {
   // would silently change the size the client asked for, so odd sizes are an input error.
   if (frames.width % 2 != 0 || frames.height % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "MP4 (H.264 yuv420p) needs even width and height, got ", frames.width, "x",
-        frames.height));
+        "MP4 (H.264 yuv420p) needs even width and height, got ", frames.width, "x", frames.height));
   }
 
   MemoryFile file;
@@ -322,10 +320,9 @@ absl::StatusOr<EncodedVideo> EncodeMp4(const VideoFrames& frames, int fps) {
   muxer->io_open = OpenMemoryFileForRead;
   muxer->io_close2 = CloseMemoryFileReader;
 
-  SPARGE_ASSIGN_OR_RETURN(
-      CodecContextPtr encoder,
-      OpenH264Encoder(frames.width, frames.height, fps,
-                      (muxer->oformat->flags & AVFMT_GLOBALHEADER) != 0));
+  SPARGE_ASSIGN_OR_RETURN(CodecContextPtr encoder,
+                          OpenH264Encoder(frames.width, frames.height, fps,
+                                          (muxer->oformat->flags & AVFMT_GLOBALHEADER) != 0));
 
   AVStream* stream = avformat_new_stream(muxer.get(), nullptr);
   if (stream == nullptr) return absl::ResourceExhaustedError("avformat_new_stream failed");
@@ -375,8 +372,7 @@ absl::StatusOr<EncodedVideo> EncodeMp4(const VideoFrames& frames, int fps) {
     rc = av_frame_make_writable(frame.get());
     if (rc < 0) return FfmpegError(rc, "av_frame_make_writable");
     const uint8_t* source[1] = {FramePixels(frames, f)};
-    sws_scale(converter.get(), source, &rgb_stride, 0, frames.height, frame->data,
-              frame->linesize);
+    sws_scale(converter.get(), source, &rgb_stride, 0, frames.height, frame->data, frame->linesize);
     frame->pts = f;
     rc = avcodec_send_frame(encoder.get(), frame.get());
     if (rc < 0) return FfmpegError(rc, absl::StrCat("avcodec_send_frame(frame ", f, ")"));
@@ -442,8 +438,8 @@ absl::StatusOr<EncodedVideo> EncodePngTar(const VideoFrames& frames, int fps) {
   if (rc < 0) return FfmpegError(rc, "avcodec_send_frame(png flush)");
   SPARGE_RETURN_IF_ERROR(DrainPackets(encoder.get(), packet.get(), add_entry));
   if (entries != frames.num_frames) {
-    return absl::InternalError(
-        absl::StrCat("PNG encoder produced ", entries, " images for ", frames.num_frames, " frames"));
+    return absl::InternalError(absl::StrCat("PNG encoder produced ", entries, " images for ",
+                                            frames.num_frames, " frames"));
   }
   return EncodedVideo{archive.Finish(), "application/x-tar"};
 }

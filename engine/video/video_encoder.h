@@ -1,6 +1,6 @@
 // Turns decoded RGB frames into a file the client can play: H.264 MP4 (faststart) or a ustar
 // archive of PNG frames, entirely in memory through the FFmpeg libraries. Torch-free.
-// Thread-compatible: calls share no state besides FFmpeg's own, so concurrent calls are fine.
+// Thread-safe: calls share no state besides FFmpeg's own (itself thread-safe).
 #pragma once
 
 #include <string>

@@ -90,9 +90,9 @@ struct DecodedVideo {
   int height = 0;
   AVRational avg_frame_rate{0, 1};
   AVRational r_frame_rate{0, 1};
-  int64_t stream_nb_frames = 0;   // from the container's sample table
-  int decoded_frames = 0;         // pictures the decoder produced
-  std::vector<uint8_t> rgb;       // decoded pictures as RGB24, frame-major
+  int64_t stream_nb_frames = 0;  // from the container's sample table
+  int decoded_frames = 0;        // pictures the decoder produced
+  std::vector<uint8_t> rgb;      // decoded pictures as RGB24, frame-major
   std::vector<std::string> top_level_boxes;
 };
 
@@ -182,13 +182,13 @@ std::string TempPath(const char* suffix) {
     while (avcodec_receive_frame(c.codec, c.frame) == 0) {
       const int w = c.frame->width, h = c.frame->height;
       if (c.sws == nullptr) {
-        c.sws = sws_getContext(w, h, static_cast<AVPixelFormat>(c.frame->format), w, h,
-                               AV_PIX_FMT_RGB24, SWS_BICUBIC | SWS_ACCURATE_RND |
-                               SWS_FULL_CHR_H_INT, nullptr, nullptr, nullptr);
+        c.sws = sws_getContext(
+            w, h, static_cast<AVPixelFormat>(c.frame->format), w, h, AV_PIX_FMT_RGB24,
+            SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, nullptr, nullptr, nullptr);
         const int space = c.frame->colorspace == AVCOL_SPC_BT709 ? SWS_CS_ITU709 : SWS_CS_DEFAULT;
         const int* table = sws_getCoefficients(space);
-        sws_setColorspaceDetails(c.sws, table, c.frame->color_range == AVCOL_RANGE_JPEG, table,
-                                 1, 0, 1 << 16, 1 << 16);
+        sws_setColorspaceDetails(c.sws, table, c.frame->color_range == AVCOL_RANGE_JPEG, table, 1,
+                                 0, 1 << 16, 1 << 16);
       }
       const size_t base = out->rgb.size();
       out->rgb.resize(base + static_cast<size_t>(w) * h * 3);
@@ -231,7 +231,8 @@ uint64_t ParseOctal(const char* field, size_t width) {
 
 ::testing::AssertionResult ParseUstar(const std::string& tar, std::vector<TarEntry>* entries) {
   if (tar.size() % 512 != 0) {
-    return ::testing::AssertionFailure() << "archive size " << tar.size() << " not a multiple of 512";
+    return ::testing::AssertionFailure()
+           << "archive size " << tar.size() << " not a multiple of 512";
   }
   size_t offset = 0;
   while (true) {
@@ -281,8 +282,8 @@ uint64_t ParseOctal(const char* field, size_t width) {
       avcodec_receive_frame(codec, frame) < 0) {
     result = ::testing::AssertionFailure() << "PNG decode failed";
   } else if (frame->format != AV_PIX_FMT_RGB24) {
-    result = ::testing::AssertionFailure() << "PNG is " << av_get_pix_fmt_name(
-                                                  static_cast<AVPixelFormat>(frame->format));
+    result = ::testing::AssertionFailure()
+             << "PNG is " << av_get_pix_fmt_name(static_cast<AVPixelFormat>(frame->format));
   } else {
     *width = frame->width;
     *height = frame->height;
@@ -352,8 +353,8 @@ TEST_P(Mp4RoundTripTest, DecodesToSameFramesSizeAndRate) {
                            decoded.rgb.begin() + (f + 1) * frame_bytes);
     EXPECT_GT(Psnr(a, b), 28.0) << "frame " << f;
   }
-  std::printf("[ mp4      ] %dx%d %d frames @%d fps: %zu bytes, PSNR %.1f dB\n", p.width,
-              p.height, p.num_frames, p.fps, encoded->data.size(), psnr);
+  std::printf("[ mp4      ] %dx%d %d frames @%d fps: %zu bytes, PSNR %.1f dB\n", p.width, p.height,
+              p.num_frames, p.fps, encoded->data.size(), psnr);
 }
 
 INSTANTIATE_TEST_SUITE_P(Sizes, Mp4RoundTripTest,
@@ -403,8 +404,8 @@ TEST(VideoEncoderTest, Mp4EncodeTime17Frames256) {
     best_png_ms =
         std::min(best_png_ms, std::chrono::duration<double, std::milli>(end - mid).count());
   }
-  std::printf("[ timing   ] 17 frames 256x256: MP4 %.1f ms, PNG tar %.1f ms (best of 3)\n",
-              best_ms, best_png_ms);
+  std::printf("[ timing   ] 17 frames 256x256: MP4 %.1f ms, PNG tar %.1f ms (best of 3)\n", best_ms,
+              best_png_ms);
   RecordProperty("mp4_encode_ms_17x256x256", static_cast<int>(std::lround(best_ms)));
   RecordProperty("png_tar_encode_ms_17x256x256", static_cast<int>(std::lround(best_png_ms)));
 }
@@ -464,8 +465,7 @@ TEST_P(BadInputTest, GivesInvalidArgument) {
   const VideoFrames good = MovingGradient(2, 16, 16);
 
   VideoFrames empty;
-  EXPECT_EQ(EncodeVideo(empty, 16, container).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(EncodeVideo(empty, 16, container).status().code(), absl::StatusCode::kInvalidArgument);
 
   VideoFrames zero_frames = good;
   zero_frames.num_frames = 0;
@@ -499,8 +499,7 @@ TEST_P(BadInputTest, GivesInvalidArgument) {
   huge.num_frames = 1 << 30;
   huge.width = 1 << 30;
   huge.height = 1 << 30;
-  EXPECT_EQ(EncodeVideo(huge, 16, container).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(EncodeVideo(huge, 16, container).status().code(), absl::StatusCode::kInvalidArgument);
 
   for (int fps : {0, -1, kMaxVideoFps + 1}) {
     status = EncodeVideo(good, fps, container).status();

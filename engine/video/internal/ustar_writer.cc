@@ -33,8 +33,8 @@ absl::Status UstarWriter::AddFile(absl::string_view name, absl::string_view data
         absl::StrCat("tar entry name must be 1..", kNameSize, " bytes, got '", name, "'"));
   }
   if (data.size() > kMaxFileSize) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tar entry '", name, "' is ", data.size(), " bytes; ustar allows less than 8 GiB"));
+    return absl::InvalidArgumentError(absl::StrCat("tar entry '", name, "' is ", data.size(),
+                                                   " bytes; ustar allows less than 8 GiB"));
   }
   char header[kBlockSize];
   std::memset(header, 0, sizeof(header));

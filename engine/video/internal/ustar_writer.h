@@ -1,5 +1,5 @@
 // Builds a POSIX ustar archive (regular files only) in memory; used for PNG-frame output.
-// Usage: UstarWriter w; SPARGE_RETURN_IF_ERROR(w.AddFile("a.png", bytes)); std::string t = w.Finish();
+// Usage: UstarWriter w; SPARGE_RETURN_IF_ERROR(w.AddFile("a.png", png)); auto tar = w.Finish();
 // Thread-compatible.
 #pragma once
 
