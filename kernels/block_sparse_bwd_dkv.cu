@@ -14,22 +14,23 @@ namespace sparge::kernels {
 namespace detail {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr int kTileM = 64;  // query rows per inner tile
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D>
+template <int D, int kKeys>
 constexpr int DkvSmemBytes() {
-  return (2 * kTileK * D + 4 * kTileM * D) * 2 + 4 * kTileM * 4;
+  return (2 * kKeys * D + 4 * kTileM * D) * 2 + 4 * kTileM * 4;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) BwdDkvKernel(BwdParams p) {
+// kKeys = 64 or 128 keys per CTA (one warp per 16 keys); 128 when the mask's key blocks are 128
+// wide, so each Q/dO tile loaded serves twice the keys and the SM runs 8 warps instead of 4.
+template <typename T, int D, int kKeys>
+__global__ void __launch_bounds__(kKeys * 2, 1) BwdDkvKernel(BwdParams p) {
+  constexpr int kThreads = kKeys * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + kTileK * D;
-  T* sQ = sV + kTileK * D;        // [2][kTileM][D]
+  T* sV = sK + kKeys * D;
+  T* sQ = sV + kKeys * D;         // [2][kTileM][D]
   T* sdO = sQ + 2 * kTileM * D;   // [2][kTileM][D]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kTileM * D);  // [2][kTileM], log2 domain
   float* sDelta = sLse + 2 * kTileM;                                // [2][kTileM]
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kThreads, 1) BwdDkvKernel(BwdParams p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
-  const int k0 = kt * kTileK;
+  const int k0 = kt * kKeys;
   const int kb = k0 / p.block_k;
   const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
   const int count = p.t_counts[bh * nk + kb];
@@ -69,8 +70,8 @@ __global__ void __launch_bounds__(kThreads, 1) BwdDkvKernel(BwdParams p) {
     }
   };
 
-  LoadTile<T, kTileK, D, kThreads>(sK, kbase, p.k.stride_l, k0, L, tid);
-  LoadTile<T, kTileK, D, kThreads>(sV, vbase, p.v.stride_l, k0, L, tid);
+  LoadTile<T, kKeys, D, kThreads>(sK, kbase, p.k.stride_l, k0, L, tid);
+  LoadTile<T, kKeys, D, kThreads>(sV, vbase, p.v.stride_l, k0, L, tid);
   int t = next_valid(0);
   if (t < ntiles) load_q_tile(0, tile_q0(t));
   CpAsyncCommit();
@@ -197,15 +198,20 @@ __global__ void DeltaKernel(BwdParams p) {
   if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + l] = acc;
 }
 
-template <typename T, int D>
-cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
-  constexpr int smem = DkvSmemBytes<D>();
-  auto kernel = BwdDkvKernel<T, D>;
+template <typename T, int D, int kKeys>
+cudaError_t LaunchDkvN(const BwdParams& p, cudaStream_t stream) {
+  constexpr int smem = DkvSmemBytes<D, kKeys>();
+  auto kernel = BwdDkvKernel<T, D, kKeys>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(CeilDiv(p.seqlen, kTileK), p.heads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  dim3 grid(CeilDiv(p.seqlen, kKeys), p.heads, p.batch);
+  kernel<<<grid, kKeys * 2, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
+  return p.block_k % 128 == 0 ? LaunchDkvN<T, D, 128>(p, stream) : LaunchDkvN<T, D, 64>(p, stream);
 }
 
 template <typename T, int D>

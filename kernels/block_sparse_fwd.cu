@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/fwd_internal.h"
 #include "kernels/sparge_kernels.h"
 
 namespace sparge::kernels {
@@ -206,13 +207,20 @@ const char* CanImplementFwd(const FwdParams& p) {
   return nullptr;
 }
 
-cudaError_t LaunchBlockSparseFwd(const FwdParams& p, cudaStream_t stream) {
-  if (CanImplementFwd(p) != nullptr) return cudaErrorInvalidValue;
+namespace detail {
+cudaError_t LaunchFwdMma(const FwdParams& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) {
     return p.head_dim == 128 ? Launch<__nv_bfloat16, 128>(p, stream)
                              : Launch<__nv_bfloat16, 64>(p, stream);
   }
   return p.head_dim == 128 ? Launch<__half, 128>(p, stream) : Launch<__half, 64>(p, stream);
+}
+}  // namespace detail
+
+cudaError_t LaunchBlockSparseFwd(const FwdParams& p, cudaStream_t stream) {
+  if (CanImplementFwd(p) != nullptr) return cudaErrorInvalidValue;
+  return p.impl == FwdImpl::kMmaSync ? detail::LaunchFwdMma(p, stream)
+                                     : detail::LaunchFwdSm90(p, stream);
 }
 
 }  // namespace sparge::kernels

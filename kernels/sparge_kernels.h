@@ -46,6 +46,9 @@ struct MaskParams {
   void* workspace = nullptr;
 };
 
+// Forward kernel choice: Hopper warpgroup MMA (default) or the portable mma.sync kernel.
+enum class FwdImpl : int32_t { kWgmma = 0, kMmaSync = 1 };
+
 // Forward: O = softmax(Q K^T * scale + M) V over kept blocks, lse[B][H][L] (natural log, fp32).
 struct FwdParams {
   Tensor4 q, k, v, o;
@@ -56,6 +59,7 @@ struct FwdParams {
   const int32_t* counts = nullptr;   // [B][H][Nq]
   const int32_t* indices = nullptr;  // [B][H][Nq][Nk]
   float* lse = nullptr;              // [B][H][L]
+  FwdImpl impl = FwdImpl::kWgmma;
 };
 
 // Backward: dQ, dK, dV from dO, O and lse, visiting kept blocks only (FlashAttention-2 style

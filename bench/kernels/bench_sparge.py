@@ -97,16 +97,18 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     ap.add_argument("--shapes", default="wan1.3B-480p,wan14B-720p")
     ap.add_argument("--sparsities", default="0.90,0.95,0.97")
-    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--block-k", type=int, default=128)
     ap.add_argument("--topp", type=float, default=0.3)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
     card = torch.cuda.get_device_name()
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001 (the GPU machine's copy has no .git)
         commit = os.environ.get("SPARGE_COMMIT", "unknown")
     print(f"torch {torch.__version__} {card} commit {commit}", flush=True)
     shapes = {"wan1.3B-480p": (12, 32760), "wan14B-720p": (40, 75600)}
@@ -141,6 +143,10 @@ def main():
         # Our dense mode (all blocks kept) against cuDNN.
         cD, iD, tcD, tiD = predict(q, k, MODE_DENSE, 0.0, 0.0, bq, bk)
         ours_dense_fwd = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
+        os.environ["SPARGE_FWD_IMPL"] = "mma"
+        ours_dense_fwd_mma = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
+        del os.environ["SPARGE_FWD_IMPL"]
+        print(f"{name} ours dense-mode fwd mma.sync {ours_dense_fwd_mma:.2f} ms", flush=True)
         print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
         del cD, iD, tcD, tiD
         torch.cuda.empty_cache()
@@ -149,6 +155,9 @@ def main():
             c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
             mask_ms = timed(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk))
             attn_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
+            os.environ["SPARGE_FWD_IMPL"] = "mma"
+            attn_mma_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
+            del os.environ["SPARGE_FWD_IMPL"]
 
             def ours_fwd():
                 c_, i_, _, _ = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
@@ -157,10 +166,18 @@ def main():
             fwd_ms = timed(ours_fwd)
             o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
             bwd_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale))
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        ours_fwd()
+                        torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
-                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_bwd_ms=bwd_ms, mask_ms=mask_ms,
-                       ours_dense_mode_fwd_ms=ours_dense_fwd, card=card, commit=commit)
+                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_bwd_ms=bwd_ms, mask_ms=mask_ms,
+                       ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, card=card, commit=commit)
             row.update(dense)
             if flex is not None:
                 try:
@@ -189,7 +206,7 @@ def main():
         del q, k, v, g, qh, kh, vh, gh
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.utcnow().strftime("%Y-%m-%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     slug = card.replace(" ", "-").replace("/", "-")
     base = os.path.join(args.out, f"{slug}-{stamp}{args.tag}")
     with open(base + ".json", "w") as f:

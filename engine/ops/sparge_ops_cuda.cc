@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "engine/ops/sparge_ops.h"
 #include "engine/ops/sparge_ops_internal.h"
@@ -122,6 +124,10 @@ std::tuple<Tensor, Tensor> AttentionFwdCuda(const Tensor& q_in, const Tensor& k_
   p.counts = counts.data_ptr<int32_t>();
   p.indices = indices.data_ptr<int32_t>();
   p.lse = lse.data_ptr<float>();
+  // SPARGE_FWD_IMPL=mma selects the portable mma.sync kernel (benchmarks, A/B checks).
+  const char* impl_env = std::getenv("SPARGE_FWD_IMPL");
+  const bool use_mma = impl_env != nullptr && std::string(impl_env) == "mma";
+  p.impl = use_mma ? k::FwdImpl::kMmaSync : k::FwdImpl::kWgmma;
   if (const char* why = k::CanImplementFwd(p)) TORCH_CHECK(false, "block_sparse_attention_fwd: ", why);
   Check(k::LaunchBlockSparseFwd(p, at::cuda::getCurrentCUDAStream()), "block_sparse_attention_fwd");
   return {o, lse};

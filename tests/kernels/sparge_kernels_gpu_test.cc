@@ -36,7 +36,7 @@ struct Outs {
 
 // Runs the kernels directly on outputs pre-filled with NaN, so unwritten elements are caught.
 Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const BlockMask& m,
-                double scale) {
+                double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma) {
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   Outs r;
   r.o = at::full({B, L, H, D}, NAN, q.options());
@@ -57,6 +57,7 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   f.counts = m.counts.data_ptr<int32_t>();
   f.indices = m.indices.data_ptr<int32_t>();
   f.lse = r.lse.data_ptr<float>();
+  f.impl = impl;
   EXPECT_EQ(kn::CanImplementFwd(f), nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EXPECT_EQ(kn::LaunchBlockSparseFwd(f, stream), cudaSuccess);
@@ -164,6 +165,11 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(eq, 2.5 * tol) << what;
   EXPECT_LT(ek, 2.5 * tol) << what;
   EXPECT_LT(ev, 2.5 * tol) << what;
+  // The portable mma.sync forward kernel computes the same function.
+  Outs rm = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kMmaSync);
+  ASSERT_TRUE(AllFinite(rm.o) && AllFinite(rm.lse)) << what;
+  EXPECT_LT(testing::RelErr(rm.o, ref.o), tol) << what << " (mma.sync)";
+  EXPECT_LT(testing::RelErr(rm.lse, ref.lse), 1e-4) << what << " (mma.sync)";
   // The autograd op gives the same numbers as the raw kernels (the wiring is right).
   Tensor qg = q.detach().clone().set_requires_grad(true), kg = k.detach().clone().set_requires_grad(true),
          vg = v.detach().clone().set_requires_grad(true);
