@@ -1,0 +1,289 @@
+#include "engine/models/tokenizer.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+// Debian's SentencePiece header declares `namespace absl { using std::string_view; }`, which
+// clashes with Debian's Abseil (its absl::string_view is a class of its own). Renaming that
+// namespace for this one include keeps both usable; the library's symbols take std::string_view.
+#define absl sparge_sentencepiece_absl
+#include <sentencepiece_processor.h>
+#undef absl
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "engine/assets/embedded_assets.h"
+
+namespace sparge::engine {
+namespace {
+
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+// Python's html.unescape maps numeric references the way HTML5 parsers do: NUL and out-of-range
+// values become U+FFFD, 0x80-0x9F are read as Windows-1252, other control characters vanish.
+// Returns false when the reference produces no character.
+bool NumericReference(uint32_t value, uint32_t* cp) {
+  static constexpr uint16_t kWindows1252[32] = {
+      0x20AC, 0x0081, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160,
+      0x2039, 0x0152, 0x008D, 0x017D, 0x008F, 0x0090, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022,
+      0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x009D, 0x017E, 0x0178};
+  if (value == 0 || (value >= 0xD800 && value <= 0xDFFF) || value > 0x10FFFF) {
+    *cp = 0xFFFD;
+    return true;
+  }
+  if (value == 0x0D) {
+    *cp = value;
+    return true;
+  }
+  if (value >= 0x80 && value <= 0x9F) {
+    *cp = kWindows1252[value - 0x80];
+    return true;
+  }
+  const bool control = (value >= 0x01 && value <= 0x08) || value == 0x0B ||
+                       (value >= 0x0E && value <= 0x1F) || value == 0x7F ||
+                       (value >= 0xFDD0 && value <= 0xFDEF) || (value & 0xFFFE) == 0xFFFE;
+  if (control) return false;
+  *cp = value;
+  return true;
+}
+
+struct NamedEntity {
+  std::string_view name;
+  uint32_t cp;
+  bool legacy;  // HTML5 also accepts it without the trailing ';'
+};
+
+// The entities that occur in real prompts. Python's table has all ~2,200 HTML5 names; an unknown
+// name is left as typed, which is what Python does for names outside its table too.
+constexpr NamedEntity kNamedEntities[] = {
+    {"amp", '&', true},        {"lt", '<', true},         {"gt", '>', true},
+    {"quot", '"', true},       {"apos", '\'', false},     {"nbsp", 0xA0, true},
+    {"AMP", '&', true},        {"LT", '<', true},         {"GT", '>', true},
+    {"QUOT", '"', true},       {"copy", 0xA9, true},      {"reg", 0xAE, true},
+    {"COPY", 0xA9, true},      {"REG", 0xAE, true},       {"iexcl", 0xA1, true},
+    {"cent", 0xA2, true},      {"pound", 0xA3, true},     {"yen", 0xA5, true},
+    {"sect", 0xA7, true},      {"laquo", 0xAB, true},     {"deg", 0xB0, true},
+    {"plusmn", 0xB1, true},    {"micro", 0xB5, true},     {"para", 0xB6, true},
+    {"middot", 0xB7, true},    {"raquo", 0xBB, true},     {"frac14", 0xBC, true},
+    {"frac12", 0xBD, true},    {"frac34", 0xBE, true},    {"iquest", 0xBF, true},
+    {"agrave", 0xE0, true},    {"aacute", 0xE1, true},    {"auml", 0xE4, true},
+    {"ccedil", 0xE7, true},    {"egrave", 0xE8, true},    {"eacute", 0xE9, true},
+    {"ntilde", 0xF1, true},    {"ouml", 0xF6, true},      {"uuml", 0xFC, true},
+    {"szlig", 0xDF, true},     {"times", 0xD7, true},     {"divide", 0xF7, true},
+    {"ndash", 0x2013, false},  {"mdash", 0x2014, false},  {"lsquo", 0x2018, false},
+    {"rsquo", 0x2019, false},  {"ldquo", 0x201C, false},  {"rdquo", 0x201D, false},
+    {"bull", 0x2022, false},   {"hellip", 0x2026, false}, {"euro", 0x20AC, false},
+    {"trade", 0x2122, false},
+};
+
+const NamedEntity* FindEntity(std::string_view name) {
+  for (const NamedEntity& e : kNamedEntities) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+bool IsHexDigit(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+// Handles one reference starting at text[pos] == '&'. Appends its replacement to *out and returns
+// the number of input bytes consumed (1 when it is not a reference: the '&' is kept).
+size_t UnescapeOne(std::string_view text, size_t pos, std::string* out) {
+  const size_t n = text.size();
+  size_t i = pos + 1;
+  if (i < n && text[i] == '#') {
+    ++i;
+    const bool hex = i < n && (text[i] == 'x' || text[i] == 'X');
+    if (hex) ++i;
+    const size_t digits_begin = i;
+    uint64_t value = 0;
+    while (i < n && (hex ? IsHexDigit(text[i]) : (text[i] >= '0' && text[i] <= '9'))) {
+      const char c = text[i];
+      const uint64_t d = c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+      // Saturate: any value past U+10FFFF maps to U+FFFD anyway.
+      value = std::min<uint64_t>(value * (hex ? 16 : 10) + d, 0x7FFFFFFF);
+      ++i;
+    }
+    if (i == digits_begin) {
+      out->push_back('&');
+      return 1;
+    }
+    if (i < n && text[i] == ';') ++i;
+    uint32_t cp = 0;
+    if (NumericReference(static_cast<uint32_t>(value), &cp)) AppendUtf8(cp, out);
+    return i - pos;
+  }
+  // Named reference: up to 32 characters other than tab, newline, form feed, space, <, &, #, ;.
+  size_t end = i;
+  while (end < n && end - i < 32) {
+    const char c = text[end];
+    if (c == '\t' || c == '\n' || c == '\f' || c == ' ' || c == '<' || c == '&' || c == '#' ||
+        c == ';') {
+      break;
+    }
+    ++end;
+  }
+  if (end == i) {
+    out->push_back('&');
+    return 1;
+  }
+  const std::string_view name = text.substr(i, end - i);
+  if (end < n && text[end] == ';') {
+    if (const NamedEntity* e = FindEntity(name)) {
+      AppendUtf8(e->cp, out);
+      return end + 1 - pos;
+    }
+  }
+  // Like Python: the longest legacy name that prefixes the run, the rest kept verbatim.
+  for (size_t len = name.size(); len > 0; --len) {
+    const NamedEntity* e = FindEntity(name.substr(0, len));
+    if (e != nullptr && e->legacy) {
+      AppendUtf8(e->cp, out);
+      return 1 + len;
+    }
+  }
+  out->push_back('&');
+  return 1;
+}
+
+std::string HtmlUnescape(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  size_t pos = 0;
+  while (pos < text.size()) {
+    if (text[pos] == '&') {
+      pos += UnescapeOne(text, pos, &out);
+    } else {
+      out.push_back(text[pos++]);
+    }
+  }
+  return out;
+}
+
+// Byte length of the whitespace character at text[pos], or 0. Matches Python's str.isspace(),
+// which is what `\s` and str.strip() use on Wan's side.
+size_t WhitespaceLength(std::string_view text, size_t pos) {
+  const auto b = [&](size_t k) -> unsigned char {
+    return pos + k < text.size() ? static_cast<unsigned char>(text[pos + k]) : 0;
+  };
+  const unsigned char c = b(0);
+  if (c == ' ' || (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F)) return 1;
+  if (c == 0xC2 && (b(1) == 0x85 || b(1) == 0xA0)) return 2;
+  if (c == 0xE1 && b(1) == 0x9A && b(2) == 0x80) return 3;  // U+1680
+  if (c == 0xE2 && b(1) == 0x80 &&
+      (b(2) <= 0x8A || b(2) == 0xA8 || b(2) == 0xA9 || b(2) == 0xAF) && b(2) >= 0x80) {
+    return 3;  // U+2000..200A, U+2028, U+2029, U+202F
+  }
+  if (c == 0xE2 && b(1) == 0x81 && b(2) == 0x9F) return 3;  // U+205F
+  if (c == 0xE3 && b(1) == 0x80 && b(2) == 0x80) return 3;  // U+3000
+  return 0;
+}
+
+}  // namespace
+
+Tokenizer::Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor)
+    : processor_(std::move(processor)) {}
+
+Tokenizer::~Tokenizer() = default;
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedModel(
+    std::string_view bytes) {
+  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  const sentencepiece::util::Status status = processor->LoadFromSerializedProto(bytes);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a SentencePiece model: ", status.ToString()));
+  }
+  if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokenizer must use pad id 0 and eos id 1 (umT5 layout), got pad ", processor->pad_id(),
+        " eos ", processor->eos_id()));
+  }
+  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Embedded() {
+  return FromSerializedModel(TinyTokenizerModel());
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
+  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  const sentencepiece::util::Status status = processor->Load(path);
+  if (!status.ok()) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot load tokenizer '", path, "': ", status.ToString()));
+  }
+  if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer '", path,
+                                                   "' must use pad id 0 and eos id 1, got pad ",
+                                                   processor->pad_id(), " eos ",
+                                                   processor->eos_id()));
+  }
+  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
+}
+
+int Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
+
+std::string Tokenizer::CleanPrompt(std::string_view text) {
+  // Wan runs ftfy.fix_text first (mojibake and Unicode repairs). It has no C++ counterpart, so
+  // that step is skipped; prompts that ftfy would change may tokenize differently from Wan's.
+  const std::string unescaped = HtmlUnescape(HtmlUnescape(text));
+  // strip, collapse every whitespace run to one space, strip: done in one pass.
+  std::string out;
+  out.reserve(unescaped.size());
+  bool pending_space = false;
+  size_t pos = 0;
+  while (pos < unescaped.size()) {
+    const size_t ws = WhitespaceLength(unescaped, pos);
+    if (ws > 0) {
+      pending_space = !out.empty();
+      pos += ws;
+      continue;
+    }
+    if (pending_space) out.push_back(' ');
+    pending_space = false;
+    out.push_back(unescaped[pos++]);
+  }
+  return out;
+}
+
+Tokenizer::Encoded Tokenizer::Encode(std::string_view text, int max_len) const {
+  Encoded encoded;
+  if (max_len <= 0) return encoded;
+  std::vector<int> pieces;
+  // Encode only fails on an unloaded processor, which construction rules out; an empty piece list
+  // (EOS alone) would be the harmless outcome anyway.
+  if (!processor_->Encode(CleanPrompt(text), &pieces).ok()) pieces.clear();
+  const size_t kept = std::min(pieces.size(), static_cast<size_t>(max_len - 1));
+  encoded.ids.assign(static_cast<size_t>(max_len), kPadId);
+  encoded.mask.assign(static_cast<size_t>(max_len), 0);
+  for (size_t i = 0; i < kept; ++i) {
+    encoded.ids[i] = pieces[i];
+    encoded.mask[i] = 1;
+  }
+  encoded.ids[kept] = kEosId;
+  encoded.mask[kept] = 1;
+  return encoded;
+}
+
+}  // namespace sparge::engine
