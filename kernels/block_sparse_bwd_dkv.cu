@@ -175,27 +175,33 @@ __global__ void __launch_bounds__(kKeys * 2, 1) BwdDkvKernel(BwdParams p) {
   }
 }
 
-// delta[b][h][l] = sum_d dO * O, one warp per (b, l, h) row.
+// delta[b][h][l] = sum_d dO * O: D/8 lanes per (b, l, h) row with 16-byte loads.
 template <typename T, int D>
-__global__ void DeltaKernel(BwdParams p) {
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(256) DeltaKernel(BwdParams p) {
+  constexpr int kLanes = D / 8;
+  const int64_t row_id = (static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x) / kLanes;
+  const int sub = threadIdx.x % kLanes;
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
-  if (row_id >= total) return;
-  const int h = row_id % p.heads;
-  const int64_t bl = row_id / p.heads;
+  const bool ok = row_id < total;
+  const int64_t rid = ok ? row_id : 0;
+  const int h = rid % p.heads;
+  const int64_t bl = rid / p.heads;
   const int l = bl % p.seqlen;
   const int b = bl / p.seqlen;
   const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h +
-               static_cast<int64_t>(l) * p.o.stride_l;
+               static_cast<int64_t>(l) * p.o.stride_l + sub * 8;
   const T* d = static_cast<const T*>(p.d_o.ptr) + b * p.d_o.stride_b + h * p.d_o.stride_h +
-               static_cast<int64_t>(l) * p.d_o.stride_l;
+               static_cast<int64_t>(l) * p.d_o.stride_l + sub * 8;
+  const uint4 ov = *reinterpret_cast<const uint4*>(o);
+  const uint4 dv = *reinterpret_cast<const uint4*>(d);
+  const T* oe = reinterpret_cast<const T*>(&ov);
+  const T* de = reinterpret_cast<const T*>(&dv);
   float acc = 0.f;
 #pragma unroll
-  for (int i = lane; i < D; i += 32) acc += MmaOp<T>::ToFloat(o[i]) * MmaOp<T>::ToFloat(d[i]);
+  for (int i = 0; i < 8; ++i) acc += MmaOp<T>::ToFloat(oe[i]) * MmaOp<T>::ToFloat(de[i]);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + l] = acc;
+  for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+  if (ok && sub == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + l] = acc;
 }
 
 template <typename T, int D, int kKeys>
@@ -217,7 +223,8 @@ cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t LaunchDelta(const BwdParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
-  DeltaKernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  const int64_t threads = rows * (D / 8);
+  DeltaKernel<T, D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -262,6 +269,7 @@ cudaError_t LaunchBlockSparseBwd(const BwdParams& p, cudaStream_t stream) {
                             : detail::LaunchDelta<__half, 64>(p, stream);
   }
   if (err != cudaSuccess) return err;
+  if (p.impl == FwdImpl::kWgmma) return detail::LaunchBwdSm90(p, stream);
   err = detail::LaunchBwdDkv(p, stream);
   if (err != cudaSuccess) return err;
   return detail::LaunchBwdDq(p, stream);

@@ -10,61 +10,13 @@
 
 #include "kernels/device_utils.cuh"
 #include "kernels/fwd_internal.h"
-#include "kernels/wgmma.cuh"
+#include "kernels/sm90_tiles.cuh"
 
 namespace sparge::kernels::detail {
 namespace {
 
 constexpr int kThreads = 256;  // two warpgroups
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-struct Wg;
-template <>
-struct Wg<__nv_bfloat16> {
-  template <int N>
-  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b) {
-    if constexpr (N == 64) WgmmaSS_N64_Bf16(d, a, b, 1); else WgmmaSS_N128_Bf16(d, a, b, 1);
-  }
-  template <int N>
-  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b) {
-    if constexpr (N == 64) WgmmaRS_N64_Bf16(d, a, b, 1); else WgmmaRS_N128_Bf16(d, a, b, 1);
-  }
-};
-template <>
-struct Wg<__half> {
-  template <int N>
-  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b) {
-    if constexpr (N == 64) WgmmaSS_N64_F16(d, a, b, 1); else WgmmaSS_N128_F16(d, a, b, 1);
-  }
-  template <int N>
-  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b) {
-    if constexpr (N == 64) WgmmaRS_N64_F16(d, a, b, 1); else WgmmaRS_N128_F16(d, a, b, 1);
-  }
-};
-
-// Tile layout [D/64][ROWS][64] with the hardware's 128-byte swizzle (16-byte chunk ^= row % 8).
-template <int ROWS>
-__device__ __forceinline__ int Sw128(int row, int col_chunk) {
-  return ((col_chunk >> 3) * ROWS + row) * 64 + (((col_chunk & 7) ^ (row & 7)) << 3);
-}
-
-template <typename T, int ROWS, int D>
-__device__ __forceinline__ void LoadTileSw128(T* smem, const T* base, int64_t stride_l, int row0,
-                                              int seqlen, int tid) {
-  constexpr int kChunks = D / 8;
-  constexpr int kTotal = ROWS * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile not divisible by threads");
-#pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    const int idx = tid + it * kThreads;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int grow = row0 + r;
-    const bool ok = grow < seqlen;
-    const T* src = ok ? base + static_cast<int64_t>(grow) * stride_l + c * 8 : base;
-    CpAsync16(SmemAddr(smem + Sw128<ROWS>(r, c)), src, ok ? 16 : 0);
-  }
-}
 
 template <int D, int kN>
 constexpr int SmemBytes() {
@@ -100,13 +52,13 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90Kernel(FwdParams p) {
     return t;
   };
 
-  LoadTileSw128<T, kTileQ, D>(sQ, qbase + static_cast<int64_t>(q0) * p.q.stride_l, p.q.stride_l, 0,
+  LoadTileSw128<T, kTileQ, D, kThreads>(sQ, qbase + static_cast<int64_t>(q0) * p.q.stride_l, p.q.stride_l, 0,
                               L - q0, tid);
   int t = next_valid(0);
   if (t < ntiles) {
     const int k0 = tile_key0(t);
-    LoadTileSw128<T, kN, D>(sK, kbase, p.k.stride_l, k0, L, tid);
-    LoadTileSw128<T, kN, D>(sV, vbase, p.v.stride_l, k0, L, tid);
+    LoadTileSw128<T, kN, D, kThreads>(sK, kbase, p.k.stride_l, k0, L, tid);
+    LoadTileSw128<T, kN, D, kThreads>(sV, vbase, p.v.stride_l, k0, L, tid);
   }
   CpAsyncCommit();
   CpAsyncWaitAll();
@@ -127,8 +79,8 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90Kernel(FwdParams p) {
     const int tn = next_valid(t + 1);
     if (tn < ntiles) {
       const int kn = tile_key0(tn);
-      LoadTileSw128<T, kN, D>(sK + (stage ^ 1) * kN * D, kbase, p.k.stride_l, kn, L, tid);
-      LoadTileSw128<T, kN, D>(sV + (stage ^ 1) * kN * D, vbase, p.v.stride_l, kn, L, tid);
+      LoadTileSw128<T, kN, D, kThreads>(sK + (stage ^ 1) * kN * D, kbase, p.k.stride_l, kn, L, tid);
+      LoadTileSw128<T, kN, D, kThreads>(sV + (stage ^ 1) * kN * D, vbase, p.v.stride_l, kn, L, tid);
     }
     CpAsyncCommit();
     const uint32_t k_addr = SmemAddr(sK + stage * kN * D);

@@ -10,5 +10,7 @@ namespace sparge::kernels::detail {
 
 cudaError_t LaunchBwdDq(const BwdParams& p, cudaStream_t stream);
 cudaError_t LaunchBwdDkv(const BwdParams& p, cudaStream_t stream);
+// Hopper wgmma dK/dV and dQ kernels (delta must already be computed).
+cudaError_t LaunchBwdSm90(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace sparge::kernels::detail

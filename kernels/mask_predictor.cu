@@ -80,15 +80,22 @@ __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, 
 }
 
 // kmean[b][h][:] = token-weighted mean of the pooled K blocks = mean of K over the sequence.
-__global__ void KMeanKernel(const float* kpool, int nk, int block, int L, int D, float* kmean) {
-  const int bh = blockIdx.x;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float s = 0.f;
-    for (int j = 0; j < nk; ++j) {
-      const int cnt = min(L, (j + 1) * block) - j * block;
-      s += kpool[(static_cast<int64_t>(bh) * nk + j) * D + d] * static_cast<float>(cnt);
-    }
-    kmean[static_cast<int64_t>(bh) * D + d] = s / static_cast<float>(L);
+// CTA per (b, h, 32 channels): 8 warps stride over the blocks, then a fixed-order reduction.
+__global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, int block, int L, int D,
+                                                   float* kmean) {
+  __shared__ float part[8][32];
+  const int bh = blockIdx.x, d = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
+  float s = 0.f;
+  for (int j = w; j < nk; j += 8) {
+    const int cnt = min(L, (j + 1) * block) - j * block;
+    s += kpool[(static_cast<int64_t>(bh) * nk + j) * D + d] * static_cast<float>(cnt);
+  }
+  part[w][threadIdx.x & 31] = s;
+  __syncthreads();
+  if (w == 0) {
+    float t = 0.f;
+    for (int i = 0; i < 8; ++i) t += part[i][threadIdx.x];
+    kmean[static_cast<int64_t>(bh) * D + d] = t / static_cast<float>(L);
   }
 }
 
@@ -355,8 +362,8 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     if ((err = Pool<__half>(p, p.q, p.block_q, w.qpool, stream)) != cudaSuccess) return err;
     if ((err = Pool<__half>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
   }
-  KMeanKernel<<<static_cast<unsigned>(bh), p.head_dim, 0, stream>>>(w.kpool, nk, p.block_k, L,
-                                                                    p.head_dim, w.kmean);
+  KMeanKernel<<<dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream>>>(
+      w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int np = NextPow2(nk < 2 ? 2 : nk);
   const size_t smem = SelectSmemBytes(np, p.head_dim);

@@ -76,6 +76,7 @@ struct BwdParams {
   const int32_t* t_indices = nullptr;  // [B][H][Nk][Nq]
   const float* lse = nullptr;
   float* delta = nullptr;  // scratch [B][H][L]: rowsum(dO * O)
+  FwdImpl impl = FwdImpl::kWgmma;  // same choice as the forward pass: wgmma or mma.sync kernels
 };
 
 #if defined(__CUDACC__)

@@ -179,6 +179,9 @@ std::tuple<Tensor, Tensor, Tensor> AttentionBwdCuda(
   p.t_indices = t_indices.data_ptr<int32_t>();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  const char* impl_env = std::getenv("SPARGE_FWD_IMPL");
+  p.impl = impl_env != nullptr && std::string(impl_env) == "mma" ? k::FwdImpl::kMmaSync
+                                                                 : k::FwdImpl::kWgmma;
   if (const char* why = k::CanImplementBwd(p)) TORCH_CHECK(false, "block_sparse_attention_bwd: ", why);
   Check(k::LaunchBlockSparseBwd(p, at::cuda::getCurrentCUDAStream()), "block_sparse_attention_bwd");
   return {dq, dk, dv};

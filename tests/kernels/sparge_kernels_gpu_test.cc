@@ -89,6 +89,7 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
     b.t_indices = m.t_indices.data_ptr<int32_t>();
     b.lse = f.lse;
     b.delta = delta.data_ptr<float>();
+    b.impl = impl;
     EXPECT_EQ(kn::CanImplementBwd(b), nullptr);
     EXPECT_EQ(kn::LaunchBlockSparseBwd(b, stream), cudaSuccess);
   }
@@ -165,11 +166,14 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(eq, 2.5 * tol) << what;
   EXPECT_LT(ek, 2.5 * tol) << what;
   EXPECT_LT(ev, 2.5 * tol) << what;
-  // The portable mma.sync forward kernel computes the same function.
-  Outs rm = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kMmaSync);
-  ASSERT_TRUE(AllFinite(rm.o) && AllFinite(rm.lse)) << what;
+  // The portable mma.sync kernels compute the same function.
+  Outs rm = RunKernels(q, k, v, g, m, scale, kn::FwdImpl::kMmaSync);
+  ASSERT_TRUE(AllFinite(rm.o) && AllFinite(rm.lse) && AllFinite(rm.dq) && AllFinite(rm.dk) && AllFinite(rm.dv)) << what;
   EXPECT_LT(testing::RelErr(rm.o, ref.o), tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.lse, ref.lse), 1e-4) << what << " (mma.sync)";
+  EXPECT_LT(testing::RelErr(rm.dq, ref.dq), 2.5 * tol) << what << " (mma.sync)";
+  EXPECT_LT(testing::RelErr(rm.dk, ref.dk), 2.5 * tol) << what << " (mma.sync)";
+  EXPECT_LT(testing::RelErr(rm.dv, ref.dv), 2.5 * tol) << what << " (mma.sync)";
   // The autograd op gives the same numbers as the raw kernels (the wiring is right).
   Tensor qg = q.detach().clone().set_requires_grad(true), kg = k.detach().clone().set_requires_grad(true),
          vg = v.detach().clone().set_requires_grad(true);
