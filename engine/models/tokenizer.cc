@@ -75,23 +75,23 @@ struct NamedEntity {
 // The entities that occur in real prompts. Python's table has all ~2,200 HTML5 names; an unknown
 // name is left as typed, which is what Python does for names outside its table too.
 constexpr NamedEntity kNamedEntities[] = {
-    {"amp", '&', true},        {"lt", '<', true},         {"gt", '>', true},
-    {"quot", '"', true},       {"apos", '\'', false},     {"nbsp", 0xA0, true},
-    {"AMP", '&', true},        {"LT", '<', true},         {"GT", '>', true},
-    {"QUOT", '"', true},       {"copy", 0xA9, true},      {"reg", 0xAE, true},
-    {"COPY", 0xA9, true},      {"REG", 0xAE, true},       {"iexcl", 0xA1, true},
-    {"cent", 0xA2, true},      {"pound", 0xA3, true},     {"yen", 0xA5, true},
-    {"sect", 0xA7, true},      {"laquo", 0xAB, true},     {"deg", 0xB0, true},
-    {"plusmn", 0xB1, true},    {"micro", 0xB5, true},     {"para", 0xB6, true},
-    {"middot", 0xB7, true},    {"raquo", 0xBB, true},     {"frac14", 0xBC, true},
-    {"frac12", 0xBD, true},    {"frac34", 0xBE, true},    {"iquest", 0xBF, true},
-    {"agrave", 0xE0, true},    {"aacute", 0xE1, true},    {"auml", 0xE4, true},
-    {"ccedil", 0xE7, true},    {"egrave", 0xE8, true},    {"eacute", 0xE9, true},
-    {"ntilde", 0xF1, true},    {"ouml", 0xF6, true},      {"uuml", 0xFC, true},
-    {"szlig", 0xDF, true},     {"times", 0xD7, true},     {"divide", 0xF7, true},
-    {"ndash", 0x2013, false},  {"mdash", 0x2014, false},  {"lsquo", 0x2018, false},
-    {"rsquo", 0x2019, false},  {"ldquo", 0x201C, false},  {"rdquo", 0x201D, false},
-    {"bull", 0x2022, false},   {"hellip", 0x2026, false}, {"euro", 0x20AC, false},
+    {"amp", '&', true},       {"lt", '<', true},         {"gt", '>', true},
+    {"quot", '"', true},      {"apos", '\'', false},     {"nbsp", 0xA0, true},
+    {"AMP", '&', true},       {"LT", '<', true},         {"GT", '>', true},
+    {"QUOT", '"', true},      {"copy", 0xA9, true},      {"reg", 0xAE, true},
+    {"COPY", 0xA9, true},     {"REG", 0xAE, true},       {"iexcl", 0xA1, true},
+    {"cent", 0xA2, true},     {"pound", 0xA3, true},     {"yen", 0xA5, true},
+    {"sect", 0xA7, true},     {"laquo", 0xAB, true},     {"deg", 0xB0, true},
+    {"plusmn", 0xB1, true},   {"micro", 0xB5, true},     {"para", 0xB6, true},
+    {"middot", 0xB7, true},   {"raquo", 0xBB, true},     {"frac14", 0xBC, true},
+    {"frac12", 0xBD, true},   {"frac34", 0xBE, true},    {"iquest", 0xBF, true},
+    {"agrave", 0xE0, true},   {"aacute", 0xE1, true},    {"auml", 0xE4, true},
+    {"ccedil", 0xE7, true},   {"egrave", 0xE8, true},    {"eacute", 0xE9, true},
+    {"ntilde", 0xF1, true},   {"ouml", 0xF6, true},      {"uuml", 0xFC, true},
+    {"szlig", 0xDF, true},    {"times", 0xD7, true},     {"divide", 0xF7, true},
+    {"ndash", 0x2013, false}, {"mdash", 0x2014, false},  {"lsquo", 0x2018, false},
+    {"rsquo", 0x2019, false}, {"ldquo", 0x201C, false},  {"rdquo", 0x201D, false},
+    {"bull", 0x2022, false},  {"hellip", 0x2026, false}, {"euro", 0x20AC, false},
     {"trade", 0x2122, false},
 };
 
@@ -190,8 +190,9 @@ size_t WhitespaceLength(std::string_view text, size_t pos) {
   if (c == ' ' || (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F)) return 1;
   if (c == 0xC2 && (b(1) == 0x85 || b(1) == 0xA0)) return 2;
   if (c == 0xE1 && b(1) == 0x9A && b(2) == 0x80) return 3;  // U+1680
+  const unsigned char c2 = b(2);
   if (c == 0xE2 && b(1) == 0x80 &&
-      (b(2) <= 0x8A || b(2) == 0xA8 || b(2) == 0xA9 || b(2) == 0xAF) && b(2) >= 0x80) {
+      ((c2 >= 0x80 && c2 <= 0x8A) || c2 == 0xA8 || c2 == 0xA9 || c2 == 0xAF)) {
     return 3;  // U+2000..200A, U+2028, U+2029, U+202F
   }
   if (c == 0xE2 && b(1) == 0x81 && b(2) == 0x9F) return 3;  // U+205F
@@ -206,8 +207,7 @@ Tokenizer::Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> proc
 
 Tokenizer::~Tokenizer() = default;
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedModel(
-    std::string_view bytes) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedModel(std::string_view bytes) {
   auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
   const sentencepiece::util::Status status = processor->LoadFromSerializedProto(bytes);
   if (!status.ok()) {
@@ -215,9 +215,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedModel(
         absl::StrCat("not a SentencePiece model: ", status.ToString()));
   }
   if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokenizer must use pad id 0 and eos id 1 (umT5 layout), got pad ", processor->pad_id(),
-        " eos ", processor->eos_id()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer must use pad id 0 and eos id 1 (umT5 layout), got pad ",
+                     processor->pad_id(), " eos ", processor->eos_id()));
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
 }
@@ -234,10 +234,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string
         absl::StrCat("cannot load tokenizer '", path, "': ", status.ToString()));
   }
   if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer '", path,
-                                                   "' must use pad id 0 and eos id 1, got pad ",
-                                                   processor->pad_id(), " eos ",
-                                                   processor->eos_id()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer '", path, "' must use pad id 0 and eos id 1, got pad ",
+                     processor->pad_id(), " eos ", processor->eos_id()));
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
 }

@@ -1,16 +1,16 @@
 #include "engine/models/umt5_encoder.h"
 
-#include <cmath>
-#include <exception>
-#include <limits>
-#include <string>
-#include <utility>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
+
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -71,7 +71,8 @@ class UMT5AttentionImpl : public nn::Module {
     torch::Tensor scores = torch::matmul(q, k.transpose(-1, -2)).to(torch::kFloat32);
     scores = scores + position_bias.to(torch::kFloat32) + mask_bias;
     const torch::Tensor attn = torch::softmax(scores, -1).to(v.scalar_type());
-    const torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({b, l, heads_ * d_kv_});
+    const torch::Tensor out =
+        torch::matmul(attn, v).transpose(1, 2).reshape({b, l, heads_ * d_kv_});
     return o_->forward(out);
   }
 
@@ -123,7 +124,9 @@ class UMT5LayerFFImpl : public nn::Module {
     ffn_ = register_module("DenseReluDense", UMT5DenseGatedActDense(c));
     layer_norm_ = register_module("layer_norm", T5LayerNorm(c.d_model, c.layer_norm_eps));
   }
-  torch::Tensor forward(const torch::Tensor& h) { return h + ffn_->forward(layer_norm_->forward(h)); }
+  torch::Tensor forward(const torch::Tensor& h) {
+    return h + ffn_->forward(layer_norm_->forward(h));
+  }
 
  private:
   UMT5DenseGatedActDense ffn_{nullptr};
@@ -161,7 +164,8 @@ class UMT5StackImpl : public nn::Module {
       block->push_back(blocks_.back());
     }
     register_module("block", block);
-    final_layer_norm_ = register_module("final_layer_norm", T5LayerNorm(c.d_model, c.layer_norm_eps));
+    final_layer_norm_ =
+        register_module("final_layer_norm", T5LayerNorm(c.d_model, c.layer_norm_eps));
   }
   torch::Tensor forward(torch::Tensor h, const torch::Tensor& buckets,
                         const torch::Tensor& mask_bias) {
@@ -178,21 +182,22 @@ TORCH_MODULE(UMT5Stack);
 class UMT5EncoderModelImpl : public nn::Module {
  public:
   explicit UMT5EncoderModelImpl(const UMT5Config& c) : config_(c) {
-    shared_ = register_module("shared",
-                              nn::Embedding(nn::EmbeddingOptions(c.vocab_size, c.d_model)));
+    shared_ =
+        register_module("shared", nn::Embedding(nn::EmbeddingOptions(c.vocab_size, c.d_model)));
     encoder_ = register_module("encoder", UMT5Stack(c));
   }
   // ids, mask int64 [B, L] on the model's device.
   torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& mask) {
     const int64_t l = ids.size(1);
-    const torch::Tensor buckets = RelativePositionBuckets(
-        l, l, config_.relative_attention_num_buckets, config_.relative_attention_max_distance)
-                                      .to(ids.device());
+    const torch::Tensor buckets =
+        RelativePositionBuckets(l, l, config_.relative_attention_num_buckets,
+                                config_.relative_attention_max_distance)
+            .to(ids.device());
     // Masked keys get the lowest finite float, as Hugging Face does; every row keeps its EOS key,
     // so no softmax row is fully masked.
-    const torch::Tensor mask_bias =
-        (1 - mask.to(torch::kFloat32)).mul(std::numeric_limits<float>::lowest()).view(
-            {mask.size(0), 1, 1, l});
+    const torch::Tensor mask_bias = (1 - mask.to(torch::kFloat32))
+                                        .mul(std::numeric_limits<float>::lowest())
+                                        .view({mask.size(0), 1, 1, l});
     const torch::Tensor h = encoder_->forward(shared_->forward(ids), buckets, mask_bias);
     // Wan keeps only each prompt's real rows and zero-pads the rest before the DiT sees them.
     return h * mask.unsqueeze(-1).to(h.scalar_type());
@@ -215,8 +220,10 @@ double InitStd(const std::string& name, const UMT5Config& c) {
   if (absl::StrContains(name, "SelfAttention.o.")) {
     return 1.0 / std::sqrt(static_cast<double>(c.num_heads) * c.d_kv);
   }
-  if (absl::StrContains(name, "DenseReluDense.wo.")) return 1.0 / std::sqrt(static_cast<double>(c.d_ff));
-  return 1.0 / std::sqrt(static_cast<double>(c.d_model));  // k, v, wi_0, wi_1, relative_attention_bias
+  if (absl::StrContains(name, "DenseReluDense.wo."))
+    return 1.0 / std::sqrt(static_cast<double>(c.d_ff));
+  return 1.0 /
+         std::sqrt(static_cast<double>(c.d_model));  // k, v, wi_0, wi_1, relative_attention_bias
 }
 
 absl::Status CheckConfig(const UMT5Config& c) {
@@ -282,14 +289,13 @@ absl::StatusOr<std::unique_ptr<TextEncoder>> TextEncoder::Create(
   if (absl::Status s = CheckConfig(config); !s.ok()) return s;
   if (tokenizer == nullptr) return absl::InvalidArgumentError("text encoder needs a tokenizer");
   if (tokenizer->vocab_size() > config.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokenizer has ", tokenizer->vocab_size(), " pieces but text_encoder.vocab_size is ",
-        config.vocab_size));
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer has ", tokenizer->vocab_size(),
+                                                   " pieces but text_encoder.vocab_size is ",
+                                                   config.vocab_size));
   }
   if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("text encoder dtype must be float32, bfloat16 or float16, got ",
-                     c10::toString(dtype)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "text encoder dtype must be float32, bfloat16 or float16, got ", c10::toString(dtype)));
   }
   try {
     torch::NoGradGuard no_grad;
@@ -335,15 +341,13 @@ absl::StatusOr<torch::Tensor> TextEncoder::Encode(const std::vector<std::string>
 
 absl::StatusOr<torch::Tensor> TextEncoder::EncodeTokens(const torch::Tensor& ids,
                                                         const torch::Tensor& mask) {
-  if (ids.dim() != 2 || !mask.sizes().equals(ids.sizes()) || ids.size(0) == 0 ||
-      ids.size(1) == 0) {
+  if (ids.dim() != 2 || !mask.sizes().equals(ids.sizes()) || ids.size(0) == 0 || ids.size(1) == 0) {
     return absl::InvalidArgumentError("ids and mask must be non-empty [B, L] tensors of one shape");
   }
   try {
     torch::NoGradGuard no_grad;
     const torch::Tensor ids_dev = ids.to(device_, torch::kInt64);
-    if (ids_dev.min().item<int64_t>() < 0 ||
-        ids_dev.max().item<int64_t>() >= config_.vocab_size) {
+    if (ids_dev.min().item<int64_t>() < 0 || ids_dev.max().item<int64_t>() >= config_.vocab_size) {
       return absl::InvalidArgumentError(
           absl::StrCat("token ids must lie in [0, ", config_.vocab_size, ")"));
     }

@@ -5,13 +5,13 @@
 // Thread-safety: not thread-safe; one thread (the pipeline's owner) uses a TextEncoder.
 #pragma once
 
+#include <torch/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <torch/types.h>
 
 #include "absl/status/statusor.h"
 #include "engine/models/model_config.h"

@@ -1,12 +1,5 @@
 #include "engine/models/wan_vae_decoder.h"
 
-#include <algorithm>
-#include <cmath>
-#include <exception>
-#include <string>
-#include <utility>
-#include <vector>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/ops/mkldnn_convolution.h>
@@ -15,6 +8,13 @@
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/upsampling.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -60,9 +60,9 @@ constexpr int64_t kCacheFrames = 2;  // a temporal kernel of 3 needs the 2 frame
 // that the next chunk still sees two frames of history.
 torch::Tensor NextCache(const torch::Tensor& x, const torch::Tensor& previous) {
   const int64_t t = x.size(2);
-  torch::Tensor tail = x.narrow(2, std::max<int64_t>(0, t - kCacheFrames),
-                                std::min<int64_t>(t, kCacheFrames))
-                           .clone();
+  torch::Tensor tail =
+      x.narrow(2, std::max<int64_t>(0, t - kCacheFrames), std::min<int64_t>(t, kCacheFrames))
+          .clone();
   if (tail.size(2) < kCacheFrames && previous.defined()) {
     tail = torch::cat({previous.narrow(2, previous.size(2) - 1, 1), tail}, 2);
   }
@@ -144,7 +144,8 @@ class WanResidualBlockImpl : public nn::Module {
     conv1_ = register_module("conv1", CausalConv3d(in, out, 3, 3, 3));
     norm2_ = register_module("norm2", WanRMSNorm(out, /*images=*/false));
     conv2_ = register_module("conv2", CausalConv3d(out, out, 3, 3, 3));
-    if (in != out) conv_shortcut_ = register_module("conv_shortcut", CausalConv3d(in, out, 1, 1, 1));
+    if (in != out)
+      conv_shortcut_ = register_module("conv_shortcut", CausalConv3d(in, out, 1, 1, 1));
   }
   torch::Tensor forward(const torch::Tensor& x, FeatureCache* cache) {
     const torch::Tensor shortcut = conv_shortcut_ ? conv_shortcut_->forward(x) : x;
@@ -161,7 +162,8 @@ TORCH_MODULE(WanResidualBlock);
 
 // [B, C, T, H, W] <-> [B*T, C, H, W] for the per-frame 2-D ops.
 torch::Tensor FramesToImages(const torch::Tensor& x) {
-  return x.permute({0, 2, 1, 3, 4}).reshape({x.size(0) * x.size(2), x.size(1), x.size(3), x.size(4)});
+  return x.permute({0, 2, 1, 3, 4})
+      .reshape({x.size(0) * x.size(2), x.size(1), x.size(3), x.size(4)});
 }
 torch::Tensor ImagesToFrames(const torch::Tensor& y, int64_t b, int64_t t) {
   return y.view({b, t, y.size(1), y.size(2), y.size(3)}).permute({0, 2, 1, 3, 4});
@@ -183,7 +185,8 @@ class WanAttentionBlockImpl : public nn::Module {
         to_qkv_->forward(norm_->forward(images)).view({b * t, 1, 3 * c, h * w}).transpose(2, 3);
     const std::vector<torch::Tensor> parts = qkv.chunk(3, -1);
     const torch::Tensor attended = at::scaled_dot_product_attention(parts[0], parts[1], parts[2]);
-    const torch::Tensor y = proj_->forward(attended.squeeze(1).transpose(1, 2).reshape({b * t, c, h, w}));
+    const torch::Tensor y =
+        proj_->forward(attended.squeeze(1).transpose(1, 2).reshape({b * t, c, h, w}));
     return ImagesToFrames(y, b, t) + x;
   }
 
@@ -194,17 +197,16 @@ class WanAttentionBlockImpl : public nn::Module {
 TORCH_MODULE(WanAttentionBlock);
 
 // Spatial 2x upsampling (nearest, then a 3x3 conv halving channels), optionally preceded by a
-// temporal 2x upsampling (upsample3d): a causal time conv doubling channels, whose two halves become
-// consecutive frames.
+// temporal 2x upsampling (upsample3d): a causal time conv doubling channels, whose two halves
+// become consecutive frames.
 class WanResampleImpl : public nn::Module {
  public:
   WanResampleImpl(int64_t dim, bool temporal) {
     resample_ = register_module(
-        "resample",
-        nn::Sequential(nn::Upsample(nn::UpsampleOptions()
-                                        .scale_factor(std::vector<double>{2.0, 2.0})
-                                        .mode(torch::kNearest)),
-                       nn::Conv2d(nn::Conv2dOptions(dim, dim / 2, 3).padding(1))));
+        "resample", nn::Sequential(nn::Upsample(nn::UpsampleOptions()
+                                                    .scale_factor(std::vector<double>{2.0, 2.0})
+                                                    .mode(torch::kNearest)),
+                                   nn::Conv2d(nn::Conv2dOptions(dim, dim / 2, 3).padding(1))));
     if (temporal) time_conv_ = register_module("time_conv", CausalConv3d(dim, 2 * dim, 3, 1, 1));
   }
 
@@ -397,7 +399,8 @@ absl::Status CheckConfig(const WanVaeConfig& c) {
   }
   if (c.latents_mean.size() != static_cast<size_t>(c.z_dim) ||
       c.latents_std.size() != static_cast<size_t>(c.z_dim)) {
-    return absl::InvalidArgumentError("vae.latents_mean and vae.latents_std need z_dim values each");
+    return absl::InvalidArgumentError(
+        "vae.latents_mean and vae.latents_std need z_dim values each");
   }
   for (float s : c.latents_std) {
     if (!(s > 0.0f)) return absl::InvalidArgumentError("vae.latents_std values must be positive");
@@ -455,8 +458,8 @@ absl::StatusOr<std::unique_ptr<VaeDecoder>> VaeDecoder::Create(const WanVaeConfi
 absl::StatusOr<torch::Tensor> VaeDecoder::Decode(const torch::Tensor& latents) {
   if (!latents.defined() || latents.dim() != 5 || latents.size(1) != config_.z_dim ||
       latents.size(0) < 1 || latents.size(2) < 1 || latents.size(3) < 1 || latents.size(4) < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "VAE latents must be [B, ", config_.z_dim, ", T', H', W'] with every size >= 1"));
+    return absl::InvalidArgumentError(absl::StrCat("VAE latents must be [B, ", config_.z_dim,
+                                                   ", T', H', W'] with every size >= 1"));
   }
   try {
     torch::NoGradGuard no_grad;

@@ -7,6 +7,9 @@
 // Training is deterministic (one thread, no sentence sampling or shuffling, fixed seed) so that a
 // given corpus always yields the same bytes, and therefore the same token ids, on every machine
 // with the same SentencePiece version.
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -14,9 +17,6 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
-
-#include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
 
 namespace {
 
@@ -46,8 +46,7 @@ bool ParseFlags(int argc, char** argv, Flags* flags) {
       return false;
     }
   }
-  if (argc % 2 != 1 || flags->corpus.empty() || flags->model_out.empty() ||
-      flags->cc_out.empty()) {
+  if (argc % 2 != 1 || flags->corpus.empty() || flags->model_out.empty() || flags->cc_out.empty()) {
     std::cerr << "usage: " << argv[0]
               << " --corpus FILE --vocab_size N --model_out FILE --cc_out FILE\n";
     return false;
@@ -131,9 +130,8 @@ int main(int argc, char** argv) {
   // Round-trip check: the bytes must load and honour the special-id layout the engine relies on.
   sentencepiece::SentencePieceProcessor processor;
   const sentencepiece::util::Status load = processor.LoadFromSerializedProto(model_bytes);
-  if (!load.ok() || processor.pad_id() != 0 || processor.eos_id() != 1 ||
-      processor.unk_id() != 2 || processor.bos_id() != -1 ||
-      processor.GetPieceSize() > std::atoi(flags.vocab_size.c_str())) {
+  if (!load.ok() || processor.pad_id() != 0 || processor.eos_id() != 1 || processor.unk_id() != 2 ||
+      processor.bos_id() != -1 || processor.GetPieceSize() > std::atoi(flags.vocab_size.c_str())) {
     std::cerr << "trained tokenizer does not have the expected layout\n";
     return 1;
   }

@@ -1,13 +1,13 @@
 // Tests for the umT5 tokenizer wrapper and the embedded tiny SentencePiece model.
 #include "engine/models/tokenizer.h"
 
+#include <gtest/gtest.h>
+
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "engine/assets/embedded_assets.h"
 
@@ -114,7 +114,10 @@ TEST(TokenizerTest, CleanPromptMatchesWansPythonCleaning) {
       {"&;", "&;"},
       {"&#;", "&#;"},
       {"&#xZ", "&#xZ"},
-      {"A\xE3\x80\x80" "B\xE2\x80\x83" "C", "A B C"},  // ideographic and em spaces
+      {"A\xE3\x80\x80"
+       "B\xE2\x80\x83"
+       "C",
+       "A B C"},  // ideographic and em spaces
       {"&copyright", "\xC2\xA9right"},
       {"", ""},
   };

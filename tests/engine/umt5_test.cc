@@ -1,6 +1,7 @@
 // Tests for the umT5 text encoder: relative position buckets, masking, padding rows, determinism,
 // and the whole forward pass against an independent reference written from WAN21.md section 3.
-#include "engine/models/umt5_encoder.h"
+#include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <map>
@@ -9,8 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "engine/models/umt5_encoder.h"
 
 namespace sparge::engine {
 namespace {
@@ -29,8 +29,7 @@ UMT5Config TinyUmt5() {
   return c;
 }
 
-std::unique_ptr<TextEncoder> MakeEncoder(uint64_t seed,
-                                         torch::ScalarType dtype = torch::kFloat32) {
+std::unique_ptr<TextEncoder> MakeEncoder(uint64_t seed, torch::ScalarType dtype = torch::kFloat32) {
   auto tokenizer = Tokenizer::Embedded();
   EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
   if (!tokenizer.ok()) return nullptr;
@@ -45,11 +44,11 @@ std::unique_ptr<TextEncoder> MakeEncoder(uint64_t seed,
 // e.g. r = 12: ln(1.5)/ln(16)*8 = 1.17 -> 9 -> 25; r = 46: ln(5.75)/ln(16)*8 = 5.05 -> 13 -> 29.
 TEST(Umt5Test, RelativePositionBucketsMatchHandComputedValues) {
   const std::vector<std::pair<int, int64_t>> expected = {
-      {0, 0},     {1, 17},    {-1, 1},    {2, 18},    {-3, 3},    {7, 23},   {-7, 7},
-      {8, 24},    {-8, 8},    {9, 24},    {11, 24},   {12, 25},   {-15, 9},  {16, 26},
-      {-16, 10},  {22, 26},   {23, 27},   {32, 28},   {-32, 12},  {45, 28},  {46, 29},
-      {64, 30},   {-64, 14},  {90, 30},   {91, 31},   {127, 31},  {128, 31}, {-128, 15},
-      {500, 31},  {-1000, 15}, {1000, 31}, {-1999, 15}, {1999, 31}};
+      {0, 0},    {1, 17},     {-1, 1},    {2, 18},     {-3, 3},   {7, 23},   {-7, 7},
+      {8, 24},   {-8, 8},     {9, 24},    {11, 24},    {12, 25},  {-15, 9},  {16, 26},
+      {-16, 10}, {22, 26},    {23, 27},   {32, 28},    {-32, 12}, {45, 28},  {46, 29},
+      {64, 30},  {-64, 14},   {90, 30},   {91, 31},    {127, 31}, {128, 31}, {-128, 15},
+      {500, 31}, {-1000, 15}, {1000, 31}, {-1999, 15}, {1999, 31}};
   // One query at position 0 sees keys at offsets 0..1999; one key at 0 sees queries at -0..-1999.
   const torch::Tensor forward = RelativePositionBuckets(1, 2000, 32, 128);
   const torch::Tensor backward = RelativePositionBuckets(2000, 1, 32, 128);
@@ -64,8 +63,7 @@ TEST(Umt5Test, RelativePositionBucketsMatchHandComputedValues) {
   for (int q = 0; q < 50; q += 7) {
     for (int k = 0; k < 70; k += 5) {
       const int r = k - q;
-      const int64_t want =
-          r >= 0 ? forward[0][r].item<int64_t>() : backward[-r][0].item<int64_t>();
+      const int64_t want = r >= 0 ? forward[0][r].item<int64_t>() : backward[-r][0].item<int64_t>();
       EXPECT_EQ(grid[q][k].item<int64_t>(), want) << q << "," << k;
     }
   }
@@ -178,8 +176,9 @@ torch::Tensor ReferenceEncode(std::map<std::string, torch::Tensor> p, const UMT5
     for (int64_t k = 0; k < l; ++k) {
       const int64_t r = k - q, n = std::abs(r);
       const int64_t b =
-          n < 8 ? n : std::min<int64_t>(15, 8 + static_cast<int64_t>(std::floor(
-                                                      std::log(n / 8.0) / std::log(16.0) * 8)));
+          n < 8 ? n
+                : std::min<int64_t>(15, 8 + static_cast<int64_t>(std::floor(std::log(n / 8.0) /
+                                                                            std::log(16.0) * 8)));
       bucket[q * l + k] = (r > 0 ? 16 : 0) + b;
     }
   }
@@ -196,7 +195,8 @@ torch::Tensor ReferenceEncode(std::map<std::string, torch::Tensor> p, const UMT5
     };
     const torch::Tensor q = proj("q"), k = proj("k"), v = proj("v");
     const torch::Tensor bias =
-        p[pre + "0.SelfAttention.relative_attention_bias.weight"].index({buckets}).permute({2, 0, 1});
+        p[pre + "0.SelfAttention.relative_attention_bias.weight"].index({buckets}).permute(
+            {2, 0, 1});
     torch::Tensor scores = torch::matmul(q, k.transpose(1, 2)) + bias;  // no 1/sqrt(d)
     scores = scores.masked_fill(~key_ok.view({1, 1, l}), -1e30);
     const torch::Tensor attn = torch::matmul(torch::softmax(scores, -1), v);

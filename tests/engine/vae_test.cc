@@ -1,7 +1,8 @@
 // Tests for the Wan-VAE decoder: output shapes and range, parameter layout, causality, and the
 // chunked (feature-cache) decode against a whole-sequence reference written from WAN21.md
 // section 4 (the spec's "net effect" of the caches).
-#include "engine/models/wan_vae_decoder.h"
+#include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <map>
@@ -10,8 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "engine/models/wan_vae_decoder.h"
 
 namespace sparge::engine {
 namespace {
@@ -121,7 +121,8 @@ class ReferenceDecoder {
     x = Res("decoder.mid_block.resnets.1", x);
     for (int i = 0; i < 4; ++i) {
       const std::string up = "decoder.up_blocks." + std::to_string(i);
-      for (int j = 0; j <= config_.num_res_blocks; ++j) x = Res(up + ".resnets." + std::to_string(j), x);
+      for (int j = 0; j <= config_.num_res_blocks; ++j)
+        x = Res(up + ".resnets." + std::to_string(j), x);
       if (p_.count(up + ".upsamplers.0.resample.1.weight")) x = Upsample(up + ".upsamplers.0", x);
     }
     return Conv("decoder.conv_out", torch::silu(Rms("decoder.norm_out", x)));  // not clamped
@@ -132,8 +133,8 @@ class ReferenceDecoder {
   torch::Tensor Conv(const std::string& name, const torch::Tensor& x) {
     const torch::Tensor& w = p_[name + ".weight"];
     const int64_t kt = w.size(2), kh = w.size(3), kw = w.size(4);
-    const torch::Tensor padded = torch::constant_pad_nd(
-        x, {kw / 2, kw / 2, kh / 2, kh / 2, kt - 1, 0}, 0.0);
+    const torch::Tensor padded =
+        torch::constant_pad_nd(x, {kw / 2, kw / 2, kh / 2, kh / 2, kt - 1, 0}, 0.0);
     return torch::conv3d(padded, w, p_[name + ".bias"]);
   }
   torch::Tensor Rms(const std::string& name, const torch::Tensor& x) {
@@ -156,11 +157,13 @@ class ReferenceDecoder {
     for (int64_t f = 0; f < t; ++f) {
       const torch::Tensor frame = n.select(2, f);  // [B, C, H, W]
       const torch::Tensor qkv = torch::conv2d(frame, p_[name + ".to_qkv.weight"],
-                                              p_[name + ".to_qkv.bias"]).flatten(2);  // [B, 3C, HW]
+                                              p_[name + ".to_qkv.bias"])
+                                    .flatten(2);  // [B, 3C, HW]
       const torch::Tensor q = qkv.slice(1, 0, c).transpose(1, 2);
       const torch::Tensor k = qkv.slice(1, c, 2 * c).transpose(1, 2);
       const torch::Tensor v = qkv.slice(1, 2 * c, 3 * c).transpose(1, 2);
-      const torch::Tensor a = torch::softmax(torch::matmul(q, k.transpose(1, 2)) / std::sqrt(c), -1);
+      const torch::Tensor a =
+          torch::softmax(torch::matmul(q, k.transpose(1, 2)) / std::sqrt(c), -1);
       const torch::Tensor y = torch::matmul(a, v).transpose(1, 2).reshape(frame.sizes());
       out.select(2, f).copy_(torch::conv2d(y, p_[name + ".proj.weight"], p_[name + ".proj.bias"]));
     }
@@ -183,9 +186,9 @@ class ReferenceDecoder {
     std::vector<torch::Tensor> out;
     for (int64_t f = 0; f < x.size(2); ++f) {
       const torch::Tensor big = x.select(2, f).repeat_interleave(2, 2).repeat_interleave(2, 3);
-      out.push_back(torch::conv2d(big, p_[name + ".resample.1.weight"],
-                                  p_[name + ".resample.1.bias"], 1, 1)
-                        .unsqueeze(2));
+      out.push_back(
+          torch::conv2d(big, p_[name + ".resample.1.weight"], p_[name + ".resample.1.bias"], 1, 1)
+              .unsqueeze(2));
     }
     return torch::cat(out, 2);
   }
