@@ -1,0 +1,307 @@
+#include "engine/attention/sparse_attention.h"
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "engine/attention/block_selection.h"
+
+namespace sparge::engine {
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void CheckTokenMajor(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+  TORCH_CHECK(q.dim() == 4, "attention expects [B, L, H, D], got q of rank ", q.dim());
+  TORCH_CHECK(k.sizes() == q.sizes(), "k shape ", k.sizes(), " != q shape ", q.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "v shape ", v.sizes(), " != q shape ", q.sizes());
+}
+
+// Real token count of each of num_blocks blocks of size block over seq_len
+// tokens.
+std::vector<int64_t> BlockTokenCounts(int64_t seq_len, int64_t block, int64_t num_blocks) {
+  std::vector<int64_t> counts(num_blocks, block);
+  counts.back() = seq_len - (num_blocks - 1) * block;
+  return counts;
+}
+
+// [B, H, L, D] fp32 -> [B, H, N, block, D], zero-padding the last block.
+at::Tensor SplitBlocks(const at::Tensor &x, int64_t block, int64_t num_blocks) {
+  const int64_t pad = num_blocks * block - x.size(2);
+  at::Tensor padded = pad > 0 ? at::constant_pad_nd(x, {0, 0, 0, pad}, 0.0) : x;
+  return padded.reshape({x.size(0), x.size(1), num_blocks, block, x.size(3)});
+}
+
+// Mean of each block over its real tokens: [B, H, L, D] -> [B, H, N, D].
+at::Tensor PoolBlocks(const at::Tensor &x, int64_t block, int64_t num_blocks) {
+  const std::vector<int64_t> counts = BlockTokenCounts(x.size(2), block, num_blocks);
+  at::Tensor divisor =
+      at::tensor(std::vector<float>(counts.begin(), counts.end()), x.options()).view({-1, 1});
+  return SplitBlocks(x, block, num_blocks).sum(3) / divisor;
+}
+
+std::mutex &BackendMutex() {
+  static std::mutex *const mu = new std::mutex;
+  return *mu;
+}
+
+std::map<c10::DeviceType, SparseAttentionBackend> &Backends() {
+  static auto *const backends = new std::map<c10::DeviceType, SparseAttentionBackend>;
+  return *backends;
+}
+
+bool FindBackend(c10::DeviceType device_type, SparseAttentionBackend *backend) {
+  std::lock_guard<std::mutex> lock(BackendMutex());
+  auto it = Backends().find(device_type);
+  if (it == Backends().end()) return false;
+  *backend = it->second;
+  return true;
+}
+
+}  // namespace
+
+BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
+                                 absl::Span<const AttentionKnobs> knobs, int64_t block_q,
+                                 int64_t block_k) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes(), "q, k must be [B, L, H, D] alike");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK(seq_len > 0, "empty sequence");
+  TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",
+              batch, "), got ", knobs.size());
+
+  BlockSparseMask mask;
+  mask.seq_len = seq_len;
+  mask.block_q = block_q;
+  mask.block_k = block_k;
+  mask.num_q_blocks = CeilDiv(seq_len, block_q);
+  mask.num_k_blocks = CeilDiv(seq_len, block_k);
+  const int64_t nq = mask.num_q_blocks, nk = mask.num_k_blocks;
+
+  at::Tensor qf = q.to(at::kFloat).permute({0, 2, 1, 3});  // [B, H, L, D]
+  at::Tensor kf = k.to(at::kFloat).permute({0, 2, 1, 3});
+  // Softmax over keys is invariant to subtracting one vector from every key;
+  // removing the mean stops a shared bias from drowning the pooled block
+  // scores.
+  kf = kf - kf.mean({2}, /*keepdim=*/true);
+  at::Tensor pooled_q = PoolBlocks(qf, block_q, nq);
+  at::Tensor pooled_k = PoolBlocks(kf, block_k, nk);
+  at::Tensor scores =
+      at::matmul(pooled_q, pooled_k.transpose(-1, -2)) / std::sqrt(static_cast<double>(head_dim));
+  at::Tensor probs = at::softmax(scores, -1).to(at::kCPU).contiguous();  // [B, H, Nq, Nk]
+
+  mask.counts = at::empty({batch, heads, nq}, at::TensorOptions().dtype(at::kInt));
+  mask.indices = at::full({batch, heads, nq, nk}, -1, at::TensorOptions().dtype(at::kInt));
+  const float *p = probs.data_ptr<float>();
+  int32_t *counts = mask.counts.data_ptr<int32_t>();
+  int32_t *indices = mask.indices.data_ptr<int32_t>();
+  std::vector<int32_t> scratch(nk);
+  for (int64_t b = 0; b < batch; ++b) {
+    const AttentionKnobs &kb = knobs[b];
+    for (int64_t row = b * heads * nq; row < (b + 1) * heads * nq; ++row) {
+      counts[row] =
+          SelectKeyBlocks(absl::MakeConstSpan(p + row * nk, nk), kb.mode, kb.topk, kb.topp,
+                          absl::MakeSpan(scratch), absl::MakeSpan(indices + row * nk, nk));
+    }
+  }
+  return mask;
+}
+
+std::vector<float> MaskSparsity(const BlockSparseMask &mask) {
+  const int64_t batch = mask.counts.size(0), heads = mask.counts.size(1);
+  const int64_t nq = mask.num_q_blocks, nk = mask.num_k_blocks;
+  const std::vector<int64_t> q_tokens = BlockTokenCounts(mask.seq_len, mask.block_q, nq);
+  const std::vector<int64_t> k_tokens = BlockTokenCounts(mask.seq_len, mask.block_k, nk);
+  at::Tensor counts_cpu = mask.counts.to(at::kCPU).contiguous();
+  at::Tensor indices_cpu = mask.indices.to(at::kCPU).contiguous();
+  const int32_t *counts = counts_cpu.data_ptr<int32_t>();
+  const int32_t *indices = indices_cpu.data_ptr<int32_t>();
+  const double total = static_cast<double>(mask.seq_len) * mask.seq_len * heads;
+  std::vector<float> sparsity(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    double kept = 0.0;
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t row = (b * heads + h) * nq + i;
+        int64_t kept_keys = 0;
+        for (int32_t s = 0; s < counts[row]; ++s) kept_keys += k_tokens[indices[row * nk + s]];
+        kept += static_cast<double>(q_tokens[i]) * kept_keys;
+      }
+    }
+    sparsity[b] = static_cast<float>(1.0 - kept / total);
+  }
+  return sparsity;
+}
+
+AttentionOutput BlockSparseAttentionReference(const at::Tensor &q, const at::Tensor &k,
+                                              const at::Tensor &v, const BlockSparseMask &mask) {
+  CheckTokenMajor(q, k, v);
+  const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK(mask.seq_len == seq_len, "mask built for L=", mask.seq_len,
+              ", inputs have L=", seq_len);
+  TORCH_CHECK(mask.counts.size(0) == batch && mask.counts.size(1) == heads,
+              "mask batch/heads do not match the inputs");
+  const int64_t bq = mask.block_q, bk = mask.block_k;
+  const int64_t nq = mask.num_q_blocks, nk = mask.num_k_blocks;
+  const auto device = q.device();
+
+  at::Tensor counts = mask.counts.to(device, at::kLong);  // [B, H, Nq]
+  const int64_t max_kept = counts.max().item<int64_t>();
+  at::Tensor slots = mask.indices.to(device, at::kLong).narrow(3, 0, max_kept);  // [B,H,Nq,S]
+  at::Tensor slot_used =
+      at::arange(max_kept, counts.options()).view({1, 1, 1, -1}) < counts.unsqueeze(-1);
+  at::Tensor block_ids = slots.clamp_min(0);
+
+  at::Tensor qb = SplitBlocks(q.to(at::kFloat).permute({0, 2, 1, 3}), bq,
+                              nq);  // [B,H,Nq,BQ,D]
+  at::Tensor kb = SplitBlocks(k.to(at::kFloat).permute({0, 2, 1, 3}), bk,
+                              nk);  // [B,H,Nk,BK,D]
+  at::Tensor vb = SplitBlocks(v.to(at::kFloat).permute({0, 2, 1, 3}), bk, nk);
+
+  // Gather each query block's kept key/value blocks as whole rows of a [B*H*Nk,
+  // BK*D] table: [B, H, Nq, S * BK, D].
+  at::Tensor bh = at::arange(batch * heads, counts.options()).view({batch, heads, 1, 1});
+  at::Tensor rows = (bh * nk + block_ids).reshape({-1});
+  at::Tensor k_kept = kb.reshape({batch * heads * nk, bk * head_dim})
+                          .index_select(0, rows)
+                          .view({batch, heads, nq, max_kept * bk, head_dim});
+  at::Tensor v_kept = vb.reshape({batch * heads * nk, bk * head_dim})
+                          .index_select(0, rows)
+                          .view({batch, heads, nq, max_kept * bk, head_dim});
+
+  // A key is visible if its slot holds a kept block and it is a real token (not
+  // block padding); invisible keys get a -inf bias, added in the same pass as
+  // the scores.
+  at::Tensor key_pos = block_ids.unsqueeze(-1) * bk + at::arange(bk, counts.options());
+  at::Tensor visible = (key_pos < seq_len).logical_and(slot_used.unsqueeze(-1));
+  at::Tensor bias =
+      at::zeros(visible.sizes(), qb.options())
+          .masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity())
+          .reshape({batch, heads, nq, 1, max_kept * bk});
+
+  at::Tensor scores = at::matmul(qb * (1.0 / std::sqrt(static_cast<double>(head_dim))),
+                                 k_kept.transpose(-1, -2));  // [B, H, Nq, BQ, S * BK]
+  scores.add_(bias);
+  at::Tensor lse = at::logsumexp(scores, -1, /*keepdim=*/true);
+  at::Tensor out = at::matmul(scores.sub_(lse).exp_(), v_kept);  // [B, H, Nq, BQ, D]
+
+  AttentionOutput result;
+  result.out = out.reshape({batch, heads, nq * bq, head_dim})
+                   .narrow(2, 0, seq_len)
+                   .permute({0, 2, 1, 3})
+                   .to(q.scalar_type())
+                   .contiguous();
+  result.lse = lse.reshape({batch, heads, nq * bq}).narrow(2, 0, seq_len).contiguous();
+  return result;
+}
+
+at::Tensor MaskedSdpaAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                               const BlockSparseMask &mask) {
+  CheckTokenMajor(q, k, v);
+  const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2);
+  TORCH_CHECK(
+      mask.seq_len == seq_len && mask.counts.size(0) == batch && mask.counts.size(1) == heads,
+      "mask does not match the inputs");
+  const int64_t nk = mask.num_k_blocks;
+  // Padding slots (-1) scatter into a spare column that is dropped afterwards.
+  at::Tensor slots = mask.indices.to(at::kLong);
+  slots = at::where(slots < 0, at::full({}, nk, slots.options()), slots);
+  at::Tensor blocks = at::zeros({batch, heads, mask.num_q_blocks, nk + 1}, at::kBool)
+                          .scatter_(3, slots, true)
+                          .narrow(3, 0, nk);
+  at::Tensor token_mask = blocks.repeat_interleave(mask.block_q, 2)
+                              .narrow(2, 0, seq_len)
+                              .repeat_interleave(mask.block_k, 3)
+                              .narrow(3, 0, seq_len)
+                              .to(q.device());
+  return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          token_mask)
+      .transpose(1, 2);
+}
+
+at::Tensor DenseAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D]");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
+              "k shape ", k.sizes(), " does not match q shape ", q.sizes());
+  return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+      .transpose(1, 2);
+}
+
+void RegisterSparseAttentionBackend(c10::DeviceType device_type, SparseAttentionBackend backend) {
+  std::lock_guard<std::mutex> lock(BackendMutex());
+  Backends()[device_type] = std::move(backend);
+}
+
+void UnregisterSparseAttentionBackend(c10::DeviceType device_type) {
+  std::lock_guard<std::mutex> lock(BackendMutex());
+  Backends().erase(device_type);
+}
+
+std::string SparseAttentionBackendName(c10::DeviceType device_type) {
+  SparseAttentionBackend backend;
+  return FindBackend(device_type, &backend) ? backend.name : "aten-reference";
+}
+
+at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                         std::vector<float> *sparsity_out) {
+  CheckTokenMajor(q, k, v);
+  const int64_t batch = q.size(0);
+  TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",
+              batch, "), got ", knobs.size());
+  std::vector<int64_t> dense_ids, sparse_ids;
+  std::vector<AttentionKnobs> sparse_knobs;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (knobs[b].mode == AttentionMode::kDense) {
+      dense_ids.push_back(b);
+    } else {
+      sparse_ids.push_back(b);
+      sparse_knobs.push_back(knobs[b]);
+    }
+  }
+  if (sparsity_out != nullptr) sparsity_out->assign(batch, 0.0f);
+  if (sparse_ids.empty()) return DenseAttention(q, k, v);
+
+  // Selecting a subset copies; skip that when the whole batch takes one path.
+  const bool all_sparse = dense_ids.empty();
+  auto subset = [&](const at::Tensor &x, const std::vector<int64_t> &ids) {
+    return all_sparse ? x : x.index_select(0, at::tensor(ids, at::kLong).to(x.device()));
+  };
+  at::Tensor qs = subset(q, sparse_ids), ks = subset(k, sparse_ids), vs = subset(v, sparse_ids);
+
+  std::vector<float> sparse_sparsity;
+  at::Tensor sparse_out;
+  SparseAttentionBackend backend;
+  if (FindBackend(q.device().type(), &backend) && backend.supports(qs, block_q, block_k)) {
+    sparse_out = backend.run(qs, ks, vs, sparse_knobs, block_q, block_k, &sparse_sparsity);
+  } else {
+    BlockSparseMask mask = PredictBlockMask(qs, ks, sparse_knobs, block_q, block_k);
+    const int64_t token_mask_elements = qs.size(0) * qs.size(2) * qs.size(1) * qs.size(1);
+    sparse_out = token_mask_elements <= kMaxTokenMaskElements
+                     ? MaskedSdpaAttention(qs, ks, vs, mask)
+                     : BlockSparseAttentionReference(qs, ks, vs, mask).out;
+    sparse_sparsity = MaskSparsity(mask);
+  }
+  TORCH_CHECK(sparse_sparsity.size() == sparse_ids.size(), "sparse backend '", backend.name,
+              "' reported ", sparse_sparsity.size(), " sparsities for ", sparse_ids.size(),
+              " elements");
+  if (sparsity_out != nullptr) {
+    for (size_t i = 0; i < sparse_ids.size(); ++i)
+      (*sparsity_out)[sparse_ids[i]] = sparse_sparsity[i];
+  }
+  if (all_sparse) return sparse_out;
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor dense_index = at::tensor(dense_ids, at::kLong).to(q.device());
+  at::Tensor sparse_index = at::tensor(sparse_ids, at::kLong).to(q.device());
+  out.index_copy_(0, dense_index,
+                  DenseAttention(q.index_select(0, dense_index), k.index_select(0, dense_index),
+                                 v.index_select(0, dense_index)));
+  out.index_copy_(0, sparse_index, sparse_out.to(q.scalar_type()));
+  return out;
+}
+
+}  // namespace sparge::engine

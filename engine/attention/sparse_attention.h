@@ -1,0 +1,117 @@
+// Self-attention for the DiT with SpargeAttention2 block sparsity
+// (shared/design/ SPARSE_ATTENTION.md sections 2-3): mask prediction, an ATen
+// block-sparse reference that runs on any device, and SelfAttention(), the one
+// dispatch point between dense SDPA, the reference and device kernels
+// registered through RegisterSparseAttentionBackend(). Tensors are token-major
+// [B, L, H, D]. Functions throw c10::Error on misuse (wrong shapes): they are
+// engine-internal and the Pipeline converts exceptions to absl::Status at the
+// module edge. Thread-safety: all functions are reentrant; the backend registry
+// is guarded by a mutex.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "engine/pipeline.h"
+
+namespace sparge::engine {
+
+// The sparsity knobs of one batch element for one attention call (the step's
+// dense_steps rule is already applied: such steps arrive as kDense).
+struct AttentionKnobs {
+  AttentionMode mode = AttentionMode::kDense;
+  float topk = 1.0f;  // fraction of key blocks kept (TOPK, HYBRID)
+  float topp = 1.0f;  // pooled probability mass kept (TOPP, HYBRID)
+};
+
+// Which key blocks each (batch element, head, query block) keeps.
+struct BlockSparseMask {
+  int64_t seq_len = 0;
+  int64_t block_q = 0;
+  int64_t block_k = 0;
+  int64_t num_q_blocks = 0;  // ceil(seq_len / block_q)
+  int64_t num_k_blocks = 0;  // ceil(seq_len / block_k)
+  at::Tensor counts;         // int32 [B, H, Nq]: kept key blocks, in [1, Nk]
+  at::Tensor indices;        // int32 [B, H, Nq, Nk]: kept block indices ascending,
+                             // then -1 padding
+};
+
+// Predicts the block mask from q, k [B, L, H, D] (any float dtype, any device):
+// K smoothed by its sequence mean, block mean pooling (a partial last block
+// averages its real tokens), fp32 softmax of pooled scores / sqrt(D), then
+// per-row selection (block_selection.h) with knobs[b]. The mask tensors live on
+// the CPU.
+BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
+                                 absl::Span<const AttentionKnobs> knobs, int64_t block_q,
+                                 int64_t block_k);
+
+// Achieved sparsity per batch element: 1 - kept token pairs / (L * L), averaged
+// over heads.
+std::vector<float> MaskSparsity(const BlockSparseMask &mask);
+
+struct AttentionOutput {
+  at::Tensor out;  // [B, L, H, D], q's dtype
+  at::Tensor lse;  // [B, H, L] fp32, natural-log sum of exp(scaled scores) over
+                   // kept keys
+};
+
+// Masked attention that only visits kept blocks (gathers each query block's
+// kept K/V blocks), computed in fp32 with scale 1/sqrt(D). Reference semantics
+// for the CUDA kernels.
+AttentionOutput BlockSparseAttentionReference(const at::Tensor &q, const at::Tensor &k,
+                                              const at::Tensor &v, const BlockSparseMask &mask);
+
+// The same attention through SDPA with a boolean [B, H, L, L] token mask
+// expanded from the block mask: no LSE, but on CPU at video lengths of ~1e3
+// tokens it beats gathering blocks.
+at::Tensor MaskedSdpaAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                               const BlockSparseMask &mask);
+
+// Dense attention (SDPA, scale 1/sqrt(D)) on token-major tensors: q [B, Lq, H,
+// D], k and v [B, Lk, H, D] (Lk may differ from Lq, as in cross-attention).
+at::Tensor DenseAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v);
+
+// A device implementation of the sparse path (mask prediction + block-sparse
+// attention), e.g. the CUDA kernels of engine/ops. It receives only the batch
+// elements whose mode is not kDense, returns the attention output [B', L, H, D]
+// in q's dtype and writes one achieved sparsity per element to *sparsity.
+struct SparseAttentionBackend {
+  std::string name;
+  // Whether this backend handles these inputs (dtype, head dim, block sizes);
+  // when false the ATen reference runs instead.
+  std::function<bool(const at::Tensor &q, int64_t block_q, int64_t block_k)> supports;
+  std::function<at::Tensor(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                           absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                           std::vector<float> *sparsity)>
+      run;
+};
+
+// The plug-in point for device kernels: engine/ops registers its backend for
+// kCUDA when loaded. Replaces any backend registered for that device type.
+void RegisterSparseAttentionBackend(c10::DeviceType device_type, SparseAttentionBackend backend);
+// Removes the backend of that device type (SelfAttention falls back to the ATen
+// reference).
+void UnregisterSparseAttentionBackend(c10::DeviceType device_type);
+// Name of the backend SelfAttention would use for this device type
+// ("aten-reference" if none).
+std::string SparseAttentionBackendName(c10::DeviceType device_type);
+
+inline constexpr int64_t kMaxTokenMaskElements = int64_t{1} << 26;
+
+// The DiT's self-attention: q, k, v [B, L, H, D]; knobs has B entries. Dense
+// elements run SDPA; the others run the registered backend for q's device when
+// it supports the inputs, else the ATen reference: PredictBlockMask, then
+// MaskedSdpaAttention while the token mask stays small (at most
+// kMaxTokenMaskElements), else BlockSparseAttentionReference. Writes B achieved
+// sparsities (0 for dense elements) to *sparsity_out when it is not null.
+// Returns [B, L, H, D].
+at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                         std::vector<float> *sparsity_out);
+
+}  // namespace sparge::engine

@@ -1,0 +1,240 @@
+// The ATen sparse-attention reference: mask prediction on hand-checked pooling
+// (partial blocks), block-sparse attention against dense SDPA and against an
+// independent full-token-mask reference, achieved sparsity, and SelfAttention's
+// dispatch (dense/sparse mix, backend hook).
+#include "engine/attention/sparse_attention.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "engine/attention/block_selection.h"
+#include "gtest/gtest.h"
+
+namespace sparge::engine {
+namespace {
+
+at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen, at::TensorOptions().dtype(at::kFloat));
+}
+
+// Full [B, H, L, L] token mask from a block mask, built with plain loops.
+at::Tensor TokenMask(const BlockSparseMask &mask) {
+  const int64_t batch = mask.counts.size(0), heads = mask.counts.size(1), L = mask.seq_len;
+  at::Tensor full = at::zeros({batch, heads, L, L}, at::kBool);
+  auto acc = full.accessor<bool, 4>();
+  auto counts = mask.counts.accessor<int32_t, 3>();
+  auto indices = mask.indices.accessor<int32_t, 4>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t qi = 0; qi < L; ++qi) {
+        const int64_t row = qi / mask.block_q;
+        for (int32_t s = 0; s < counts[b][h][row]; ++s) {
+          const int64_t kb = indices[b][h][row][s];
+          for (int64_t kj = kb * mask.block_k; kj < std::min(L, (kb + 1) * mask.block_k); ++kj)
+            acc[b][h][qi][kj] = true;
+        }
+      }
+  return full;
+}
+
+// Independent masked attention: full scores, -inf outside the mask, softmax,
+// AV.
+std::pair<at::Tensor, at::Tensor> MaskedDense(const at::Tensor &q, const at::Tensor &k,
+                                              const at::Tensor &v, const at::Tensor &token_mask) {
+  at::Tensor qh = q.permute({0, 2, 1, 3}).to(at::kDouble);
+  at::Tensor kh = k.permute({0, 2, 1, 3}).to(at::kDouble);
+  at::Tensor vh = v.permute({0, 2, 1, 3}).to(at::kDouble);
+  at::Tensor scores = at::matmul(qh, kh.transpose(-1, -2)) / std::sqrt(double(q.size(3)));
+  scores = scores.masked_fill(token_mask.logical_not(), -INFINITY);
+  at::Tensor lse = at::logsumexp(scores, -1);
+  at::Tensor out = at::matmul(at::softmax(scores, -1), vh).permute({0, 2, 1, 3});
+  return {out.to(at::kFloat), lse.to(at::kFloat)};
+}
+
+TEST(SparseAttentionTest, MaskPoolingAveragesRealTokensOfPartialLastBlock) {
+  // L = 5 with blocks of 2: key blocks {0,1}, {2,3}, {4}. D = 1, one head.
+  // q is constant 1, so every query block's pooled q is 1 and the row is
+  // softmax(k_j / 1).
+  at::Tensor q = at::ones({1, 5, 1, 1});
+  at::Tensor k = at::tensor({0.0f, 2.0f, 1.0f, 1.0f, 6.0f}).view({1, 5, 1, 1});
+  // mean k = 2, smoothed k = -2, 0, -1, -1, 4; pooled: -1, -1, 4 (the last
+  // block is one token: averaging over the padded size 2 would give 2 instead).
+  AttentionKnobs knobs{AttentionMode::kTopP, 1.0f, 0.99f};
+  BlockSparseMask mask = PredictBlockMask(q, k, {knobs}, 2, 2);
+  EXPECT_EQ(mask.num_q_blocks, 3);
+  EXPECT_EQ(mask.num_k_blocks, 3);
+  // Probabilities e^-1, e^-1, e^4 normalized: the last block holds 0.9867 ->
+  // n_p = 2 for p=0.99.
+  const double e4 = std::exp(4.0), em1 = std::exp(-1.0);
+  const double p_last = e4 / (e4 + 2 * em1);
+  ASSERT_LT(p_last, 0.99);
+  ASSERT_GT(p_last + em1 / (e4 + 2 * em1), 0.99);
+  for (int row = 0; row < 3; ++row) {
+    EXPECT_EQ(mask.counts[0][0][row].item<int>(), 2) << row;
+    EXPECT_EQ(mask.indices[0][0][row][0].item<int>(), 0) << row;  // tie 0 vs 1: lower index
+    EXPECT_EQ(mask.indices[0][0][row][1].item<int>(), 2) << row;
+    EXPECT_EQ(mask.indices[0][0][row][2].item<int>(), -1) << row;
+  }
+  // With p = 0.98 the last block alone suffices.
+  knobs.topp = 0.98f;
+  mask = PredictBlockMask(q, k, {knobs}, 2, 2);
+  EXPECT_EQ(mask.counts[0][0][0].item<int>(), 1);
+  EXPECT_EQ(mask.indices[0][0][0][0].item<int>(), 2);
+}
+
+TEST(SparseAttentionTest, MaskMatchesLoopReferenceOnRandomInputs) {
+  const int64_t B = 2, L = 77, H = 3, D = 16, bq = 16, bk = 8;
+  at::Tensor q = Randn({B, L, H, D}, 1), k = Randn({B, L, H, D}, 2);
+  std::vector<AttentionKnobs> knobs = {{AttentionMode::kHybrid, 0.2f, 0.6f},
+                                       {AttentionMode::kTopK, 0.4f, 0.1f}};
+  BlockSparseMask mask = PredictBlockMask(q, k, knobs, bq, bk);
+  const int64_t nq = (L + bq - 1) / bq, nk = (L + bk - 1) / bk;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      at::Tensor qs = q[b].select(1, h).to(at::kDouble), ks = k[b].select(1, h).to(at::kDouble);
+      ks = ks - ks.mean(0);
+      for (int64_t i = 0; i < nq; ++i) {
+        at::Tensor pq = qs.slice(0, i * bq, std::min(L, (i + 1) * bq)).mean(0);
+        std::vector<float> probs;
+        std::vector<double> scores;
+        for (int64_t j = 0; j < nk; ++j) {
+          at::Tensor pk = ks.slice(0, j * bk, std::min(L, (j + 1) * bk)).mean(0);
+          scores.push_back((pq * pk).sum().item<double>() / std::sqrt(double(D)));
+        }
+        double mx = *std::max_element(scores.begin(), scores.end()), z = 0;
+        for (double s : scores) z += std::exp(s - mx);
+        for (double s : scores) probs.push_back(static_cast<float>(std::exp(s - mx) / z));
+        std::vector<int32_t> scratch(nk), kept(nk);
+        const int n = SelectKeyBlocks(probs, knobs[b].mode, knobs[b].topk, knobs[b].topp,
+                                      absl::MakeSpan(scratch), absl::MakeSpan(kept));
+        ASSERT_EQ(mask.counts[b][h][i].item<int>(), n) << b << " " << h << " " << i;
+        for (int s = 0; s < n; ++s) EXPECT_EQ(mask.indices[b][h][i][s].item<int>(), kept[s]);
+      }
+    }
+}
+
+TEST(SparseAttentionTest, AllBlocksKeptEqualsDenseSdpa) {
+  const int64_t B = 2, L = 100, H = 2,
+                D = 32;  // L is not a multiple of either block size
+  at::Tensor q = Randn({B, L, H, D}, 3), k = Randn({B, L, H, D}, 4), v = Randn({B, L, H, D}, 5);
+  std::vector<AttentionKnobs> knobs(B, {AttentionMode::kHybrid, 1.0f, 1.0f});
+  BlockSparseMask mask = PredictBlockMask(q, k, knobs, 32, 16);
+  EXPECT_TRUE(mask.counts.eq(mask.num_k_blocks).all().item<bool>());
+  AttentionOutput sparse = BlockSparseAttentionReference(q, k, v, mask);
+  at::Tensor dense = DenseAttention(q, k, v);
+  EXPECT_LT((sparse.out - dense).abs().max().item<float>(), 1e-5f);
+  at::Tensor scores =
+      at::matmul(q.permute({0, 2, 1, 3}), k.permute({0, 2, 3, 1})) / std::sqrt(double(D));
+  EXPECT_LT((sparse.lse - at::logsumexp(scores, -1)).abs().max().item<float>(), 1e-4f);
+  for (float s : MaskSparsity(mask)) EXPECT_FLOAT_EQ(s, 0.0f);
+}
+
+TEST(SparseAttentionTest, SparseMatchesIndependentMaskedReference) {
+  const int64_t B = 2, L = 150, H = 2, D = 16;
+  at::Tensor q = Randn({B, L, H, D}, 6), k = Randn({B, L, H, D}, 7), v = Randn({B, L, H, D}, 8);
+  std::vector<AttentionKnobs> knobs = {{AttentionMode::kHybrid, 0.2f, 0.5f},
+                                       {AttentionMode::kTopK, 0.3f, 1.0f}};
+  BlockSparseMask mask = PredictBlockMask(q, k, knobs, 32, 16);
+  at::Tensor token_mask = TokenMask(mask);
+  AttentionOutput sparse = BlockSparseAttentionReference(q, k, v, mask);
+  auto [ref_out, ref_lse] = MaskedDense(q, k, v, token_mask);
+  EXPECT_LT((sparse.out - ref_out).abs().max().item<float>(), 1e-5f);
+  EXPECT_LT((sparse.lse - ref_lse).abs().max().item<float>(), 1e-4f);
+  EXPECT_LT((MaskedSdpaAttention(q, k, v, mask) - ref_out).abs().max().item<float>(), 1e-5f);
+  // The mask really is sparse, and the dense answer differs from it.
+  EXPECT_GT((sparse.out - DenseAttention(q, k, v)).abs().max().item<float>(), 1e-3f);
+  // Achieved sparsity = 1 - kept token pairs / (L * L), averaged over heads.
+  std::vector<float> sparsity = MaskSparsity(mask);
+  ASSERT_EQ(sparsity.size(), 2u);
+  for (int64_t b = 0; b < B; ++b) {
+    const double kept = token_mask[b].to(at::kDouble).mean().item<double>();
+    EXPECT_NEAR(sparsity[b], 1.0 - kept, 1e-6) << b;
+    EXPECT_GT(sparsity[b], 0.3f) << b;
+  }
+}
+
+TEST(SparseAttentionTest, RespectsTokenMajorStridedInputsAndBf16) {
+  const int64_t B = 1, L = 70, H = 2, D = 8;
+  // A [B, H, L, D] tensor viewed token-major: non-contiguous input.
+  at::Tensor qh = Randn({B, H, L, D}, 9), kh = Randn({B, H, L, D}, 10),
+             vh = Randn({B, H, L, D}, 11);
+  at::Tensor q = qh.transpose(1, 2), k = kh.transpose(1, 2), v = vh.transpose(1, 2);
+  std::vector<AttentionKnobs> knobs = {{AttentionMode::kTopP, 1.0f, 0.7f}};
+  BlockSparseMask mask = PredictBlockMask(q, k, knobs, 16, 16);
+  auto [ref_out, ref_lse] = MaskedDense(q, k, v, TokenMask(mask));
+  EXPECT_LT((BlockSparseAttentionReference(q, k, v, mask).out - ref_out).abs().max().item<float>(),
+            1e-5f);
+  at::Tensor out_bf16 = BlockSparseAttentionReference(q.to(at::kBFloat16), k.to(at::kBFloat16),
+                                                      v.to(at::kBFloat16), mask)
+                            .out;
+  EXPECT_EQ(out_bf16.scalar_type(), at::kBFloat16);
+  EXPECT_LT((out_bf16.to(at::kFloat) - ref_out).abs().max().item<float>(), 5e-2f);
+}
+
+TEST(SparseAttentionTest, SelfAttentionMixesDenseAndSparseElements) {
+  const int64_t L = 96, H = 2, D = 16;
+  at::Tensor q = Randn({3, L, H, D}, 12), k = Randn({3, L, H, D}, 13), v = Randn({3, L, H, D}, 14);
+  std::vector<AttentionKnobs> knobs = {{AttentionMode::kDense, 1.0f, 1.0f},
+                                       {AttentionMode::kHybrid, 0.25f, 0.5f},
+                                       {AttentionMode::kTopK, 0.25f, 1.0f}};
+  std::vector<float> sparsity;
+  at::Tensor out = SelfAttention(q, k, v, knobs, 16, 16, &sparsity);
+  ASSERT_EQ(sparsity.size(), 3u);
+  EXPECT_EQ(sparsity[0], 0.0f);
+  EXPECT_GT(sparsity[1], 0.0f);
+  // TOPK with k = 0.25 of 6 key blocks keeps ceil(1.5) = 2 full blocks: 1/3 of
+  // every row.
+  EXPECT_NEAR(sparsity[2], 2.0f / 3.0f, 1e-6f);
+  // Each element equals its own single-element computation.
+  EXPECT_LT((out[0] - DenseAttention(q.slice(0, 0, 1), k.slice(0, 0, 1), v.slice(0, 0, 1))[0])
+                .abs()
+                .max()
+                .item<float>(),
+            1e-5f);
+  for (int64_t b = 1; b < 3; ++b) {
+    std::vector<float> single;
+    at::Tensor one = SelfAttention(q.slice(0, b, b + 1), k.slice(0, b, b + 1), v.slice(0, b, b + 1),
+                                   {knobs[b]}, 16, 16, &single);
+    EXPECT_LT((out[b] - one[0]).abs().max().item<float>(), 1e-6f) << b;
+    EXPECT_EQ(single[0], sparsity[b]);
+  }
+}
+
+TEST(SparseAttentionTest, RegisteredBackendReceivesOnlySparseElements) {
+  const int64_t L = 32, H = 1, D = 8;
+  at::Tensor q = Randn({2, L, H, D}, 15), k = Randn({2, L, H, D}, 16), v = Randn({2, L, H, D}, 17);
+  int calls = 0;
+  int64_t seen_batch = -1;
+  SparseAttentionBackend backend;
+  backend.name = "test-backend";
+  backend.supports = [](const at::Tensor &, int64_t, int64_t) { return true; };
+  backend.run = [&](const at::Tensor &bq, const at::Tensor &, const at::Tensor &,
+                    absl::Span<const AttentionKnobs> knobs, int64_t, int64_t,
+                    std::vector<float> *sparsity) {
+    ++calls;
+    seen_batch = bq.size(0);
+    sparsity->assign(knobs.size(), 0.5f);
+    return at::zeros_like(bq);
+  };
+  RegisterSparseAttentionBackend(c10::DeviceType::CPU, backend);
+  EXPECT_EQ(SparseAttentionBackendName(c10::DeviceType::CPU), "test-backend");
+  std::vector<float> sparsity;
+  at::Tensor out = SelfAttention(q, k, v,
+                                 {AttentionKnobs{AttentionMode::kTopK, 0.5f, 1.0f},
+                                  AttentionKnobs{AttentionMode::kDense, 1.0f, 1.0f}},
+                                 16, 16, &sparsity);
+  UnregisterSparseAttentionBackend(c10::DeviceType::CPU);
+  EXPECT_EQ(SparseAttentionBackendName(c10::DeviceType::CPU), "aten-reference");
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(seen_batch, 1);
+  EXPECT_EQ(sparsity[0], 0.5f);
+  EXPECT_EQ(sparsity[1], 0.0f);
+  EXPECT_EQ(out[0].abs().max().item<float>(), 0.0f);
+  EXPECT_GT(out[1].abs().max().item<float>(), 0.0f);
+}
+
+}  // namespace
+}  // namespace sparge::engine
