@@ -3,6 +3,8 @@
 // source holding its bytes, which sparge_engine compiles in (engine/assets/embedded_assets.h).
 //
 // Usage: sparge_train_tiny_tokenizer --corpus FILE --vocab_size N --model_out FILE --cc_out FILE
+//        sparge_train_tiny_tokenizer --corpus FILE --vocab_size N --expect FILE
+// (the second form trains again and fails unless the bytes equal FILE: the reproducibility test).
 //
 // Training is deterministic (one thread, no sentence sampling or shuffling, fixed seed) so that a
 // given corpus always yields the same bytes, and therefore the same token ids, on every machine
@@ -14,6 +16,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -27,6 +30,7 @@ struct Flags {
   std::string vocab_size = "512";
   std::string model_out;
   std::string cc_out;
+  std::string expect;
 };
 
 bool ParseFlags(int argc, char** argv, Flags* flags) {
@@ -41,14 +45,17 @@ bool ParseFlags(int argc, char** argv, Flags* flags) {
       flags->model_out = value;
     } else if (name == "--cc_out") {
       flags->cc_out = value;
+    } else if (name == "--expect") {
+      flags->expect = value;
     } else {
       std::cerr << "unknown flag " << name << "\n";
       return false;
     }
   }
-  if (argc % 2 != 1 || flags->corpus.empty() || flags->model_out.empty() || flags->cc_out.empty()) {
+  const bool outputs = !flags->model_out.empty() && !flags->cc_out.empty();
+  if (argc % 2 != 1 || flags->corpus.empty() || (!outputs && flags->expect.empty())) {
     std::cerr << "usage: " << argv[0]
-              << " --corpus FILE --vocab_size N --model_out FILE --cc_out FILE\n";
+              << " --corpus FILE --vocab_size N (--model_out FILE --cc_out FILE | --expect FILE)\n";
     return false;
   }
   return true;
@@ -136,6 +143,22 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  if (!flags.expect.empty()) {
+    std::ifstream in(flags.expect, std::ios::binary);
+    const std::string expected((std::istreambuf_iterator<char>(in)),
+                               std::istreambuf_iterator<char>());
+    if (!in.good() && !in.eof()) {
+      std::cerr << "cannot read " << flags.expect << "\n";
+      return 1;
+    }
+    if (expected != model_bytes) {
+      std::cerr << "retraining gave different bytes than " << flags.expect
+                << ": tokenizer training is not reproducible\n";
+      return 1;
+    }
+    std::cout << "tiny tokenizer reproducible (" << model_bytes.size() << " bytes)\n";
+    return 0;
+  }
   if (!WriteFileAtomically(flags.model_out, model_bytes)) return 1;
   if (!WriteFileAtomically(flags.cc_out, EmbeddingSource(model_bytes))) return 1;
   std::cout << "tiny tokenizer: " << processor.GetPieceSize() << " pieces, " << model_bytes.size()
