@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
 #include "kernels/device_utils.cuh"
 
@@ -208,7 +209,7 @@ template <typename T, int D, int kKeys>
 cudaError_t LaunchDkvN(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = DkvSmemBytes<D, kKeys>();
   auto kernel = BwdDkvKernel<T, D, kKeys>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kKeys), p.heads, p.batch);
   kernel<<<grid, kKeys * 2, smem, stream>>>(p);

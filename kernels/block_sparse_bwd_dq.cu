@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
 #include "kernels/device_utils.cuh"
 
@@ -164,7 +165,7 @@ template <typename T, int D>
 cudaError_t Launch(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = DqSmemBytes<D>();
   auto kernel = BwdDqKernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
   kernel<<<grid, kThreads, smem, stream>>>(p);

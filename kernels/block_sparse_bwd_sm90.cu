@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
 #include "kernels/sm90_tiles.cuh"
 
@@ -294,7 +295,7 @@ template <typename T, int D, int kWG>
 cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = (2 * 64 * kWG * D + 4 * kM * D) * 2 + 4 * kM * 4 + 1024;
   auto kernel = DkvSm90Kernel<T, D, kWG>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, 64 * kWG), p.heads, p.batch);
   kernel<<<grid, 128 * kWG, smem, stream>>>(p);
@@ -305,7 +306,7 @@ template <typename T, int D>
 cudaError_t LaunchDq(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = (2 * kTileQ * D + 4 * kM * D) * 2 + 1024;
   auto kernel = DqSm90Kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
   kernel<<<grid, 256, smem, stream>>>(p);

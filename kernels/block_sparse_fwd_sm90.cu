@@ -8,6 +8,7 @@
 
 #include <cmath>
 
+#include "kernels/launch_utils.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/fwd_internal.h"
 #include "kernels/sm90_tiles.cuh"
@@ -23,9 +24,11 @@ constexpr int SmemBytes() {
   return (kTileQ * D + 4 * kN * D) * 2 + 1024;  // + alignment slack
 }
 
-// kN: keys per tile, 128 when the mask's key blocks allow it (fewer softmax rounds, wider MMAs).
+// kN: keys per tile. 128: fewer softmax rounds and wider MMAs, one CTA per SM (registers).
+// 64: small enough (registers, ~97 KB shared) for two CTAs per SM, whose softmax and MMA phases
+// then overlap.
 template <typename T, int D, int kN>
-__global__ void __launch_bounds__(kThreads, 1) FwdSm90Kernel(FwdParams p) {
+__global__ void __launch_bounds__(kThreads, kN == 64 ? 2 : 1) FwdSm90Kernel(FwdParams p) {
   extern __shared__ unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   T* sK = sQ + kTileQ * D;  // [2][D/64][kN][64]
@@ -179,7 +182,7 @@ template <typename T, int D, int kN>
 cudaError_t LaunchN(const FwdParams& p, cudaStream_t stream) {
   constexpr int smem = SmemBytes<D, kN>();
   auto kernel = FwdSm90Kernel<T, D, kN>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
   kernel<<<grid, kThreads, smem, stream>>>(p);
@@ -188,7 +191,8 @@ cudaError_t LaunchN(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t Launch(const FwdParams& p, cudaStream_t stream) {
-  return p.block_k % 128 == 0 ? LaunchN<T, D, 128>(p, stream) : LaunchN<T, D, 64>(p, stream);
+  const bool wide = p.block_k % 128 == 0 && p.tile_n != 64;
+  return wide ? LaunchN<T, D, 128>(p, stream) : LaunchN<T, D, 64>(p, stream);
 }
 
 }  // namespace

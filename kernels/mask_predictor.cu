@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/launch_utils.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/sparge_kernels.h"
 
@@ -170,8 +171,9 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace
   }
   __syncthreads();
 
-  const int mode = p.mode[bh];
-  const double topk = p.topk[bh], topp = p.topp[bh];
+  const int64_t knob = b * p.knob_stride_b + h * p.knob_stride_h;
+  const int mode = p.mode[knob];
+  const double topk = p.topk[knob], topp = p.topp[knob];
   for (int r = 0; r < nrows; ++r) {
     const int i = i0 + r;
     float* srow = ss + r * np;
@@ -222,13 +224,24 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace
     scan[tid] = local;
     if (tid == 0) s_np_count = 0;
     __syncthreads();
-    if (tid == 0) {
+    if (warp == 0) {  // exclusive scan: 8 partials per lane, then a shuffle scan over lanes
+      constexpr int kPer = kThreads / 32;
+      double vals[kPer];
       double run = 0.0;
-      for (int x = 0; x < kThreads; ++x) {
-        const double v = scan[x];
-        scan[x] = run;
-        run += v;
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) {
+        vals[x] = run;
+        run += scan[lane * kPer + x];
       }
+      double incl = run;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const double o = __shfl_up_sync(0xffffffff, incl, off);
+        if (lane >= off) incl += o;
+      }
+      const double base = incl - run;
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) scan[lane * kPer + x] = base + vals[x];
     }
     __syncthreads();
     {
@@ -367,8 +380,7 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int np = NextPow2(nk < 2 ? 2 : nk);
   const size_t smem = SelectSmemBytes(np, p.head_dim);
-  err = cudaFuncSetAttribute(SelectKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
+  err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(SelectKernel), static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(nq, kRowsPerCta), p.heads, p.batch);
   SelectKernel<<<grid, kThreads, smem, stream>>>(p, w, np);

@@ -35,9 +35,11 @@ struct MaskParams {
   DType dtype = DType::kBF16;
   int batch = 0, seqlen = 0, heads = 0, head_dim = 0;
   int block_q = 128, block_k = 64;
-  const int32_t* mode = nullptr;  // [B][H]
-  const float* topk = nullptr;    // [B][H], fraction of key blocks
-  const float* topp = nullptr;    // [B][H], probability mass
+  // Knobs indexed [b * knob_stride_b + h * knob_stride_h] (strides 0 broadcast a value).
+  const int32_t* mode = nullptr;
+  const float* topk = nullptr;  // fraction of key blocks
+  const float* topp = nullptr;  // probability mass
+  int64_t knob_stride_b = 0, knob_stride_h = 0;
   int32_t* counts = nullptr;
   int32_t* indices = nullptr;
   int32_t* t_counts = nullptr;
@@ -60,6 +62,7 @@ struct FwdParams {
   const int32_t* indices = nullptr;  // [B][H][Nq][Nk]
   float* lse = nullptr;              // [B][H][L]
   FwdImpl impl = FwdImpl::kWgmma;
+  int tile_n = 0;  // wgmma key tile: 0 = auto (128 when block_k allows), 64 or 128
 };
 
 // Backward: dQ, dK, dV from dO, O and lse, visiting kept blocks only (FlashAttention-2 style

@@ -45,6 +45,21 @@ void CheckSame(const Tensor& a, const Tensor& b, const char* name) {
 
 Tensor OnDevice(const Tensor& t, const Tensor& like) { return t.to(like.device()).contiguous(); }
 
+// A [B] or [B, H] knob as a [B, H] view on q's device with dtype (stride 0 where broadcast).
+Tensor KnobView(const Tensor& t, int64_t B, int64_t H, at::ScalarType dtype, const Tensor& q,
+                const char* name) {
+  Tensor x = t.to(q.device(), dtype);
+  if (x.dim() == 0) x = x.view({1});
+  if (x.dim() == 1) {
+    TORCH_CHECK(x.size(0) == B || x.size(0) == 1, name, " must have B=", B, " entries, got ", x.size(0));
+    x = x.view({-1, 1});
+  }
+  TORCH_CHECK(x.dim() == 2 && (x.size(0) == B || x.size(0) == 1) && (x.size(1) == H || x.size(1) == 1),
+              name, " must be [B] or [B, H], got ", t.sizes());
+  if (!x.is_contiguous()) x = x.contiguous();
+  return x.expand({B, H});
+}
+
 void Check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
@@ -59,14 +74,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCuda(const Tensor& q_
   Tensor q = Prep(q_in), kk = Prep(k_in);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t nq = (L + block_q - 1) / block_q, nk = (L + block_k - 1) / block_k;
-  Tensor m = internal::ExpandKnob(mode, B, H, at::kInt, "mode");
-  Tensor tk = internal::ExpandKnob(topk, B, H, at::kFloat, "topk");
-  Tensor tp = internal::ExpandKnob(topp, B, H, at::kFloat, "topp");
-  // Knob checks read the (small) knob tensors on the host when they live there already.
-  if (!m.is_cuda() && !tk.is_cuda() && !tp.is_cuda()) internal::CheckKnobs(m, tk, tp);
-  m = OnDevice(m, q);
-  tk = OnDevice(tk, q);
-  tp = OnDevice(tp, q);
+  // Knobs stay [B] or [B, H] views on the device (broadcast through strides, no copies).
+  Tensor m = KnobView(mode, B, H, at::kInt, q, "mode");
+  Tensor tk = KnobView(topk, B, H, at::kFloat, q, "topk");
+  Tensor tp = KnobView(topp, B, H, at::kFloat, q, "topp");
+  if (m.strides() != tk.strides() || m.strides() != tp.strides()) {  // mixed [B] / [B, H]
+    m = m.contiguous();
+    tk = tk.contiguous();
+    tp = tp.contiguous();
+  }
+  // Range checks read the (small) knob tensors on the host only when they live there already.
+  if (!mode.is_cuda() && !topk.is_cuda() && !topp.is_cuda()) {
+    internal::CheckKnobs(internal::ExpandKnob(mode, B, H, at::kInt, "mode"),
+                         internal::ExpandKnob(topk, B, H, at::kFloat, "topk"),
+                         internal::ExpandKnob(topp, B, H, at::kFloat, "topp"));
+  }
   auto iopt = q.options().dtype(at::kInt);
   Tensor counts = at::empty({B, H, nq}, iopt), indices = at::empty({B, H, nq, nk}, iopt);
   Tensor t_counts = at::empty({B, H, nk}, iopt), t_indices = at::empty({B, H, nk, nq}, iopt);
@@ -80,6 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCuda(const Tensor& q_
   p.head_dim = D;
   p.block_q = block_q;
   p.block_k = block_k;
+  p.knob_stride_b = m.stride(0);
+  p.knob_stride_h = m.stride(1);
   p.mode = m.data_ptr<int32_t>();
   p.topk = tk.data_ptr<float>();
   p.topp = tp.data_ptr<float>();
@@ -128,6 +152,9 @@ std::tuple<Tensor, Tensor> AttentionFwdCuda(const Tensor& q_in, const Tensor& k_
   const char* impl_env = std::getenv("SPARGE_FWD_IMPL");
   const bool use_mma = impl_env != nullptr && std::string(impl_env) == "mma";
   p.impl = use_mma ? k::FwdImpl::kMmaSync : k::FwdImpl::kWgmma;
+  // SPARGE_FWD_TILE=64|128 overrides the wgmma key tile (benchmarks).
+  const char* tile_env = std::getenv("SPARGE_FWD_TILE");
+  p.tile_n = tile_env != nullptr ? std::atoi(tile_env) : 0;
   if (const char* why = k::CanImplementFwd(p)) TORCH_CHECK(false, "block_sparse_attention_fwd: ", why);
   Check(k::LaunchBlockSparseFwd(p, at::cuda::getCurrentCUDAStream()), "block_sparse_attention_fwd");
   return {o, lse};

@@ -36,7 +36,7 @@ struct Outs {
 
 // Runs the kernels directly on outputs pre-filled with NaN, so unwritten elements are caught.
 Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const BlockMask& m,
-                double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma) {
+                double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma, int tile_n = 0) {
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   Outs r;
   r.o = at::full({B, L, H, D}, NAN, q.options());
@@ -58,6 +58,7 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   f.indices = m.indices.data_ptr<int32_t>();
   f.lse = r.lse.data_ptr<float>();
   f.impl = impl;
+  f.tile_n = tile_n;
   EXPECT_EQ(kn::CanImplementFwd(f), nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EXPECT_EQ(kn::LaunchBlockSparseFwd(f, stream), cudaSuccess);
@@ -133,6 +134,14 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         ++cases;
       }
   EXPECT_EQ(cases, 24);
+  // Per-head topk with per-batch mode/topp (mixed knob shapes), knobs already on the GPU.
+  auto [q, k] = testing::StructuredQK(2, 3000, 3, 128, at::kBFloat16, at::kCUDA, 99);
+  Tensor mode = at::tensor({ops::kModeHybrid, ops::kModeTopK}, at::kInt);
+  Tensor topk = at::tensor({0.02f, 0.1f, 0.3f, 0.05f, 0.5f, 0.01f}).view({2, 3});
+  Tensor topp = at::tensor({0.8f, 0.1f});
+  BlockMask gm = ops::PredictBlockMask(q, k, mode.cuda(), topk.cuda(), topp.cuda(), 128, 64);
+  BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), mode, topk, topp, 128, 64);
+  ExpectMaskEqual(gm, cm, "per-head knobs");
 }
 
 void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool head_major) {
@@ -174,6 +183,12 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(testing::RelErr(rm.dq, ref.dq), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dk, ref.dk), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dv, ref.dv), 2.5 * tol) << what << " (mma.sync)";
+  if (bk % 128 == 0) {  // the 64-key wgmma tile on 128-wide blocks
+    Outs r64 = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 64);
+    ASSERT_TRUE(AllFinite(r64.o) && AllFinite(r64.lse)) << what;
+    EXPECT_LT(testing::RelErr(r64.o, ref.o), tol) << what << " (wgmma, 64-key tiles)";
+    EXPECT_LT(testing::RelErr(r64.lse, ref.lse), 1e-4) << what << " (wgmma, 64-key tiles)";
+  }
   // The autograd op gives the same numbers as the raw kernels (the wiring is right).
   Tensor qg = q.detach().clone().set_requires_grad(true), kg = k.detach().clone().set_requires_grad(true),
          vg = v.detach().clone().set_requires_grad(true);
