@@ -30,7 +30,7 @@
 
 namespace sparge::engine {
 
-const char *ToString(AttentionMode mode) {
+const char* ToString(AttentionMode mode) {
   switch (mode) {
     case AttentionMode::kDense:
       return "DENSE";
@@ -44,7 +44,7 @@ const char *ToString(AttentionMode mode) {
   return "UNKNOWN";
 }
 
-const char *ToString(SamplerKind sampler) {
+const char* ToString(SamplerKind sampler) {
   switch (sampler) {
     case SamplerKind::kEuler:
       return "EULER";
@@ -62,22 +62,22 @@ constexpr int kVaeTemporalStride = 4;
 // The module edge: LibTorch reports failures by throwing; everything above sees
 // absl::Status.
 template <typename Fn>
-absl::Status GuardTorch(const char *what, Fn &&fn) {
+absl::Status GuardTorch(const char* what, Fn&& fn) {
   try {
     return fn();
-  } catch (const c10::OutOfMemoryError &e) {
+  } catch (const c10::OutOfMemoryError& e) {
     return absl::ResourceExhaustedError(
         absl::StrCat(what, ": device out of memory: ", e.what_without_backtrace()));
-  } catch (const std::bad_alloc &) {
+  } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(absl::StrCat(what, ": host out of memory"));
-  } catch (const c10::Error &e) {
+  } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
-  } catch (const std::exception &e) {
+  } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(what, ": ", e.what()));
   }
 }
 
-absl::StatusOr<torch::Device> ParseDevice(const std::string &name) {
+absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
   if (name == "cpu") return torch::Device(torch::kCPU);
   int index = 0;
   if (name == "cuda") {
@@ -99,7 +99,7 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string &name) {
   return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
 }
 
-absl::StatusOr<torch::ScalarType> ParseDtype(const std::string &name) {
+absl::StatusOr<torch::ScalarType> ParseDtype(const std::string& name) {
   if (name == "float32") return torch::kFloat;
   if (name == "bfloat16") return torch::kBFloat16;
   if (name == "float16") return torch::kHalf;
@@ -117,7 +117,7 @@ class TorchGenerationJob : public GenerationJob {
         latents_(std::move(latents)),
         sampler_(std::move(sampler)) {}
 
-  const GenerationRequest &request() const override { return request_; }
+  const GenerationRequest& request() const override { return request_; }
   int steps_done() const override { return sampler_->steps_done(); }
   int total_steps() const override { return sampler_->num_steps(); }
   std::string BatchKey() const override {
@@ -133,16 +133,16 @@ class TorchGenerationJob : public GenerationJob {
   }
 
   bool cfg() const { return uncond_.defined(); }
-  const at::Tensor &cond() const { return cond_; }
-  const at::Tensor &uncond() const { return uncond_; }
-  const at::Tensor &latents() const { return latents_; }
-  FlowSampler &sampler() { return *sampler_; }
+  const at::Tensor& cond() const { return cond_; }
+  const at::Tensor& uncond() const { return uncond_; }
+  const at::Tensor& latents() const { return latents_; }
+  FlowSampler& sampler() { return *sampler_; }
   void set_latents(at::Tensor latents) { latents_ = std::move(latents); }
 
   // The attention knobs for the next step: dense during the first dense_steps
   // steps.
   AttentionKnobs NextKnobs() const {
-    const SparsityKnobs &s = request_.sparsity;
+    const SparsityKnobs& s = request_.sparsity;
     AttentionKnobs knobs;
     if (s.mode != AttentionMode::kDense && steps_done() >= s.dense_steps) {
       knobs.mode = s.mode;
@@ -187,7 +187,7 @@ class TinyWanPipeline : public Pipeline {
     description_.patch_spatial = model_config_.dit.patch_size[1];
   }
 
-  const ModelDescription &model() const override { return description_; }
+  const ModelDescription& model() const override { return description_; }
 
   std::string device_name() const override {
     if (device_.is_cpu()) return "cpu";
@@ -213,13 +213,13 @@ class TinyWanPipeline : public Pipeline {
     SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<GenerationJob> job, Start(request));
     std::vector<StepStats> stats;
     while (!job->denoise_done()) {
-      GenerationJob *batch[] = {job.get()};
+      GenerationJob* batch[] = {job.get()};
       SPARGE_RETURN_IF_ERROR(Step(batch, &stats));
     }
     return Decode(*job).status();
   }
 
-  absl::StatusOr<std::unique_ptr<GenerationJob>> Start(const GenerationRequest &request) override {
+  absl::StatusOr<std::unique_ptr<GenerationJob>> Start(const GenerationRequest& request) override {
     SPARGE_RETURN_IF_ERROR(CheckFits(request));
     std::unique_ptr<GenerationJob> job;
     SPARGE_RETURN_IF_ERROR(GuardTorch("Start", [&]() -> absl::Status {
@@ -246,11 +246,11 @@ class TinyWanPipeline : public Pipeline {
     return job;
   }
 
-  absl::Status Step(absl::Span<GenerationJob *const> jobs, std::vector<StepStats> *stats) override {
+  absl::Status Step(absl::Span<GenerationJob* const> jobs, std::vector<StepStats>* stats) override {
     if (jobs.empty()) return absl::InvalidArgumentError("Step: no jobs");
-    std::vector<TorchGenerationJob *> batch;
-    for (GenerationJob *job : jobs) {
-      auto *torch_job = dynamic_cast<TorchGenerationJob *>(job);
+    std::vector<TorchGenerationJob*> batch;
+    for (GenerationJob* job : jobs) {
+      auto* torch_job = dynamic_cast<TorchGenerationJob*>(job);
       if (torch_job == nullptr) {
         return absl::InvalidArgumentError("Step: job was not created by this pipeline");
       }
@@ -279,8 +279,8 @@ class TinyWanPipeline : public Pipeline {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<VideoFrames> Decode(GenerationJob &job) override {
-    auto *torch_job = dynamic_cast<TorchGenerationJob *>(&job);
+  absl::StatusOr<VideoFrames> Decode(GenerationJob& job) override {
+    auto* torch_job = dynamic_cast<TorchGenerationJob*>(&job);
     if (torch_job == nullptr) {
       return absl::InvalidArgumentError("Decode: job was not created by this pipeline");
     }
@@ -303,7 +303,7 @@ class TinyWanPipeline : public Pipeline {
       frames.num_frames = static_cast<int>(rgb.size(0));
       frames.height = static_cast<int>(rgb.size(1));
       frames.width = static_cast<int>(rgb.size(2));
-      const uint8_t *data = rgb.data_ptr<uint8_t>();
+      const uint8_t* data = rgb.data_ptr<uint8_t>();
       frames.rgb.assign(data, data + rgb.numel());
       return absl::OkStatus();
     }));
@@ -311,7 +311,7 @@ class TinyWanPipeline : public Pipeline {
   }
 
  private:
-  absl::Status CheckFits(const GenerationRequest &r) const {
+  absl::Status CheckFits(const GenerationRequest& r) const {
     const int multiple = kVaeSpatialStride * model_config_.dit.patch_size[1];
     if (r.width <= 0 || r.width % multiple != 0) {
       return absl::InvalidArgumentError(
@@ -336,7 +336,7 @@ class TinyWanPipeline : public Pipeline {
     if (!(r.shift > 0.0f)) {
       return absl::InvalidArgumentError(absl::StrCat("shift must be > 0, got ", r.shift));
     }
-    const SparsityKnobs &s = r.sparsity;
+    const SparsityKnobs& s = r.sparsity;
     if (s.mode == AttentionMode::kTopK || s.mode == AttentionMode::kHybrid) {
       if (!(s.topk > 0.0f && s.topk <= 1.0f)) {
         return absl::InvalidArgumentError(
@@ -359,14 +359,14 @@ class TinyWanPipeline : public Pipeline {
   // One DiT call for the whole batch (conditional rows first, then
   // unconditional rows when CFG is on), then each job's own guidance and
   // sampler update. Throws on Torch errors.
-  void DenoiseStepBatch(const std::vector<TorchGenerationJob *> &batch,
-                        std::vector<float> *job_sparsity) {
+  void DenoiseStepBatch(const std::vector<TorchGenerationJob*>& batch,
+                        std::vector<float>* job_sparsity) {
     const int64_t n = static_cast<int64_t>(batch.size());
     const bool cfg = batch[0]->cfg();
     std::vector<at::Tensor> latents, contexts;
     std::vector<float> timesteps;
     std::vector<AttentionKnobs> knobs;
-    for (TorchGenerationJob *job : batch) {
+    for (TorchGenerationJob* job : batch) {
       latents.push_back(job->latents());
       contexts.push_back(job->cond());
       timesteps.push_back(job->sampler().timestep());
@@ -383,7 +383,7 @@ class TinyWanPipeline : public Pipeline {
     at::Tensor t = at::tensor(timesteps, at::TensorOptions().dtype(at::kFloat)).to(device_);
     DiTOutput out = dit_->Forward(at::cat(latents, 0), t, at::cat(contexts, 0), knobs);
     for (int64_t j = 0; j < n; ++j) {
-      TorchGenerationJob *job = batch[j];
+      TorchGenerationJob* job = batch[j];
       at::Tensor v = out.velocity.narrow(0, j, 1);
       float sparsity = out.sparsity[j];
       if (cfg) {
@@ -407,7 +407,7 @@ class TinyWanPipeline : public Pipeline {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig &config) {
+absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig& config) {
   if (config.model != "tiny") {
     return absl::InvalidArgumentError(
         absl::StrCat("model \"", config.model,

@@ -1,5 +1,7 @@
 #include "engine/attention/sparse_attention.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <cmath>
 #include <limits>
 #include <map>
@@ -13,7 +15,7 @@ namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void CheckTokenMajor(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+void CheckTokenMajor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "attention expects [B, L, H, D], got q of rank ", q.dim());
   TORCH_CHECK(k.sizes() == q.sizes(), "k shape ", k.sizes(), " != q shape ", q.sizes());
   TORCH_CHECK(v.sizes() == q.sizes(), "v shape ", v.sizes(), " != q shape ", q.sizes());
@@ -28,31 +30,31 @@ std::vector<int64_t> BlockTokenCounts(int64_t seq_len, int64_t block, int64_t nu
 }
 
 // [B, H, L, D] fp32 -> [B, H, N, block, D], zero-padding the last block.
-at::Tensor SplitBlocks(const at::Tensor &x, int64_t block, int64_t num_blocks) {
+at::Tensor SplitBlocks(const at::Tensor& x, int64_t block, int64_t num_blocks) {
   const int64_t pad = num_blocks * block - x.size(2);
   at::Tensor padded = pad > 0 ? at::constant_pad_nd(x, {0, 0, 0, pad}, 0.0) : x;
   return padded.reshape({x.size(0), x.size(1), num_blocks, block, x.size(3)});
 }
 
 // Mean of each block over its real tokens: [B, H, L, D] -> [B, H, N, D].
-at::Tensor PoolBlocks(const at::Tensor &x, int64_t block, int64_t num_blocks) {
+at::Tensor PoolBlocks(const at::Tensor& x, int64_t block, int64_t num_blocks) {
   const std::vector<int64_t> counts = BlockTokenCounts(x.size(2), block, num_blocks);
   at::Tensor divisor =
       at::tensor(std::vector<float>(counts.begin(), counts.end()), x.options()).view({-1, 1});
   return SplitBlocks(x, block, num_blocks).sum(3) / divisor;
 }
 
-std::mutex &BackendMutex() {
-  static std::mutex *const mu = new std::mutex;
+std::mutex& BackendMutex() {
+  static std::mutex* const mu = new std::mutex;
   return *mu;
 }
 
-std::map<c10::DeviceType, SparseAttentionBackend> &Backends() {
-  static auto *const backends = new std::map<c10::DeviceType, SparseAttentionBackend>;
+std::map<c10::DeviceType, SparseAttentionBackend>& Backends() {
+  static auto* const backends = new std::map<c10::DeviceType, SparseAttentionBackend>;
   return *backends;
 }
 
-bool FindBackend(c10::DeviceType device_type, SparseAttentionBackend *backend) {
+bool FindBackend(c10::DeviceType device_type, SparseAttentionBackend* backend) {
   std::lock_guard<std::mutex> lock(BackendMutex());
   auto it = Backends().find(device_type);
   if (it == Backends().end()) return false;
@@ -60,9 +62,77 @@ bool FindBackend(c10::DeviceType device_type, SparseAttentionBackend *backend) {
   return true;
 }
 
+// The "sparge" ops when their library is loaded and has a kernel for this device.
+struct SpargeOps {
+  c10::OperatorHandle predict;
+  c10::OperatorHandle forward;
+};
+
+std::optional<SpargeOps> FindSpargeOps(c10::DeviceType device_type) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  std::optional<c10::OperatorHandle> predict =
+      dispatcher.findSchema({"sparge::predict_block_mask", ""});
+  std::optional<c10::OperatorHandle> forward =
+      dispatcher.findSchema({"sparge::block_sparse_attention_fwd", ""});
+  if (!predict.has_value() || !forward.has_value()) return std::nullopt;
+  const c10::DispatchKey key =
+      c10::computeDispatchKey(std::nullopt, std::nullopt, c10::Device(device_type));
+  if (!predict->hasKernelForDispatchKey(key) || !forward->hasKernelForDispatchKey(key)) {
+    return std::nullopt;
+  }
+  return SpargeOps{*predict, *forward};
+}
+
 }  // namespace
 
-BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
+SparseAttentionBackend SpargeOpsBackend() {
+  SparseAttentionBackend backend;
+  backend.name = "sparge-ops";
+  backend.supports = [](const at::Tensor& q, int64_t, int64_t) {
+    if (!FindSpargeOps(q.device().type()).has_value()) return false;
+    if (q.is_cpu()) return true;  // the ops' CPU path is ATen, any dtype
+    return (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
+           (q.size(3) == 64 || q.size(3) == 128);
+  };
+  backend.run = [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                   std::vector<float>* sparsity) {
+    std::optional<SpargeOps> ops = FindSpargeOps(q.device().type());
+    TORCH_CHECK(ops.has_value(), "sparge ops are not loaded for ", q.device());
+    // The ops number modes like sparge.v1.AttentionMode: DENSE = 1 ... HYBRID = 4.
+    std::vector<int32_t> mode;
+    std::vector<float> topk, topp;
+    for (const AttentionKnobs& kb : knobs) {
+      mode.push_back(static_cast<int32_t>(kb.mode) + 1);
+      topk.push_back(kb.topk);
+      topp.push_back(kb.topp);
+    }
+    auto predict = ops->predict.typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, int64_t)>();
+    auto forward = ops->forward.typed<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, int64_t, double)>();
+    auto [counts, indices, t_counts, t_indices] =
+        predict.call(q, k, at::tensor(mode, at::kInt).to(q.device()),
+                     at::tensor(topk, at::kFloat).to(q.device()),
+                     at::tensor(topp, at::kFloat).to(q.device()), block_q, block_k);
+    auto [out, lse] = forward.call(q, k, v, counts, indices, block_q, block_k, 0.0);
+    BlockSparseMask mask;
+    mask.seq_len = q.size(1);
+    mask.block_q = block_q;
+    mask.block_k = block_k;
+    mask.num_q_blocks = counts.size(2);
+    mask.num_k_blocks = indices.size(3);
+    mask.counts = counts;
+    mask.indices = indices;
+    *sparsity = MaskSparsity(mask);
+    return out;
+  };
+  return backend;
+}
+
+BlockSparseMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k,
                                  absl::Span<const AttentionKnobs> knobs, int64_t block_q,
                                  int64_t block_k) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes(), "q, k must be [B, L, H, D] alike");
@@ -94,12 +164,12 @@ BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
 
   mask.counts = at::empty({batch, heads, nq}, at::TensorOptions().dtype(at::kInt));
   mask.indices = at::full({batch, heads, nq, nk}, -1, at::TensorOptions().dtype(at::kInt));
-  const float *p = probs.data_ptr<float>();
-  int32_t *counts = mask.counts.data_ptr<int32_t>();
-  int32_t *indices = mask.indices.data_ptr<int32_t>();
+  const float* p = probs.data_ptr<float>();
+  int32_t* counts = mask.counts.data_ptr<int32_t>();
+  int32_t* indices = mask.indices.data_ptr<int32_t>();
   std::vector<int32_t> scratch(nk);
   for (int64_t b = 0; b < batch; ++b) {
-    const AttentionKnobs &kb = knobs[b];
+    const AttentionKnobs& kb = knobs[b];
     for (int64_t row = b * heads * nq; row < (b + 1) * heads * nq; ++row) {
       counts[row] =
           SelectKeyBlocks(absl::MakeConstSpan(p + row * nk, nk), kb.mode, kb.topk, kb.topp,
@@ -109,15 +179,15 @@ BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
   return mask;
 }
 
-std::vector<float> MaskSparsity(const BlockSparseMask &mask) {
+std::vector<float> MaskSparsity(const BlockSparseMask& mask) {
   const int64_t batch = mask.counts.size(0), heads = mask.counts.size(1);
   const int64_t nq = mask.num_q_blocks, nk = mask.num_k_blocks;
   const std::vector<int64_t> q_tokens = BlockTokenCounts(mask.seq_len, mask.block_q, nq);
   const std::vector<int64_t> k_tokens = BlockTokenCounts(mask.seq_len, mask.block_k, nk);
   at::Tensor counts_cpu = mask.counts.to(at::kCPU).contiguous();
   at::Tensor indices_cpu = mask.indices.to(at::kCPU).contiguous();
-  const int32_t *counts = counts_cpu.data_ptr<int32_t>();
-  const int32_t *indices = indices_cpu.data_ptr<int32_t>();
+  const int32_t* counts = counts_cpu.data_ptr<int32_t>();
+  const int32_t* indices = indices_cpu.data_ptr<int32_t>();
   const double total = static_cast<double>(mask.seq_len) * mask.seq_len * heads;
   std::vector<float> sparsity(batch);
   for (int64_t b = 0; b < batch; ++b) {
@@ -135,8 +205,8 @@ std::vector<float> MaskSparsity(const BlockSparseMask &mask) {
   return sparsity;
 }
 
-AttentionOutput BlockSparseAttentionReference(const at::Tensor &q, const at::Tensor &k,
-                                              const at::Tensor &v, const BlockSparseMask &mask) {
+AttentionOutput BlockSparseAttentionReference(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const BlockSparseMask& mask) {
   CheckTokenMajor(q, k, v);
   const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
   TORCH_CHECK(mask.seq_len == seq_len, "mask built for L=", mask.seq_len,
@@ -197,8 +267,8 @@ AttentionOutput BlockSparseAttentionReference(const at::Tensor &q, const at::Ten
   return result;
 }
 
-at::Tensor MaskedSdpaAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                               const BlockSparseMask &mask) {
+at::Tensor MaskedSdpaAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const BlockSparseMask& mask) {
   CheckTokenMajor(q, k, v);
   const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2);
   TORCH_CHECK(
@@ -221,7 +291,7 @@ at::Tensor MaskedSdpaAttention(const at::Tensor &q, const at::Tensor &k, const a
       .transpose(1, 2);
 }
 
-at::Tensor DenseAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+at::Tensor DenseAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
               "attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D]");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
@@ -242,12 +312,16 @@ void UnregisterSparseAttentionBackend(c10::DeviceType device_type) {
 
 std::string SparseAttentionBackendName(c10::DeviceType device_type) {
   SparseAttentionBackend backend;
-  return FindBackend(device_type, &backend) ? backend.name : "aten-reference";
+  if (FindBackend(device_type, &backend)) return backend.name;
+  if (device_type == c10::DeviceType::CUDA && FindSpargeOps(device_type).has_value()) {
+    return "sparge-ops";
+  }
+  return "aten-reference";
 }
 
-at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                         std::vector<float> *sparsity_out) {
+                         std::vector<float>* sparsity_out) {
   CheckTokenMajor(q, k, v);
   const int64_t batch = q.size(0);
   TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",
@@ -267,7 +341,7 @@ at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Ten
 
   // Selecting a subset copies; skip that when the whole batch takes one path.
   const bool all_sparse = dense_ids.empty();
-  auto subset = [&](const at::Tensor &x, const std::vector<int64_t> &ids) {
+  auto subset = [&](const at::Tensor& x, const std::vector<int64_t>& ids) {
     return all_sparse ? x : x.index_select(0, at::tensor(ids, at::kLong).to(x.device()));
   };
   at::Tensor qs = subset(q, sparse_ids), ks = subset(k, sparse_ids), vs = subset(v, sparse_ids);
@@ -275,7 +349,12 @@ at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Ten
   std::vector<float> sparse_sparsity;
   at::Tensor sparse_out;
   SparseAttentionBackend backend;
-  if (FindBackend(q.device().type(), &backend) && backend.supports(qs, block_q, block_k)) {
+  bool use_backend = FindBackend(q.device().type(), &backend);
+  if (!use_backend && q.is_cuda()) {
+    backend = SpargeOpsBackend();
+    use_backend = true;
+  }
+  if (use_backend && backend.supports(qs, block_q, block_k)) {
     sparse_out = backend.run(qs, ks, vs, sparse_knobs, block_q, block_k, &sparse_sparsity);
   } else {
     BlockSparseMask mask = PredictBlockMask(qs, ks, sparse_knobs, block_q, block_k);

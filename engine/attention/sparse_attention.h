@@ -46,13 +46,13 @@ struct BlockSparseMask {
 // averages its real tokens), fp32 softmax of pooled scores / sqrt(D), then
 // per-row selection (block_selection.h) with knobs[b]. The mask tensors live on
 // the CPU.
-BlockSparseMask PredictBlockMask(const at::Tensor &q, const at::Tensor &k,
+BlockSparseMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k,
                                  absl::Span<const AttentionKnobs> knobs, int64_t block_q,
                                  int64_t block_k);
 
 // Achieved sparsity per batch element: 1 - kept token pairs / (L * L), averaged
 // over heads.
-std::vector<float> MaskSparsity(const BlockSparseMask &mask);
+std::vector<float> MaskSparsity(const BlockSparseMask& mask);
 
 struct AttentionOutput {
   at::Tensor out;  // [B, L, H, D], q's dtype
@@ -63,18 +63,18 @@ struct AttentionOutput {
 // Masked attention that only visits kept blocks (gathers each query block's
 // kept K/V blocks), computed in fp32 with scale 1/sqrt(D). Reference semantics
 // for the CUDA kernels.
-AttentionOutput BlockSparseAttentionReference(const at::Tensor &q, const at::Tensor &k,
-                                              const at::Tensor &v, const BlockSparseMask &mask);
+AttentionOutput BlockSparseAttentionReference(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const BlockSparseMask& mask);
 
 // The same attention through SDPA with a boolean [B, H, L, L] token mask
 // expanded from the block mask: no LSE, but on CPU at video lengths of ~1e3
 // tokens it beats gathering blocks.
-at::Tensor MaskedSdpaAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                               const BlockSparseMask &mask);
+at::Tensor MaskedSdpaAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const BlockSparseMask& mask);
 
 // Dense attention (SDPA, scale 1/sqrt(D)) on token-major tensors: q [B, Lq, H,
 // D], k and v [B, Lk, H, D] (Lk may differ from Lq, as in cross-attention).
-at::Tensor DenseAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v);
+at::Tensor DenseAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 // A device implementation of the sparse path (mask prediction + block-sparse
 // attention), e.g. the CUDA kernels of engine/ops. It receives only the batch
@@ -84,23 +84,29 @@ struct SparseAttentionBackend {
   std::string name;
   // Whether this backend handles these inputs (dtype, head dim, block sizes);
   // when false the ATen reference runs instead.
-  std::function<bool(const at::Tensor &q, int64_t block_q, int64_t block_k)> supports;
-  std::function<at::Tensor(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+  std::function<bool(const at::Tensor& q, int64_t block_q, int64_t block_k)> supports;
+  std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                           std::vector<float> *sparsity)>
+                           std::vector<float>* sparsity)>
       run;
 };
 
-// The plug-in point for device kernels: engine/ops registers its backend for
-// kCUDA when loaded. Replaces any backend registered for that device type.
+// The plug-in point for device kernels. Replaces any backend registered for that device type.
+// Without a registered backend, CUDA inputs use the "sparge" Torch ops of engine/ops
+// (sparge::predict_block_mask + sparge::block_sparse_attention_fwd, looked up in the dispatcher at
+// call time, so the engine needs no link dependency: linking or dlopen-ing libsparge_ops is
+// enough) when they have a CUDA kernel and the inputs are bf16/fp16 with head dim 64 or 128.
 void RegisterSparseAttentionBackend(c10::DeviceType device_type, SparseAttentionBackend backend);
-// Removes the backend of that device type (SelfAttention falls back to the ATen
-// reference).
+// Removes the backend of that device type.
 void UnregisterSparseAttentionBackend(c10::DeviceType device_type);
-// Name of the backend SelfAttention would use for this device type
-// ("aten-reference" if none).
+// The backend that calls the "sparge" dispatcher ops (engine/ops) on any device they implement;
+// its supports() is false while the ops are not loaded or lack a kernel for q's device.
+SparseAttentionBackend SpargeOpsBackend();
+// Name of the backend SelfAttention would use for this device type: a registered one,
+// "sparge-ops" (CUDA with the ops loaded), else "aten-reference".
 std::string SparseAttentionBackendName(c10::DeviceType device_type);
 
+// Largest [B, H, L, L] boolean token mask the CPU path builds before it gathers blocks instead.
 inline constexpr int64_t kMaxTokenMaskElements = int64_t{1} << 26;
 
 // The DiT's self-attention: q, k, v [B, L, H, D]; knobs has B entries. Dense
@@ -110,8 +116,8 @@ inline constexpr int64_t kMaxTokenMaskElements = int64_t{1} << 26;
 // kMaxTokenMaskElements), else BlockSparseAttentionReference. Writes B achieved
 // sparsities (0 for dense elements) to *sparsity_out when it is not null.
 // Returns [B, L, H, D].
-at::Tensor SelfAttention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                         std::vector<float> *sparsity_out);
+                         std::vector<float>* sparsity_out);
 
 }  // namespace sparge::engine

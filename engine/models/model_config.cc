@@ -7,7 +7,7 @@
 namespace sparge::engine {
 namespace {
 
-absl::Status Positive(const char *scope, const char *field, int value) {
+absl::Status Positive(const char* scope, const char* field, int value) {
   if (value > 0) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(scope, ".", field, " must be > 0, got ", value));
 }
@@ -15,8 +15,8 @@ absl::Status Positive(const char *scope, const char *field, int value) {
 }  // namespace
 
 absl::Status UMT5Config::Validate() const {
-  for (const auto &[name, value] :
-       {std::pair<const char *, int>{"vocab_size", vocab_size},
+  for (const auto& [name, value] :
+       {std::pair<const char*, int>{"vocab_size", vocab_size},
         {"d_model", d_model},
         {"d_kv", d_kv},
         {"num_heads", num_heads},
@@ -42,7 +42,7 @@ absl::Status UMT5Config::Validate() const {
 }
 
 absl::Status WanDiTConfig::Validate() const {
-  for (const auto &[name, value] : {std::pair<const char *, int>{"dim", dim},
+  for (const auto& [name, value] : {std::pair<const char*, int>{"dim", dim},
                                     {"ffn_dim", ffn_dim},
                                     {"num_heads", num_heads},
                                     {"num_layers", num_layers},
@@ -99,15 +99,15 @@ absl::Status WanVaeConfig::Validate() const {
   return absl::OkStatus();
 }
 
-const std::vector<float> &WanLatentsMean() {
-  static const std::vector<float> *const kMean = new std::vector<float>{
+const std::vector<float>& WanLatentsMean() {
+  static const std::vector<float>* const kMean = new std::vector<float>{
       -0.7571f, -0.7089f, -0.9113f, 0.1075f,  -0.1745f, 0.9653f,  -0.1517f, 1.5508f,
       0.4134f,  -0.0715f, 0.5517f,  -0.3632f, -0.1922f, -0.9497f, 0.2503f,  -0.2921f};
   return *kMean;
 }
 
-const std::vector<float> &WanLatentsStd() {
-  static const std::vector<float> *const kStd = new std::vector<float>{
+const std::vector<float>& WanLatentsStd() {
+  static const std::vector<float>* const kStd = new std::vector<float>{
       2.8184f, 1.4541f, 2.3275f, 2.6558f, 1.2196f, 1.7708f, 2.6052f, 2.0743f,
       3.2687f, 2.1526f, 2.8652f, 1.5579f, 1.6382f, 1.1253f, 2.8251f, 1.9160f};
   return *kStd;
@@ -126,7 +126,7 @@ WanVaeConfig RealWanVae() {
 
 WanModelConfig TinyWanConfig() {
   WanModelConfig config;
-  UMT5Config &t5 = config.text_encoder;
+  UMT5Config& t5 = config.text_encoder;
   t5.vocab_size = 512;
   t5.d_model = 64;
   t5.d_kv = 16;
@@ -138,7 +138,7 @@ WanModelConfig TinyWanConfig() {
   t5.layer_norm_eps = 1e-6f;
   t5.text_len = 64;
 
-  WanDiTConfig &dit = config.dit;
+  WanDiTConfig& dit = config.dit;
   dit.dim = 128;
   dit.ffn_dim = 256;
   dit.num_heads = 2;
@@ -151,7 +151,7 @@ WanModelConfig TinyWanConfig() {
   dit.eps = 1e-6f;
   dit.rope_max_seq_len = 1024;
 
-  WanVaeConfig &vae = config.vae;
+  WanVaeConfig& vae = config.vae;
   vae.base_dim = 8;
   vae.z_dim = 16;
   vae.dim_mult = {1, 2, 4, 4};

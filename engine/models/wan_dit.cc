@@ -11,11 +11,11 @@ namespace {
 using torch::nn::Linear;
 using torch::nn::LinearOptions;
 
-at::Tensor GeluTanh(const at::Tensor &x) { return at::gelu(x, "tanh"); }
+at::Tensor GeluTanh(const at::Tensor& x) { return at::gelu(x, "tanh"); }
 
 // Runs a linear layer in its weight's dtype (fp32-kept modules receive fp32,
 // others the model dtype), mirroring diffusers' per-module dtypes.
-at::Tensor LinearIn(torch::nn::Linear &linear, const at::Tensor &x) {
+at::Tensor LinearIn(torch::nn::Linear& linear, const at::Tensor& x) {
   return linear->forward(x.to(linear->weight.scalar_type()));
 }
 
@@ -49,7 +49,7 @@ std::pair<at::Tensor, at::Tensor> RopeTables(int64_t head_dim, int64_t frames, i
   return {at::cos(phi).to(at::kFloat), at::sin(phi).to(at::kFloat)};
 }
 
-at::Tensor ApplyRope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &sin) {
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   at::Tensor xf = x.to(at::kFloat);
   at::Tensor pairs = xf.unflatten(-1, {-1, 2});  // [B, L, H, D/2, 2]
   at::Tensor x1 = pairs.select(-1, 0), x2 = pairs.select(-1, 1);
@@ -60,7 +60,7 @@ at::Tensor ApplyRope(const at::Tensor &x, const at::Tensor &cos, const at::Tenso
   return at::stack({y1, y2}, -1).flatten(-2).to(x.scalar_type());
 }
 
-at::Tensor TimestepSinusoid(const at::Tensor &timesteps, int64_t dim) {
+at::Tensor TimestepSinusoid(const at::Tensor& timesteps, int64_t dim) {
   const int64_t half = dim / 2;
   // Same float32 op order as diffusers
   // get_timestep_embedding(flip_sin_to_cos=True, shift 0).
@@ -76,7 +76,7 @@ RmsNormImpl::RmsNormImpl(int64_t dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-at::Tensor RmsNormImpl::forward(const at::Tensor &x) {
+at::Tensor RmsNormImpl::forward(const at::Tensor& x) {
   at::Tensor xf = x.to(at::kFloat);
   at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_);
   return (normed * weight.to(at::kFloat)).to(x.scalar_type());
@@ -92,10 +92,10 @@ WanAttentionImpl::WanAttentionImpl(int64_t dim, int64_t num_heads, double eps)
   norm_k = register_module("norm_k", RmsNorm(dim, eps));
 }
 
-at::Tensor WanAttentionImpl::SelfAttend(const at::Tensor &x, const at::Tensor &rope_cos,
-                                        const at::Tensor &rope_sin,
+at::Tensor WanAttentionImpl::SelfAttend(const at::Tensor& x, const at::Tensor& rope_cos,
+                                        const at::Tensor& rope_sin,
                                         absl::Span<const AttentionKnobs> knobs, int64_t block_q,
-                                        int64_t block_k, std::vector<float> *sparsity) {
+                                        int64_t block_k, std::vector<float>* sparsity) {
   at::Tensor q = norm_q->forward(to_q->forward(x)).unflatten(2, {num_heads_, -1});
   at::Tensor k = norm_k->forward(to_k->forward(x)).unflatten(2, {num_heads_, -1});
   at::Tensor v = to_v->forward(x).unflatten(2, {num_heads_, -1});
@@ -105,7 +105,7 @@ at::Tensor WanAttentionImpl::SelfAttend(const at::Tensor &x, const at::Tensor &r
   return to_out[0]->as<torch::nn::Linear>()->forward(out.flatten(2).to(x.scalar_type()));
 }
 
-at::Tensor WanAttentionImpl::CrossAttend(const at::Tensor &x, const at::Tensor &context) {
+at::Tensor WanAttentionImpl::CrossAttend(const at::Tensor& x, const at::Tensor& context) {
   at::Tensor q = norm_q->forward(to_q->forward(x)).unflatten(2, {num_heads_, -1});
   at::Tensor k = norm_k->forward(to_k->forward(context)).unflatten(2, {num_heads_, -1});
   at::Tensor v = to_v->forward(context).unflatten(2, {num_heads_, -1});
@@ -125,11 +125,11 @@ WanFeedForwardImpl::WanFeedForwardImpl(int64_t dim, int64_t ffn_dim) {
   net->push_back(out_);
 }
 
-at::Tensor WanFeedForwardImpl::forward(const at::Tensor &x) {
+at::Tensor WanFeedForwardImpl::forward(const at::Tensor& x) {
   return out_->forward(GeluTanh(proj_->forward(x)));
 }
 
-WanBlockImpl::WanBlockImpl(const WanDiTConfig &config) : eps_(config.eps) {
+WanBlockImpl::WanBlockImpl(const WanDiTConfig& config) : eps_(config.eps) {
   attn1 = register_module("attn1", WanAttention(config.dim, config.num_heads, config.eps));
   attn2 = register_module("attn2", WanAttention(config.dim, config.num_heads, config.eps));
   norm2 = register_module(
@@ -138,17 +138,17 @@ WanBlockImpl::WanBlockImpl(const WanDiTConfig &config) : eps_(config.eps) {
   scale_shift_table = register_parameter("scale_shift_table", torch::zeros({1, 6, config.dim}));
 }
 
-at::Tensor WanBlockImpl::forward(const at::Tensor &x_in, const at::Tensor &context,
-                                 const at::Tensor &temb6, const at::Tensor &rope_cos,
-                                 const at::Tensor &rope_sin, absl::Span<const AttentionKnobs> knobs,
-                                 int64_t block_q, int64_t block_k, std::vector<float> *sparsity) {
+at::Tensor WanBlockImpl::forward(const at::Tensor& x_in, const at::Tensor& context,
+                                 const at::Tensor& temb6, const at::Tensor& rope_cos,
+                                 const at::Tensor& rope_sin, absl::Span<const AttentionKnobs> knobs,
+                                 int64_t block_q, int64_t block_k, std::vector<float>* sparsity) {
   const auto dtype = x_in.scalar_type();
   const int64_t dim = x_in.size(-1);
   // Modulation in fp32: (shift, scale, gate) for self-attention, then for the
   // FFN.
   std::vector<at::Tensor> mod =
       (scale_shift_table.to(at::kFloat) + temb6.to(at::kFloat)).chunk(6, 1);
-  auto layer_norm = [&](const at::Tensor &t) {
+  auto layer_norm = [&](const at::Tensor& t) {
     return at::layer_norm(t.to(at::kFloat), {dim}, {}, {}, eps_);
   };
   at::Tensor x = x_in;
@@ -164,10 +164,10 @@ at::Tensor WanBlockImpl::forward(const at::Tensor &x_in, const at::Tensor &conte
   return x;
 }
 
-WanDiTImpl::WanDiTImpl(const WanDiTConfig &config, int64_t block_q, int64_t block_k)
+WanDiTImpl::WanDiTImpl(const WanDiTConfig& config, int64_t block_q, int64_t block_k)
     : config_(config), block_q_(block_q), block_k_(block_k) {
   const int64_t dim = config.dim;
-  const auto &p = config.patch_size;
+  const auto& p = config.patch_size;
   patch_embedding = register_module(
       "patch_embedding",
       torch::nn::Conv3d(torch::nn::Conv3dOptions(config.in_channels, dim, {p[0], p[1], p[2]})
@@ -197,9 +197,9 @@ void WanDiTImpl::InitializeWeights(uint64_t seed) {
   torch::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const double table_std = 1.0 / std::sqrt(static_cast<double>(config_.dim));
-  for (auto &item : named_parameters(/*recurse=*/true)) {
-    const std::string &name = item.key();
-    at::Tensor &param = item.value();
+  for (auto& item : named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    at::Tensor& param = item.value();
     at::Tensor value;
     auto randn = [&](double std) {
       return at::randn(param.sizes(), gen, at::TensorOptions().dtype(at::kFloat)) * std;
@@ -224,7 +224,7 @@ void WanDiTImpl::InitializeWeights(uint64_t seed) {
   }
 }
 
-void WanDiTImpl::ToInference(const torch::Device &device, torch::ScalarType dtype) {
+void WanDiTImpl::ToInference(const torch::Device& device, torch::ScalarType dtype) {
   dtype_ = dtype;
   to(device, dtype);
   // diffusers _keep_in_fp32_modules: time_embedder, scale_shift_table, norms.
@@ -232,7 +232,7 @@ void WanDiTImpl::ToInference(const torch::Device &device, torch::ScalarType dtyp
   time_linear_2->to(torch::kFloat);
   torch::NoGradGuard no_grad;
   scale_shift_table.set_data(scale_shift_table.to(torch::kFloat));
-  for (const auto &module : *blocks) {
+  for (const auto& module : *blocks) {
     auto block = module->as<WanBlockImpl>();
     block->scale_shift_table.set_data(block->scale_shift_table.to(torch::kFloat));
     block->norm2->to(torch::kFloat);
@@ -245,16 +245,16 @@ void WanDiTImpl::ToInference(const torch::Device &device, torch::ScalarType dtyp
 
 int64_t WanDiTImpl::num_parameters() const {
   int64_t total = 0;
-  for (const auto &p : parameters()) total += p.numel();
+  for (const auto& p : parameters()) total += p.numel();
   return total;
 }
 
-DiTOutput WanDiTImpl::Forward(const at::Tensor &latents, const at::Tensor &timesteps,
-                              const at::Tensor &context, absl::Span<const AttentionKnobs> knobs) {
+DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& timesteps,
+                              const at::Tensor& context, absl::Span<const AttentionKnobs> knobs) {
   TORCH_CHECK(latents.dim() == 5 && latents.size(1) == config_.in_channels, "latents must be [B, ",
               config_.in_channels, ", T, H, W], got ", latents.sizes());
   const int64_t batch = latents.size(0);
-  const auto &p = config_.patch_size;
+  const auto& p = config_.patch_size;
   TORCH_CHECK(
       latents.size(2) % p[0] == 0 && latents.size(3) % p[1] == 0 && latents.size(4) % p[2] == 0,
       "latent grid ", latents.sizes(), " is not a multiple of the patch size");
@@ -283,12 +283,12 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor &latents, const at::Tensor &times
   DiTOutput output;
   output.sparsity.assign(batch, 0.0f);
   std::vector<float> layer_sparsity;
-  for (const auto &module : *blocks) {
+  for (const auto& module : *blocks) {
     x = module->as<WanBlockImpl>()->forward(x, ctx, temb6, rope_cos, rope_sin, knobs, block_q_,
                                             block_k_, &layer_sparsity);
     for (int64_t b = 0; b < batch; ++b) output.sparsity[b] += layer_sparsity[b];
   }
-  for (float &s : output.sparsity) s /= static_cast<float>(config_.num_layers);
+  for (float& s : output.sparsity) s /= static_cast<float>(config_.num_layers);
 
   std::vector<at::Tensor> mod =
       (scale_shift_table.to(at::kFloat) + temb.to(at::kFloat).unsqueeze(1)).chunk(2, 1);

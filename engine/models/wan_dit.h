@@ -36,18 +36,18 @@ std::pair<at::Tensor, at::Tensor> RopeTables(int64_t head_dim, int64_t frames, i
 
 // Rotates interleaved pairs (x[2k], x[2k+1]) of x [B, L, H, D] by the angles of
 // (cos, sin) [L, D/2]; computed in fp32, returned in x's dtype.
-at::Tensor ApplyRope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &sin);
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // Sinusoidal timestep embedding [B, dim] fp32, cos half first (diffusers
 // flip_sin_to_cos).
-at::Tensor TimestepSinusoid(const at::Tensor &timesteps, int64_t dim);
+at::Tensor TimestepSinusoid(const at::Tensor& timesteps, int64_t dim);
 
 // RMS norm over the last dimension with a learned weight (q/k norm across all
 // heads).
 class RmsNormImpl : public torch::nn::Module {
  public:
   RmsNormImpl(int64_t dim, double eps);
-  at::Tensor forward(const at::Tensor &x);
+  at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
 
  private:
@@ -61,11 +61,11 @@ class WanAttentionImpl : public torch::nn::Module {
  public:
   WanAttentionImpl(int64_t dim, int64_t num_heads, double eps);
   // Self-attention over x [B, L, D]; sparsity gets one entry per batch element.
-  at::Tensor SelfAttend(const at::Tensor &x, const at::Tensor &rope_cos, const at::Tensor &rope_sin,
+  at::Tensor SelfAttend(const at::Tensor& x, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                        std::vector<float> *sparsity);
+                        std::vector<float>* sparsity);
   // Cross-attention of x [B, L, D] over context [B, Lc, D].
-  at::Tensor CrossAttend(const at::Tensor &x, const at::Tensor &context);
+  at::Tensor CrossAttend(const at::Tensor& x, const at::Tensor& context);
 
   torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out;
@@ -81,7 +81,7 @@ TORCH_MODULE(WanAttention);
 class WanFeedForwardImpl : public torch::nn::Module {
  public:
   WanFeedForwardImpl(int64_t dim, int64_t ffn_dim);
-  at::Tensor forward(const at::Tensor &x);
+  at::Tensor forward(const at::Tensor& x);
   torch::nn::ModuleList net;
 
  private:
@@ -91,13 +91,13 @@ TORCH_MODULE(WanFeedForward);
 
 class WanBlockImpl : public torch::nn::Module {
  public:
-  WanBlockImpl(const WanDiTConfig &config);
+  WanBlockImpl(const WanDiTConfig& config);
   // x [B, L, D]; temb6 [B, 6, D] (time_proj output); context [B, Lc, D]
   // (already projected).
-  at::Tensor forward(const at::Tensor &x, const at::Tensor &context, const at::Tensor &temb6,
-                     const at::Tensor &rope_cos, const at::Tensor &rope_sin,
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& temb6,
+                     const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                      absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                     std::vector<float> *sparsity);
+                     std::vector<float>* sparsity);
 
   WanAttention attn1{nullptr}, attn2{nullptr};
   torch::nn::LayerNorm norm2{nullptr};  // the affine LN before cross-attention
@@ -118,7 +118,7 @@ struct DiTOutput {
 class WanDiTImpl : public torch::nn::Module {
  public:
   // block_q / block_k: sparse-attention block sizes in tokens.
-  WanDiTImpl(const WanDiTConfig &config, int64_t block_q, int64_t block_k);
+  WanDiTImpl(const WanDiTConfig& config, int64_t block_q, int64_t block_k);
 
   // Deterministic random weights from seed (linear/conv weights N(0, 1/fan_in),
   // biases N(0, 0.02), modulation tables N(0, 1/D), norm weights 1);
@@ -126,15 +126,15 @@ class WanDiTImpl : public torch::nn::Module {
   void InitializeWeights(uint64_t seed);
   // Moves to device and dtype, keeping the modules diffusers keeps in fp32
   // (time embedder, modulation tables, norms) in fp32.
-  void ToInference(const torch::Device &device, torch::ScalarType dtype);
+  void ToInference(const torch::Device& device, torch::ScalarType dtype);
 
   // latents [B, in_channels, T', H', W'] (H', W' multiples of the patch),
   // timesteps [B] (float, 0..1000), context [B, Lc, text_dim], knobs: one per
   // element. Throws c10::Error on bad shapes.
-  DiTOutput Forward(const at::Tensor &latents, const at::Tensor &timesteps,
-                    const at::Tensor &context, absl::Span<const AttentionKnobs> knobs);
+  DiTOutput Forward(const at::Tensor& latents, const at::Tensor& timesteps,
+                    const at::Tensor& context, absl::Span<const AttentionKnobs> knobs);
 
-  const WanDiTConfig &config() const { return config_; }
+  const WanDiTConfig& config() const { return config_; }
   int64_t num_parameters() const;
   torch::ScalarType dtype() const { return dtype_; }
 

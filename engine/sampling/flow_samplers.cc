@@ -71,7 +71,7 @@ SigmaSchedule UniPCFlowSchedule(int num_steps, double shift) {
   return schedule;
 }
 
-at::Tensor CombineGuidance(const at::Tensor &cond, const at::Tensor &uncond, float scale) {
+at::Tensor CombineGuidance(const at::Tensor& cond, const at::Tensor& uncond, float scale) {
   return uncond + (cond - uncond) * scale;
 }
 
@@ -88,7 +88,7 @@ std::unique_ptr<FlowSampler> FlowSampler::Create(SamplerKind kind, int num_steps
 FlowMatchEulerSampler::FlowMatchEulerSampler(int num_steps, double shift)
     : FlowSampler(FlowMatchEulerSchedule(num_steps, shift)) {}
 
-at::Tensor FlowMatchEulerSampler::Step(const at::Tensor &velocity, const at::Tensor &sample) {
+at::Tensor FlowMatchEulerSampler::Step(const at::Tensor& velocity, const at::Tensor& sample) {
   TORCH_CHECK(!done(), "sampler already finished");
   const float dt = schedule_.sigmas[step_index_ + 1] - schedule_.sigmas[step_index_];
   ++step_index_;
@@ -103,7 +103,7 @@ double UniPCSampler::Lambda(int index) const {
   return std::log(1.0 - sigma) - std::log(sigma);
 }
 
-at::Tensor UniPCSampler::Correct(const at::Tensor &m_now, const at::Tensor &sample) const {
+at::Tensor UniPCSampler::Correct(const at::Tensor& m_now, const at::Tensor& sample) const {
   // UniC from sigma_{i-1} to sigma_i, reusing the new model output m_now.
   const int i = step_index_;
   const double sigma_t = schedule_.sigmas[i], sigma_s = schedule_.sigmas[i - 1];
@@ -130,7 +130,7 @@ at::Tensor UniPCSampler::Correct(const at::Tensor &m_now, const at::Tensor &samp
                  static_cast<float>(alpha_t * b_h);
 }
 
-at::Tensor UniPCSampler::Predict(const at::Tensor &sample, int order) const {
+at::Tensor UniPCSampler::Predict(const at::Tensor& sample, int order) const {
   const int i = step_index_;
   const double sigma_t = schedule_.sigmas[i + 1], sigma_s = schedule_.sigmas[i];
   // sigma 0 means lambda = +inf and e^{-h} = 0: the first-order update lands
@@ -148,7 +148,7 @@ at::Tensor UniPCSampler::Predict(const at::Tensor &sample, int order) const {
   return x - d1 * static_cast<float>(alpha_t * b_h * 0.5);
 }
 
-at::Tensor UniPCSampler::Step(const at::Tensor &velocity, const at::Tensor &sample) {
+at::Tensor UniPCSampler::Step(const at::Tensor& velocity, const at::Tensor& sample) {
   TORCH_CHECK(!done(), "sampler already finished");
   constexpr int kSolverOrder = 2;
   const int i = step_index_;

@@ -37,7 +37,7 @@ SigmaSchedule FlowMatchEulerSchedule(int num_steps, double shift);
 SigmaSchedule UniPCFlowSchedule(int num_steps, double shift);
 
 // Classifier-free guidance: uncond + scale * (cond - uncond).
-at::Tensor CombineGuidance(const at::Tensor &cond, const at::Tensor &uncond, float scale);
+at::Tensor CombineGuidance(const at::Tensor& cond, const at::Tensor& uncond, float scale);
 
 // Per-job sampler state. Step() consumes the model's velocity prediction at the
 // current sigma.
@@ -53,11 +53,11 @@ class FlowSampler {
   // Model timestep and sigma of the next step.
   float timestep() const { return schedule_.timesteps[step_index_]; }
   float sigma() const { return schedule_.sigmas[step_index_]; }
-  const SigmaSchedule &schedule() const { return schedule_; }
+  const SigmaSchedule& schedule() const { return schedule_; }
 
   // Returns the sample at the next sigma (float32) given the current sample and
   // the velocity.
-  virtual at::Tensor Step(const at::Tensor &velocity, const at::Tensor &sample) = 0;
+  virtual at::Tensor Step(const at::Tensor& velocity, const at::Tensor& sample) = 0;
 
  protected:
   explicit FlowSampler(SigmaSchedule schedule) : schedule_(std::move(schedule)) {}
@@ -69,7 +69,7 @@ class FlowSampler {
 class FlowMatchEulerSampler : public FlowSampler {
  public:
   FlowMatchEulerSampler(int num_steps, double shift);
-  at::Tensor Step(const at::Tensor &velocity, const at::Tensor &sample) override;
+  at::Tensor Step(const at::Tensor& velocity, const at::Tensor& sample) override;
 };
 
 // UniPC multistep (B(h) = expm1(-h), order 2, predictor + corrector on x0
@@ -78,13 +78,13 @@ class FlowMatchEulerSampler : public FlowSampler {
 class UniPCSampler : public FlowSampler {
  public:
   UniPCSampler(int num_steps, double shift);
-  at::Tensor Step(const at::Tensor &velocity, const at::Tensor &sample) override;
+  at::Tensor Step(const at::Tensor& velocity, const at::Tensor& sample) override;
 
  private:
   // log(alpha) - log(sigma) for sigma in (0, 1).
   double Lambda(int index) const;
-  at::Tensor Correct(const at::Tensor &m_now, const at::Tensor &sample) const;
-  at::Tensor Predict(const at::Tensor &sample, int order) const;
+  at::Tensor Correct(const at::Tensor& m_now, const at::Tensor& sample) const;
+  at::Tensor Predict(const at::Tensor& sample, int order) const;
 
   at::Tensor m_prev_;       // x0 prediction at step i-1
   at::Tensor m_prev2_;      // x0 prediction at step i-2

@@ -12,7 +12,7 @@ namespace {
 
 using ::testing::ElementsAre;
 
-std::vector<int32_t> Select(const std::vector<float> &probs, AttentionMode mode, float topk,
+std::vector<int32_t> Select(const std::vector<float>& probs, AttentionMode mode, float topk,
                             float topp) {
   std::vector<int32_t> scratch(probs.size()), kept(probs.size(), -1);
   const int n =

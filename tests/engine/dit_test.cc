@@ -29,7 +29,7 @@ std::vector<AttentionKnobs> Dense(int n) { return std::vector<AttentionKnobs>(n)
 TEST(DiTTest, ParametersUseDiffusersNamesAndShapes) {
   WanDiT dit = MakeTinyDiT(1);
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (const auto &p : dit->named_parameters()) shapes[p.key()] = p.value().sizes().vec();
+  for (const auto& p : dit->named_parameters()) shapes[p.key()] = p.value().sizes().vec();
   const int64_t D = 128, F = 256;
   const std::map<std::string, std::vector<int64_t>> expected = {
       {"patch_embedding.weight", {D, 16, 1, 2, 2}},
@@ -57,7 +57,7 @@ TEST(DiTTest, ParametersUseDiffusersNamesAndShapes) {
       {"proj_out.weight", {64, D}},
       {"proj_out.bias", {64}},
   };
-  for (const auto &[name, shape] : expected) {
+  for (const auto& [name, shape] : expected) {
     ASSERT_TRUE(shapes.count(name)) << "missing " << name;
     EXPECT_EQ(shapes[name], shape) << name;
   }
@@ -67,7 +67,7 @@ TEST(DiTTest, ParametersUseDiffusersNamesAndShapes) {
   EXPECT_EQ(shapes.size(), 2u * 27u + 15u);
   EXPECT_EQ(dit->num_parameters(), [&] {
     int64_t n = 0;
-    for (const auto &[name, shape] : shapes) {
+    for (const auto& [name, shape] : shapes) {
       int64_t c = 1;
       for (int64_t s : shape) c *= s;
       n += c;
@@ -163,7 +163,7 @@ TEST(DiTTest, RopeIsARotationThatDependsOnRelativePosition) {
   const int64_t head_dim = 64;
   auto [cos, sin] = RopeTables(head_dim, 6, 5, 5, 1024);
   at::Tensor q = Randn({1, 1, 1, head_dim}, 8), k = Randn({1, 1, 1, head_dim}, 9);
-  auto rotate = [&](const at::Tensor &x, int64_t f, int64_t h, int64_t w) {
+  auto rotate = [&](const at::Tensor& x, int64_t f, int64_t h, int64_t w) {
     const int64_t n = (f * 5 + h) * 5 + w;
     return ApplyRope(x, cos.slice(0, n, n + 1), sin.slice(0, n, n + 1));
   };

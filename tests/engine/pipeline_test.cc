@@ -41,17 +41,17 @@ class PipelineTest : public ::testing::Test {
     return r;
   }
 
-  static std::unique_ptr<GenerationJob> MustStart(const GenerationRequest &r) {
+  static std::unique_ptr<GenerationJob> MustStart(const GenerationRequest& r) {
     auto job = pipeline_->Start(r);
     EXPECT_TRUE(job.ok()) << job.status();
     return job.ok() ? std::move(job).value() : nullptr;
   }
 
   // Runs one job alone to completion; returns its per-step stats.
-  static std::vector<StepStats> Denoise(GenerationJob &job) {
+  static std::vector<StepStats> Denoise(GenerationJob& job) {
     std::vector<StepStats> stats;
     while (!job.denoise_done()) {
-      GenerationJob *batch[] = {&job};
+      GenerationJob* batch[] = {&job};
       absl::Status s = pipeline_->Step(batch, &stats);
       EXPECT_TRUE(s.ok()) << s;
       if (!s.ok()) break;
@@ -59,7 +59,7 @@ class PipelineTest : public ::testing::Test {
     return stats;
   }
 
-  static VideoFrames Generate(const GenerationRequest &r) {
+  static VideoFrames Generate(const GenerationRequest& r) {
     auto job = MustStart(r);
     if (job == nullptr) return {};
     Denoise(*job);
@@ -68,12 +68,12 @@ class PipelineTest : public ::testing::Test {
     return frames.ok() ? *frames : VideoFrames{};
   }
 
-  static Pipeline *pipeline_;
+  static Pipeline* pipeline_;
 };
 
-Pipeline *PipelineTest::pipeline_ = nullptr;
+Pipeline* PipelineTest::pipeline_ = nullptr;
 
-int MaxAbsDiff(const VideoFrames &a, const VideoFrames &b) {
+int MaxAbsDiff(const VideoFrames& a, const VideoFrames& b) {
   int worst = 0;
   for (size_t i = 0; i < a.rgb.size(); ++i) worst = std::max(worst, std::abs(a.rgb[i] - b.rgb[i]));
   return worst;
@@ -102,7 +102,7 @@ TEST(PipelineCreateTest, RejectsUnknownModelDeviceAndDtype) {
 }
 
 TEST_F(PipelineTest, DescribesTheTinyModel) {
-  const ModelDescription &m = pipeline_->model();
+  const ModelDescription& m = pipeline_->model();
   EXPECT_EQ(m.name, "tiny");
   EXPECT_EQ(m.dim, 128);
   EXPECT_EQ(m.layers, 2);
@@ -163,7 +163,7 @@ TEST_F(PipelineTest, BatchedStepEqualsSequentialSteps) {
   ASSERT_EQ(b1->BatchKey(), b2->BatchKey());
   std::vector<StepStats> batched;
   while (!b1->denoise_done()) {
-    GenerationJob *batch[] = {b1.get(), b2.get()};
+    GenerationJob* batch[] = {b1.get(), b2.get()};
     ASSERT_TRUE(pipeline_->Step(batch, &batched).ok());
   }
   ASSERT_EQ(batched.size(), 2u * 3u);
@@ -190,7 +190,7 @@ TEST_F(PipelineTest, SparseModeReportsSparsityDenseReportsZero) {
   sparse.sparsity.topk = 0.25f;
   sparse.sparsity.dense_steps = 1;
   auto dj = MustStart(dense), sj = MustStart(sparse);
-  for (const StepStats &s : Denoise(*dj)) EXPECT_EQ(s.achieved_sparsity, 0.0f);
+  for (const StepStats& s : Denoise(*dj)) EXPECT_EQ(s.achieved_sparsity, 0.0f);
   std::vector<StepStats> stats = Denoise(*sj);
   ASSERT_EQ(stats.size(), 3u);
   EXPECT_EQ(stats[0].achieved_sparsity, 0.0f);  // dense_steps = 1
@@ -206,10 +206,10 @@ TEST_F(PipelineTest, StepAndDecodeCheckJobState) {
   other.width = 128;
   auto job2 = MustStart(other);
   std::vector<StepStats> stats;
-  GenerationJob *mixed[] = {job.get(), job2.get()};
+  GenerationJob* mixed[] = {job.get(), job2.get()};
   EXPECT_EQ(pipeline_->Step(mixed, &stats).code(), absl::StatusCode::kInvalidArgument);
   Denoise(*job);
-  GenerationJob *done[] = {job.get()};
+  GenerationJob* done[] = {job.get()};
   EXPECT_EQ(pipeline_->Step(done, &stats).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_GT(job->state_bytes(), 0);
 }
@@ -230,7 +230,7 @@ TEST(PipelineDefaultRequestTest, EndToEndWallTime) {
     ASSERT_TRUE(job.ok()) << job.status();
     std::vector<StepStats> stats;
     while (!(*job)->denoise_done()) {
-      GenerationJob *batch[] = {job->get()};
+      GenerationJob* batch[] = {job->get()};
       ASSERT_TRUE((*pipeline)->Step(batch, &stats).ok());
     }
     const auto denoised = std::chrono::steady_clock::now();

@@ -86,12 +86,12 @@ TEST(SamplerTest, EulerIsExactOnConstantVelocity) {
 
 // The probability-flow velocity for 1-D Gaussian data x0 ~ N(0, s^2): the exact
 // ODE maps x(1) to s * x(1), which lets us compare solver accuracy.
-at::Tensor GaussianVelocity(const at::Tensor &x, double sigma, double s) {
+at::Tensor GaussianVelocity(const at::Tensor& x, double sigma, double s) {
   const double var = (1 - sigma) * (1 - sigma) * s * s + sigma * sigma;
   return (x.to(at::kDouble) * ((sigma - (1 - sigma) * s * s) / var)).to(at::kFloat);
 }
 
-at::Tensor Solve(FlowSampler &sampler, at::Tensor x) {
+at::Tensor Solve(FlowSampler& sampler, at::Tensor x) {
   while (!sampler.done()) x = sampler.Step(GaussianVelocity(x, sampler.sigma(), 0.5), x);
   return x;
 }
@@ -138,7 +138,7 @@ TEST(SamplerTest, UniPCFinalStepReturnsTheX0Prediction) {
   at::Tensor last_input;
   const std::vector<at::Tensor> velocities = {at::tensor({1.0f, 2.0f}), at::tensor({-0.5f, 0.7f}),
                                               at::tensor({0.2f, -0.9f})};
-  for (const at::Tensor &vel : velocities) {
+  for (const at::Tensor& vel : velocities) {
     last_input = x;
     sigma = sampler.sigma();
     v = vel;

@@ -4,9 +4,12 @@
 // dispatch (dense/sparse mix, backend hook).
 #include "engine/attention/sparse_attention.h"
 
+#include <dlfcn.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "engine/attention/block_selection.h"
@@ -21,7 +24,7 @@ at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
 }
 
 // Full [B, H, L, L] token mask from a block mask, built with plain loops.
-at::Tensor TokenMask(const BlockSparseMask &mask) {
+at::Tensor TokenMask(const BlockSparseMask& mask) {
   const int64_t batch = mask.counts.size(0), heads = mask.counts.size(1), L = mask.seq_len;
   at::Tensor full = at::zeros({batch, heads, L, L}, at::kBool);
   auto acc = full.accessor<bool, 4>();
@@ -42,8 +45,8 @@ at::Tensor TokenMask(const BlockSparseMask &mask) {
 
 // Independent masked attention: full scores, -inf outside the mask, softmax,
 // AV.
-std::pair<at::Tensor, at::Tensor> MaskedDense(const at::Tensor &q, const at::Tensor &k,
-                                              const at::Tensor &v, const at::Tensor &token_mask) {
+std::pair<at::Tensor, at::Tensor> MaskedDense(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& token_mask) {
   at::Tensor qh = q.permute({0, 2, 1, 3}).to(at::kDouble);
   at::Tensor kh = k.permute({0, 2, 1, 3}).to(at::kDouble);
   at::Tensor vh = v.permute({0, 2, 1, 3}).to(at::kDouble);
@@ -210,10 +213,10 @@ TEST(SparseAttentionTest, RegisteredBackendReceivesOnlySparseElements) {
   int64_t seen_batch = -1;
   SparseAttentionBackend backend;
   backend.name = "test-backend";
-  backend.supports = [](const at::Tensor &, int64_t, int64_t) { return true; };
-  backend.run = [&](const at::Tensor &bq, const at::Tensor &, const at::Tensor &,
+  backend.supports = [](const at::Tensor&, int64_t, int64_t) { return true; };
+  backend.run = [&](const at::Tensor& bq, const at::Tensor&, const at::Tensor&,
                     absl::Span<const AttentionKnobs> knobs, int64_t, int64_t,
-                    std::vector<float> *sparsity) {
+                    std::vector<float>* sparsity) {
     ++calls;
     seen_batch = bq.size(0);
     sparsity->assign(knobs.size(), 0.5f);
@@ -234,6 +237,39 @@ TEST(SparseAttentionTest, RegisteredBackendReceivesOnlySparseElements) {
   EXPECT_EQ(sparsity[1], 0.0f);
   EXPECT_EQ(out[0].abs().max().item<float>(), 0.0f);
   EXPECT_GT(out[1].abs().max().item<float>(), 0.0f);
+}
+
+// Loads build/engine/ops/libsparge_ops.so (built by the default target) next to this binary's
+// build tree; returns false if it is not there.
+bool LoadSpargeOps() {
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0) return false;
+  std::string path(exe, n);
+  path = path.substr(0, path.rfind('/'));  // .../tests/engine
+  path = path.substr(0, path.rfind('/'));  // .../tests
+  path = path.substr(0, path.rfind('/')) + "/engine/ops/libsparge_ops.so";
+  return dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr;
+}
+
+// The engine/ops CPU implementation and this reference must pick the same blocks and agree on
+// the output: the CUDA kernels are tested against the former, the engine runs on the latter.
+TEST(SparseAttentionTest, SpargeOpsBackendAgreesWithReference) {
+  if (!LoadSpargeOps()) GTEST_SKIP() << "libsparge_ops.so not built";
+  SparseAttentionBackend backend = SpargeOpsBackend();
+  const int64_t B = 2, L = 200, H = 2, D = 32;
+  at::Tensor q = Randn({B, L, H, D}, 18), k = Randn({B, L, H, D}, 19), v = Randn({B, L, H, D}, 20);
+  ASSERT_TRUE(backend.supports(q, 32, 16));
+  std::vector<AttentionKnobs> knobs = {{AttentionMode::kHybrid, 0.2f, 0.6f},
+                                       {AttentionMode::kTopK, 0.3f, 1.0f}};
+  std::vector<float> ops_sparsity;
+  at::Tensor ops_out = backend.run(q, k, v, knobs, 32, 16, &ops_sparsity);
+  BlockSparseMask mask = PredictBlockMask(q, k, knobs, 32, 16);
+  at::Tensor ref_out = BlockSparseAttentionReference(q, k, v, mask).out;
+  std::vector<float> ref_sparsity = MaskSparsity(mask);
+  ASSERT_EQ(ops_sparsity.size(), 2u);
+  for (int b = 0; b < 2; ++b) EXPECT_FLOAT_EQ(ops_sparsity[b], ref_sparsity[b]) << b;
+  EXPECT_LT((ops_out - ref_out).abs().max().item<float>(), 1e-5f);
 }
 
 }  // namespace
