@@ -62,7 +62,9 @@ struct FwdParams {
   const int32_t* indices = nullptr;  // [B][H][Nq][Nk]
   float* lse = nullptr;              // [B][H][L]
   FwdImpl impl = FwdImpl::kWgmma;
-  int tile_n = 0;  // wgmma key tile: 0 = auto (128 when block_k allows), 64 or 128
+  // wgmma key tile: 0 = auto (pipelined 128-key tiles when block_k allows, else 64), 128 =
+  // unpipelined 128-key tiles, 64 = 64-key tiles at two CTAs per SM.
+  int tile_n = 0;
 };
 
 // Backward: dQ, dK, dV from dO, O and lse, visiting kept blocks only (FlashAttention-2 style

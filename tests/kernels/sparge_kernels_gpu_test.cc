@@ -183,11 +183,13 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(testing::RelErr(rm.dq, ref.dq), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dk, ref.dk), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dv, ref.dv), 2.5 * tol) << what << " (mma.sync)";
-  if (bk % 128 == 0) {  // the 64-key wgmma tile on 128-wide blocks
-    Outs r64 = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 64);
-    ASSERT_TRUE(AllFinite(r64.o) && AllFinite(r64.lse)) << what;
-    EXPECT_LT(testing::RelErr(r64.o, ref.o), tol) << what << " (wgmma, 64-key tiles)";
-    EXPECT_LT(testing::RelErr(r64.lse, ref.lse), 1e-4) << what << " (wgmma, 64-key tiles)";
+  if (bk % 128 == 0) {  // the other wgmma forward variants on 128-wide blocks
+    for (int tile : {64, 128}) {
+      Outs rt = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile);
+      ASSERT_TRUE(AllFinite(rt.o) && AllFinite(rt.lse)) << what << " tile " << tile;
+      EXPECT_LT(testing::RelErr(rt.o, ref.o), tol) << what << " (wgmma tile " << tile << ")";
+      EXPECT_LT(testing::RelErr(rt.lse, ref.lse), 1e-4) << what << " (wgmma tile " << tile << ")";
+    }
   }
   // The autograd op gives the same numbers as the raw kernels (the wiring is right).
   Tensor qg = q.detach().clone().set_requires_grad(true), kg = k.detach().clone().set_requires_grad(true),
