@@ -214,6 +214,42 @@ TEST_F(PipelineTest, StepAndDecodeCheckJobState) {
   EXPECT_GT(job->state_bytes(), 0);
 }
 
+TEST(PipelineDtypeTest, Bfloat16RunsAndStaysCloseToFloat32) {
+  PipelineConfig config;
+  config.dtype = "bfloat16";
+  auto bf16 = Pipeline::Create(config);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ((*bf16)->model().dtype, "bfloat16");
+  auto fp32 = Pipeline::Create(PipelineConfig());
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  GenerationRequest r;
+  r.prompt = "a paper boat on a puddle";
+  r.width = r.height = 64;
+  r.num_frames = 5;
+  r.num_steps = 2;
+  r.sparsity.mode = AttentionMode::kHybrid;
+  std::vector<VideoFrames> videos;
+  for (Pipeline* p : {bf16->get(), fp32->get()}) {
+    auto job = p->Start(r);
+    ASSERT_TRUE(job.ok()) << job.status();
+    std::vector<StepStats> stats;
+    while (!(*job)->denoise_done()) {
+      GenerationJob* batch[] = {job->get()};
+      ASSERT_TRUE(p->Step(batch, &stats).ok());
+    }
+    auto frames = p->Decode(**job);
+    ASSERT_TRUE(frames.ok()) << frames.status();
+    videos.push_back(*frames);
+  }
+  ASSERT_EQ(videos[0].rgb.size(), videos[1].rgb.size());
+  double mean_abs = 0;
+  for (size_t i = 0; i < videos[0].rgb.size(); ++i) {
+    mean_abs += std::abs(videos[0].rgb[i] - videos[1].rgb[i]);
+  }
+  mean_abs /= videos[0].rgb.size();
+  EXPECT_LT(mean_abs, 8.0);  // same weights and noise; bf16 rounding only
+}
+
 TEST_F(PipelineTest, WarmupRuns) { EXPECT_TRUE(pipeline_->Warmup().ok()); }
 
 // The default request: 256x256, 17 frames, 4 steps, CFG. Records its
