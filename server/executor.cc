@@ -133,6 +133,8 @@ absl::StatusOr<std::shared_ptr<JobHandle>> Executor::Submit(ResolvedRequest requ
     *accepted->mutable_resolved_request() = handle->request().resolved;
     handle->events().Push(std::move(event));
     queued_.push_back(handle);
+    // A higher-priority arrival moves the jobs it overtakes back.
+    ReportQueuePositionsLocked();
     if (options_.metrics) options_.metrics->SetQueueDepth(static_cast<int>(queued_.size()));
   }
   return handle;
@@ -488,27 +490,26 @@ void Executor::PushProgress(JobHandle& handle, v1::Stage stage, int step, int to
 }
 
 void Executor::ReportQueuePositions() {
-  std::vector<std::pair<std::shared_ptr<JobHandle>, int>> moved;
-  {
-    absl::MutexLock lock(&mu_);
-    std::vector<QueuedJobView> views;
-    for (const auto& q : queued_) views.push_back({q->sequence(), q->request().priority});
-    for (const auto& q : queued_) {
-      const int position = QueuePosition(views, q->request().priority, q->sequence());
-      if (position != q->queue_position()) {
-        q->set_queue_position(position);
-        moved.emplace_back(q, position);
-      }
-    }
-  }
-  for (auto& [handle, position] : moved) {
+  absl::MutexLock lock(&mu_);
+  ReportQueuePositionsLocked();
+}
+
+void Executor::ReportQueuePositionsLocked() {
+  // Pushed under mu_ so that updates computed by Submit (gRPC thread) and by the executor thread
+  // reach each channel in the order they were computed.
+  std::vector<QueuedJobView> views;
+  for (const auto& q : queued_) views.push_back({q->sequence(), q->request().priority});
+  for (const auto& q : queued_) {
+    const int position = QueuePosition(views, q->request().priority, q->sequence());
+    if (position == q->queue_position()) continue;
+    q->set_queue_position(position);
     v1::GenerateEvent event;
     v1::JobProgress* progress = event.mutable_progress();
     progress->set_stage(v1::STAGE_QUEUED);
-    progress->set_total_steps(handle->request().engine.num_steps);
+    progress->set_total_steps(q->request().engine.num_steps);
     progress->set_queue_position(position);
-    progress->set_elapsed_seconds(Seconds(options_.clock->Now() - handle->accepted_time()));
-    handle->events().Push(std::move(event));
+    progress->set_elapsed_seconds(Seconds(options_.clock->Now() - q->accepted_time()));
+    q->events().Push(std::move(event));
   }
 }
 

@@ -104,7 +104,9 @@ class Executor {
   CancelReason StopReason(const JobHandle& handle, absl::Time now, bool stopping) const;
   void PushProgress(JobHandle& handle, sparge::v1::Stage stage, int step, int total_steps,
                     float sparsity, double eta_seconds);
+  // Tells queued jobs whose position changed their new one (a STAGE_QUEUED progress event).
   void ReportQueuePositions() ABSL_LOCKS_EXCLUDED(mu_);
+  void ReportQueuePositionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double EstimateRemainingSeconds(const RunningJob& job) const;
   void UpdateGauges();
 

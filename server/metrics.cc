@@ -1,9 +1,12 @@
 #include "server/metrics.h"
 
+#include <sys/socket.h>
+
 #include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "httplib.h"
 #include "prometheus/text_serializer.h"
 
@@ -70,7 +73,7 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
   video_encode_ = AddHistogram(r, kVideoEncodeSeconds, "MP4/PNG encoding per job, seconds",
                                Exponential(0.001, 2.0, 16));
   Buckets ratio;
-  for (int i = 1; i <= 20; ++i) ratio.push_back(i * 0.05);
+  for (int i = 1; i <= 20; ++i) ratio.push_back(i / 20.0);  // exact decimals in labels
   sparsity_ = AddHistogram(r, kAttentionSparsityRatio,
                            "Fraction of self-attention token pairs skipped, per job and step",
                            std::move(ratio));
@@ -100,6 +103,12 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     const ServerMetrics* metrics, const std::string& address, int port) {
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
   server->http_ = std::make_unique<httplib::Server>();
+  // httplib's default adds SO_REUSEPORT, which would let a second server share the port
+  // silently; keep only SO_REUSEADDR so a taken port is an error.
+  server->http_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   server->http_->Get("/metrics", [metrics](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics->SerializeText(), "text/plain; version=0.0.4; charset=utf-8");
   });
@@ -118,6 +127,12 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   }
   httplib::Server* http = server->http_.get();
   server->thread_ = std::thread([http] { http->listen_after_bind(); });
+  // httplib's stop() is a no-op until the listen loop has marked itself running, so a Stop()
+  // right after Start() would leave the thread listening forever: wait for it first.
+  for (int i = 0; i < 5000 && !http->is_running(); ++i) absl::SleepFor(absl::Milliseconds(1));
+  if (!http->is_running()) {
+    return absl::InternalError("metrics: the HTTP server thread did not start");
+  }
   return server;
 }
 

@@ -255,10 +255,12 @@ absl::StatusOr<int> SpargeServer::Start() {
       grpc_server_.reset();
       return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " (port in use?)"));
     }
-    // The default health service starts out SERVING; nobody has had time to ask yet.
-    grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService();
-    if (health != nullptr && !executor_->ready()) {
-      health->SetServingStatus(false);
+    // The default health service starts out SERVING; nobody has had time to ask yet. The model
+    // may have become ready before grpc_server_ existed (OnModelReady then did nothing).
+    if (grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService()) {
+      const bool ready = executor_->ready();
+      health->SetServingStatus(ready);
+      health->SetServingStatus(kServiceName, ready);
     }
   }
   LogInfo(absl::StrCat("gRPC listening on ", address, " (port ", port_, "), metrics ",

@@ -1,0 +1,362 @@
+// The executor with a FakePipeline: event order, cancellation within one step, deadlines on a
+// fake clock, queue limits and positions, failures isolated to their job, batching, shutdown.
+// Synchronization is by notifications from the fake's step hook: no sleeps.
+#include "server/executor.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/testing/fake_pipeline.h"
+
+namespace sparge::server {
+namespace {
+
+namespace v1 = ::sparge::v1;
+using ::testing::HasSubstr;
+using testing::FakeClock;
+using testing::FakePipelineCounters;
+using testing::FakePipelineOptions;
+
+constexpr absl::Duration kWait = absl::Seconds(30);  // a safety net, never reached when passing
+
+struct Drained {
+  std::vector<v1::GenerateEvent> events;
+  absl::Status status = absl::UnknownError("not drained");
+};
+
+Drained Drain(JobHandle& handle) {
+  Drained d;
+  while (true) {
+    JobEventChannel::Item item = handle.events().TryPop();
+    if (item.event.has_value()) {
+      d.events.push_back(*item.event);
+    } else if (item.final_status.has_value()) {
+      d.status = *item.final_status;
+      return d;
+    } else if (!handle.events().WaitReadable(kWait)) {
+      ADD_FAILURE() << "job " << handle.id() << " never ended";
+      return d;
+    }
+  }
+}
+
+ResolvedRequest Request(const std::string& prompt, int steps = 4) {
+  v1::GenerateRequest r;
+  r.set_prompt(prompt);
+  r.set_num_steps(steps);
+  r.set_width(64);
+  r.set_height(64);
+  r.set_num_frames(5);
+  absl::StatusOr<ResolvedRequest> resolved =
+      ResolveRequest(r, RequestLimits(), RequestDefaults(), [] { return uint64_t{99}; });
+  EXPECT_TRUE(resolved.ok()) << resolved.status();
+  return *resolved;
+}
+
+class ExecutorTest : public ::testing::Test {
+ protected:
+  void StartExecutor(FakePipelineOptions fake = {}, int max_queue = 8, int max_running = 1) {
+    ExecutorOptions options;
+    options.create_pipeline = testing::FakePipelineFactory(std::move(fake), counters_);
+    options.encode_video = testing::FakeVideoEncoder();
+    options.clock = &clock_;
+    options.metrics = &metrics_;
+    options.scheduler.max_queue_length = max_queue;
+    options.scheduler.max_running_jobs = max_running;
+    options.output_chunk_bytes = 1024;
+    absl::StatusOr<std::unique_ptr<Executor>> e = Executor::Create(std::move(options));
+    ASSERT_TRUE(e.ok()) << e.status();
+    executor_ = *std::move(e);
+  }
+  void StartReady(FakePipelineOptions fake = {}, int max_queue = 8, int max_running = 1) {
+    StartExecutor(std::move(fake), max_queue, max_running);
+    ASSERT_TRUE(executor_->WaitUntilReady(kWait).ok());
+  }
+  std::shared_ptr<JobHandle> Submit(const std::string& prompt, int steps = 4,
+                                    absl::Time deadline = absl::InfiniteFuture()) {
+    absl::StatusOr<std::shared_ptr<JobHandle>> h =
+        executor_->Submit(Request(prompt, steps), deadline);
+    EXPECT_TRUE(h.ok()) << h.status();
+    return h.ok() ? *h : nullptr;
+  }
+
+  std::shared_ptr<FakePipelineCounters> counters_ = std::make_shared<FakePipelineCounters>();
+  FakeClock clock_;
+  ServerMetrics metrics_;
+  std::unique_ptr<Executor> executor_;
+};
+
+TEST_F(ExecutorTest, EventsArriveInOrderAndTheFileIsComplete) {
+  StartReady();
+  EXPECT_EQ(counters_->warmups.load(), 1);
+  std::shared_ptr<JobHandle> job = Submit("a fox", 4);
+  Drained d = Drain(*job);
+  ASSERT_TRUE(d.status.ok()) << d.status;
+  ASSERT_GE(d.events.size(), 9u);
+
+  // accepted, TEXT_ENCODE, 4 x DENOISE, VAE_DECODE, VIDEO_ENCODE, chunk..., completed.
+  size_t i = 0;
+  ASSERT_TRUE(d.events[i].has_accepted());
+  EXPECT_EQ(d.events[i].accepted().job_id(), job->id());
+  EXPECT_EQ(d.events[i].accepted().queue_position(), 0);
+  EXPECT_EQ(d.events[i].accepted().resolved_request().seed(), 99u);
+  ++i;
+  ASSERT_TRUE(d.events[i].has_progress());
+  EXPECT_EQ(d.events[i].progress().stage(), v1::STAGE_TEXT_ENCODE);
+  ++i;
+  const engine::SparsityKnobs knobs = job->request().engine.sparsity;
+  for (int step = 1; step <= 4; ++step, ++i) {
+    ASSERT_TRUE(d.events[i].has_progress()) << i;
+    const v1::JobProgress& p = d.events[i].progress();
+    EXPECT_EQ(p.stage(), v1::STAGE_DENOISE);
+    EXPECT_EQ(p.step(), step);
+    EXPECT_EQ(p.total_steps(), 4);
+    EXPECT_FLOAT_EQ(p.achieved_sparsity(), testing::FakeSparsity(knobs, step - 1));
+    EXPECT_GE(p.eta_seconds(), 0.0);
+  }
+  EXPECT_FLOAT_EQ(d.events[2].progress().achieved_sparsity(), 0.0f);  // dense_steps = 1
+  EXPECT_GT(d.events[3].progress().achieved_sparsity(), 0.0f);
+  EXPECT_EQ(d.events[i++].progress().stage(), v1::STAGE_VAE_DECODE);
+  EXPECT_EQ(d.events[i++].progress().stage(), v1::STAGE_VIDEO_ENCODE);
+  std::string file;
+  for (; i < d.events.size() && d.events[i].has_chunk(); ++i) {
+    EXPECT_EQ(d.events[i].chunk().offset(), static_cast<int64_t>(file.size()));
+    EXPECT_LE(d.events[i].chunk().data().size(), 1024u);
+    file += d.events[i].chunk().data();
+  }
+  ASSERT_EQ(i + 1, d.events.size());
+  ASSERT_TRUE(d.events[i].has_completed());
+  const v1::GenerateCompleted& c = d.events[i].completed();
+  EXPECT_EQ(c.file_size_bytes(), static_cast<int64_t>(file.size()));
+  EXPECT_GT(file.size(), 1024u);  // several chunks
+  EXPECT_EQ(file.rfind("FAKE mp4 64x64x5@16\n", 0), 0u);
+  EXPECT_EQ(c.content_type(), "video/mp4");
+  EXPECT_EQ(c.job_id(), job->id());
+  EXPECT_EQ(c.width(), 64);
+  EXPECT_EQ(c.num_frames(), 5);
+  EXPECT_EQ(c.seed(), 99u);
+  const float expected_mean = (0 + 3 * testing::FakeSparsity(knobs, 1)) / 4;
+  EXPECT_NEAR(c.mean_achieved_sparsity(), expected_mean, 1e-6);
+  EXPECT_EQ(job->state(), JobState::kSucceeded);
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+}
+
+TEST_F(ExecutorTest, CancellationStopsWithinOneStepAndFreesTheJob) {
+  absl::Notification submitted;
+  std::shared_ptr<JobHandle> job;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>&, int steps_done) {
+    submitted.WaitForNotification();
+    if (steps_done == 2) job->Cancel(CancelReason::kClient);  // as if the client hung up
+  };
+  StartReady(fake);
+  job = Submit("cancel me", 10);
+  submitted.Notify();
+  Drained d = Drain(*job);
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(d.status.message(), HasSubstr("after step 2/10"));
+  EXPECT_EQ(counters_->job_steps.load(), 2);  // no step after the one that saw the cancel
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+  EXPECT_EQ(counters_->decodes.load(), 0);
+  for (const v1::GenerateEvent& e : d.events) {
+    EXPECT_FALSE(e.has_chunk());
+    EXPECT_FALSE(e.has_completed());
+  }
+  EXPECT_EQ(job->state(), JobState::kCancelled);
+  EXPECT_THAT(metrics_.SerializeText(),
+              HasSubstr("sparge_cancellations_total{reason=\"client\"} 1"));
+  // The executor keeps serving.
+  EXPECT_TRUE(Drain(*Submit("next", 2)).status.ok());
+}
+
+TEST_F(ExecutorTest, DeadlineOnTheInjectedClockStopsTheJob) {
+  absl::Notification submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>&, int steps_done) {
+    submitted.WaitForNotification();
+    if (steps_done == 1) clock_.Advance(absl::Seconds(11));
+  };
+  StartReady(fake);
+  std::shared_ptr<JobHandle> job = Submit("slow", 4, clock_.Now() + absl::Seconds(10));
+  submitted.Notify();
+  Drained d = Drain(*job);
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(counters_->job_steps.load(), 1);
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+  EXPECT_EQ(job->state(), JobState::kDeadlineExceeded);
+  EXPECT_THAT(metrics_.SerializeText(),
+              HasSubstr("sparge_cancellations_total{reason=\"deadline\"} 1"));
+}
+
+TEST_F(ExecutorTest, QueueFullIsResourceExhaustedAndQueuedJobsStillRun) {
+  absl::Notification first_in_step, release;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] == "first") {
+      first_in_step.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartReady(fake, /*max_queue=*/1);
+  std::shared_ptr<JobHandle> first = Submit("first", 1);
+  first_in_step.WaitForNotification();
+  std::shared_ptr<JobHandle> second = Submit("second", 1);
+  EXPECT_EQ(executor_->queue_depth(), 1);
+  absl::StatusOr<std::shared_ptr<JobHandle>> third = executor_->Submit(Request("third"));
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(third.status().message(), "queue full (max_queue_length=1)");
+  release.Notify();
+  EXPECT_TRUE(Drain(*first).status.ok());
+  EXPECT_TRUE(Drain(*second).status.ok());
+}
+
+TEST_F(ExecutorTest, QueuePositionsFollowPriorityAndAreUpdated) {
+  absl::Notification first_in_step, release;
+  std::vector<std::string> start_order;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (steps_done == 1) start_order.push_back(prompts[0]);
+    if (prompts[0] == "a") {
+      first_in_step.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartReady(fake);
+  std::shared_ptr<JobHandle> a = Submit("a", 1);
+  first_in_step.WaitForNotification();
+  std::shared_ptr<JobHandle> b = Submit("b", 1);
+  std::shared_ptr<JobHandle> c = Submit("c", 1);
+  ResolvedRequest urgent = Request("d", 1);
+  urgent.priority = JobPriority::kHigh;
+  absl::StatusOr<std::shared_ptr<JobHandle>> d = executor_->Submit(urgent);
+  ASSERT_TRUE(d.ok());
+  release.Notify();
+  Drained da = Drain(*a), db = Drain(*b), dc = Drain(*c), dd = Drain(**d);
+  EXPECT_THAT(start_order, ::testing::ElementsAre("a", "d", "b", "c"));
+  EXPECT_EQ(db.events[0].accepted().queue_position(), 0);
+  EXPECT_EQ(dc.events[0].accepted().queue_position(), 1);
+  EXPECT_EQ(dd.events[0].accepted().queue_position(), 0);
+  // b was pushed back by d, then moved up when d started.
+  std::vector<int> b_positions;
+  for (const v1::GenerateEvent& e : db.events) {
+    if (e.has_progress() && e.progress().stage() == v1::STAGE_QUEUED) {
+      b_positions.push_back(e.progress().queue_position());
+    }
+  }
+  EXPECT_THAT(b_positions, ::testing::ElementsAre(1, 0));
+}
+
+TEST_F(ExecutorTest, FailingJobsFailAloneWithTheirStatus) {
+  StartReady();
+  for (const char* marker : {testing::kFailStart, testing::kFailStep, testing::kFailDecode}) {
+    std::shared_ptr<JobHandle> bad = Submit(std::string("boom ") + marker, 3);
+    std::shared_ptr<JobHandle> good = Submit("fine", 2);
+    Drained d = Drain(*bad);
+    EXPECT_EQ(d.status.code(), absl::StatusCode::kInternal) << marker;
+    EXPECT_THAT(d.status.message(), HasSubstr("fake")) << marker;
+    EXPECT_EQ(bad->state(), JobState::kFailed);
+    Drained g = Drain(*good);
+    EXPECT_TRUE(g.status.ok()) << marker << ": " << g.status;
+    EXPECT_TRUE(g.events.back().has_completed());
+  }
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+}
+
+TEST_F(ExecutorTest, EncoderFailureAndExceptionsFailOnlyThatJob) {
+  ExecutorOptions options;
+  options.create_pipeline = testing::FakePipelineFactory({}, counters_);
+  options.clock = &clock_;
+  options.encode_video = [](const engine::VideoFrames& f, int fps,
+                            engine::VideoContainer c) -> absl::StatusOr<engine::EncodedVideo> {
+    if (c == engine::VideoContainer::kPngTar) throw std::runtime_error("encoder bug");
+    return testing::FakeVideoEncoder()(f, fps, c);
+  };
+  absl::StatusOr<std::unique_ptr<Executor>> e = Executor::Create(std::move(options));
+  ASSERT_TRUE(e.ok());
+  executor_ = *std::move(e);
+  ASSERT_TRUE(executor_->WaitUntilReady(kWait).ok());
+  ResolvedRequest png = Request("png", 1);
+  png.output_format = OutputFormat::kPngFrames;
+  std::shared_ptr<JobHandle> bad = *executor_->Submit(png);
+  Drained d = Drain(*bad);
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(d.status.message(), HasSubstr("EncodeVideo threw: encoder bug"));
+  EXPECT_TRUE(Drain(*Submit("mp4", 1)).status.ok());
+}
+
+TEST_F(ExecutorTest, CompatibleJobsShareSteps) {
+  absl::Notification b_submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts.size() == 1 && prompts[0] == "a") b_submitted.WaitForNotification();
+  };
+  StartReady(fake, 8, /*max_running=*/2);
+  std::shared_ptr<JobHandle> a = Submit("a", 4);
+  std::shared_ptr<JobHandle> b = Submit("b", 4);
+  b_submitted.Notify();
+  EXPECT_TRUE(Drain(*a).status.ok());
+  EXPECT_TRUE(Drain(*b).status.ok());
+  EXPECT_EQ(counters_->max_batch.load(), 2);
+  EXPECT_EQ(counters_->job_steps.load(), 8);
+  EXPECT_LT(counters_->step_calls.load(), 8);
+  EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_batch_size_bucket{le=\"2\"}"));
+}
+
+TEST_F(ExecutorTest, NotReadyWhileLoadingAndLoadFailureIsReported) {
+  FakePipelineOptions fake;
+  fake.create_status = absl::NotFoundError("no such model");
+  StartExecutor(fake);
+  absl::Status ready = executor_->WaitUntilReady(kWait);
+  EXPECT_EQ(ready.code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(executor_->ready());
+  absl::StatusOr<std::shared_ptr<JobHandle>> h = executor_->Submit(Request("x"));
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(h.status().message(), HasSubstr("no such model"));
+}
+
+TEST_F(ExecutorTest, WarmupFailureIsALoadFailure) {
+  FakePipelineOptions fake;
+  fake.warmup_status = absl::ResourceExhaustedError("out of memory");
+  StartExecutor(fake);
+  absl::Status ready = executor_->WaitUntilReady(kWait);
+  EXPECT_EQ(ready.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(ready.message(), HasSubstr("warm-up failed"));
+}
+
+TEST_F(ExecutorTest, StopEndsQueuedAndRunningJobsWithUnavailable) {
+  absl::Notification in_step, release;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] == "running") {
+      in_step.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartReady(fake);
+  std::shared_ptr<JobHandle> running = Submit("running", 5);
+  in_step.WaitForNotification();
+  std::shared_ptr<JobHandle> queued = Submit("queued", 5);
+  std::thread stopper([&] { executor_->Stop(); });
+  // Release the step only once Stop() has begun (ready() turns false), so the step boundary
+  // that follows sees it.
+  for (int i = 0; i < 30000 && executor_->ready(); ++i) absl::SleepFor(absl::Milliseconds(1));
+  ASSERT_FALSE(executor_->ready());
+  release.Notify();
+  stopper.join();
+  EXPECT_EQ(Drain(*running).status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Drain(*queued).status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+  EXPECT_EQ(counters_->job_steps.load(), 1);
+  EXPECT_THAT(metrics_.SerializeText(),
+              HasSubstr("sparge_cancellations_total{reason=\"shutdown\"} 2"));
+  EXPECT_EQ(executor_->Submit(Request("late")).status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace sparge::server
