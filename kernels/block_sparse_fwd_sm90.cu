@@ -368,9 +368,10 @@ cudaError_t LaunchN(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t Launch(const FwdParams& p, cudaStream_t stream) {
-  // tile_n: 0 = pipelined 128-key tiles where block_k allows, 128 = unpipelined, 64 = small tiles.
+  // 128-key tiles where block_k allows (unless tile_n == 64); the pipelined kernel on request
+  // (it measured slower, see kernels/NOTES.md).
   if (p.block_k % 128 != 0 || p.tile_n == 64) return LaunchN<T, D, 64>(p, stream);
-  return p.tile_n == 128 ? LaunchN<T, D, 128>(p, stream) : LaunchPipe<T, D>(p, stream);
+  return p.pipelined ? LaunchPipe<T, D>(p, stream) : LaunchN<T, D, 128>(p, stream);
 }
 
 }  // namespace

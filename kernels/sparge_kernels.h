@@ -62,9 +62,10 @@ struct FwdParams {
   const int32_t* indices = nullptr;  // [B][H][Nq][Nk]
   float* lse = nullptr;              // [B][H][L]
   FwdImpl impl = FwdImpl::kWgmma;
-  // wgmma key tile: 0 = auto (pipelined 128-key tiles when block_k allows, else 64), 128 =
-  // unpipelined 128-key tiles, 64 = 64-key tiles at two CTAs per SM.
+  // wgmma key tile: 0 = auto (128 keys when block_k allows, else 64), 64 = 64-key tiles at two
+  // CTAs per SM. pipelined: the 3-stage kernel issuing the next S during the softmax (128 only).
   int tile_n = 0;
+  bool pipelined = false;
 };
 
 // Backward: dQ, dK, dV from dO, O and lse, visiting kept blocks only (FlashAttention-2 style

@@ -155,13 +155,13 @@ def main():
         ours_dense_fwd_mma = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
         del os.environ["SPARGE_FWD_IMPL"]
         print(f"{name} ours dense-mode fwd mma.sync {ours_dense_fwd_mma:.2f} ms", flush=True)
-        alt_tile = "128" if bk % 128 == 0 else None  # the unpipelined 128-key kernel
+        alt_tile = "1" if bk % 128 == 0 else None  # the pipelined 128-key kernel
         ours_dense_fwd_alt = None
         if alt_tile:
-            os.environ["SPARGE_FWD_TILE"] = alt_tile
+            os.environ["SPARGE_FWD_PIPELINED"] = alt_tile
             ours_dense_fwd_alt = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
-            del os.environ["SPARGE_FWD_TILE"]
-            print(f"{name} ours dense-mode fwd wgmma unpipelined {ours_dense_fwd_alt:.2f} ms", flush=True)
+            del os.environ["SPARGE_FWD_PIPELINED"]
+            print(f"{name} ours dense-mode fwd wgmma pipelined {ours_dense_fwd_alt:.2f} ms", flush=True)
         print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
         del cD, iD, tcD, tiD
         torch.cuda.empty_cache()
@@ -175,9 +175,9 @@ def main():
             del os.environ["SPARGE_FWD_IMPL"]
             attn_alt_ms = None
             if alt_tile:
-                os.environ["SPARGE_FWD_TILE"] = alt_tile
+                os.environ["SPARGE_FWD_PIPELINED"] = alt_tile
                 attn_alt_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
-                del os.environ["SPARGE_FWD_TILE"]
+                del os.environ["SPARGE_FWD_PIPELINED"]
 
             def ours_fwd():
                 c_, i_, _, _ = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
@@ -199,8 +199,8 @@ def main():
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
-                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_unpipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
-                       ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_unpipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
+                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
+                       ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_pipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
             row.update(dense)
             if flex is not None:
                 try:

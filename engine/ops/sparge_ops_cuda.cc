@@ -152,9 +152,11 @@ std::tuple<Tensor, Tensor> AttentionFwdCuda(const Tensor& q_in, const Tensor& k_
   const char* impl_env = std::getenv("SPARGE_FWD_IMPL");
   const bool use_mma = impl_env != nullptr && std::string(impl_env) == "mma";
   p.impl = use_mma ? k::FwdImpl::kMmaSync : k::FwdImpl::kWgmma;
-  // SPARGE_FWD_TILE=64|128 overrides the wgmma key tile (benchmarks).
+  // SPARGE_FWD_TILE=64 and SPARGE_FWD_PIPELINED=1 select other wgmma variants (benchmarks).
   const char* tile_env = std::getenv("SPARGE_FWD_TILE");
   p.tile_n = tile_env != nullptr ? std::atoi(tile_env) : 0;
+  const char* pipe_env = std::getenv("SPARGE_FWD_PIPELINED");
+  p.pipelined = pipe_env != nullptr && std::string(pipe_env) == "1";
   if (const char* why = k::CanImplementFwd(p)) TORCH_CHECK(false, "block_sparse_attention_fwd: ", why);
   Check(k::LaunchBlockSparseFwd(p, at::cuda::getCurrentCUDAStream()), "block_sparse_attention_fwd");
   return {o, lse};

@@ -36,7 +36,8 @@ struct Outs {
 
 // Runs the kernels directly on outputs pre-filled with NaN, so unwritten elements are caught.
 Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const BlockMask& m,
-                double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma, int tile_n = 0) {
+                double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma, int tile_n = 0,
+                bool pipelined = false) {
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   Outs r;
   r.o = at::full({B, L, H, D}, NAN, q.options());
@@ -59,6 +60,7 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   f.lse = r.lse.data_ptr<float>();
   f.impl = impl;
   f.tile_n = tile_n;
+  f.pipelined = pipelined;
   EXPECT_EQ(kn::CanImplementFwd(f), nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EXPECT_EQ(kn::LaunchBlockSparseFwd(f, stream), cudaSuccess);
@@ -184,8 +186,8 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(testing::RelErr(rm.dk, ref.dk), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dv, ref.dv), 2.5 * tol) << what << " (mma.sync)";
   if (bk % 128 == 0) {  // the other wgmma forward variants on 128-wide blocks
-    for (int tile : {64, 128}) {
-      Outs rt = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile);
+    for (int tile : {64, 128}) {  // 128 here = the pipelined kernel
+      Outs rt = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, tile == 128);
       ASSERT_TRUE(AllFinite(rt.o) && AllFinite(rt.lse)) << what << " tile " << tile;
       EXPECT_LT(testing::RelErr(rt.o, ref.o), tol) << what << " (wgmma tile " << tile << ")";
       EXPECT_LT(testing::RelErr(rt.lse, ref.lse), 1e-4) << what << " (wgmma tile " << tile << ")";
