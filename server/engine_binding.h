@@ -1,13 +1,14 @@
 // Connects the server to the real engine: Pipeline::Create for the configured model and the FFmpeg
-// video encoder. Binaries and real-model tests use EngineServerDeps(config); unit tests use fakes
-// instead and need not link the engine. Thread-safe (returns plain function objects).
+// video encoder. Binaries and real-model tests put these into ServerDeps; unit tests use fakes and
+// need not link the engine. Protobuf-free on purpose (see engine_interface.h). Thread-safe.
 #pragma once
 
-#include "server/config.h"
-#include "server/video_service.h"
+#include "engine/pipeline.h"
+#include "server/engine_interface.h"
 
 namespace sparge::server {
 
-ServerDeps EngineServerDeps(const ServerConfig& config);
+PipelineFactory EnginePipelineFactory(const engine::PipelineConfig& config);
+VideoEncodeFn EngineVideoEncoder();
 
 }  // namespace sparge::server

@@ -21,17 +21,13 @@
 #include "engine/video/video_encoder.h"
 #include "server/clock.h"
 #include "server/config.h"
+#include "server/engine_interface.h"
 #include "server/job.h"
 #include "server/metrics.h"
 #include "server/request_validation.h"
 #include "server/scheduler_policy.h"
 
 namespace sparge::server {
-
-// Runs on the executor thread, which then owns the pipeline (CUDA state is per thread).
-using PipelineFactory = std::function<absl::StatusOr<std::unique_ptr<engine::Pipeline>>()>;
-using VideoEncodeFn = std::function<absl::StatusOr<engine::EncodedVideo>(
-    const engine::VideoFrames& frames, int fps, engine::VideoContainer container)>;
 
 struct ExecutorOptions {
   PipelineFactory create_pipeline;  // required

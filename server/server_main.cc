@@ -107,7 +107,8 @@ int Run(int argc, char** argv) {
                        "), device ", config.model.device, ", config ",
                        config_path.empty() ? "built-in defaults" : config_path));
   absl::StatusOr<std::unique_ptr<SpargeServer>> server =
-      SpargeServer::Create(config, EngineServerDeps(config));
+      SpargeServer::Create(config, ServerDeps{EnginePipelineFactory(config.model),
+                                              EngineVideoEncoder()});
   if (!server.ok()) {
     LogError(server.status().ToString());
     return 1;
