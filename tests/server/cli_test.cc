@@ -1,5 +1,6 @@
 // sparge-cli against an in-process server (FakePipeline, fake encoder): generate writes the file
 // and a summary, bad flags and bad requests fail with the field named, info and health work.
+#include <stdlib.h>
 #include <sys/wait.h>
 
 #include <cstdlib>
@@ -49,8 +50,13 @@ class CliTest : public ::testing::Test {
     ASSERT_TRUE(port.ok()) << port.status();
     ASSERT_TRUE(server_->WaitUntilReady(absl::Seconds(30)).ok());
     address_ = absl::StrCat("127.0.0.1:", *port);
-    dir_ = ::testing::TempDir();
+    // ctest runs tests in parallel processes: each gets its own directory.
+    std::string pattern = ::testing::TempDir() + "/sparge_cli_test_XXXXXX";
+    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+    dir_ = pattern;
   }
+
+  void TearDown() override { std::system(("rm -rf '" + dir_ + "'").c_str()); }
 
   CliRun Cli(const std::string& args) {
     const std::string out = dir_ + "/cli.out", err = dir_ + "/cli.err";

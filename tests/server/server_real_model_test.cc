@@ -30,22 +30,11 @@ struct Output {
 
 class RealModelServerTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    ServerConfig config;
-    config.listen_address = "127.0.0.1";
-    config.port = 0;
-    config.metrics_port = 0;
-    config.warmup = false;  // keeps the test short; warm-up is exercised by sparge-server
-    absl::StatusOr<std::unique_ptr<SpargeServer>> server = SpargeServer::Create(
-        config, ServerDeps{EnginePipelineFactory(config.model), EngineVideoEncoder()});
-    ASSERT_TRUE(server.ok()) << server.status();
-    server_ = server->release();
-    absl::StatusOr<int> port = server_->Start();
-    ASSERT_TRUE(port.ok()) << port.status();
-    absl::Status ready = server_->WaitUntilReady(absl::Minutes(5));
-    ASSERT_TRUE(ready.ok()) << ready;
-    channel_ = new std::shared_ptr<grpc::Channel>(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", *port), grpc::InsecureChannelCredentials()));
+  // One server for the whole suite, started by the first test; a load failure fails every test
+  // (not just the suite set-up, which ctest would report as skipped tests).
+  void SetUp() override {
+    if (server_ == nullptr && start_status_.ok()) start_status_ = StartServer();
+    ASSERT_TRUE(start_status_.ok()) << start_status_;
   }
   static void TearDownTestSuite() {
     delete channel_;
@@ -53,9 +42,22 @@ class RealModelServerTest : public ::testing::Test {
     delete server_;
     server_ = nullptr;
   }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    ASSERT_NE(channel_, nullptr);
+
+  static absl::Status StartServer() {
+    ServerConfig config;
+    config.listen_address = "127.0.0.1";
+    config.port = 0;
+    config.metrics_port = 0;
+    config.warmup = false;  // keeps the test short; warm-up is exercised by sparge-server
+    absl::StatusOr<std::unique_ptr<SpargeServer>> server = SpargeServer::Create(
+        config, ServerDeps{EnginePipelineFactory(config.model), EngineVideoEncoder()});
+    if (!server.ok()) return server.status();
+    server_ = server->release();
+    absl::StatusOr<int> port = server_->Start();
+    if (!port.ok()) return port.status();
+    channel_ = new std::shared_ptr<grpc::Channel>(grpc::CreateChannel(
+        absl::StrCat("127.0.0.1:", *port), grpc::InsecureChannelCredentials()));
+    return server_->WaitUntilReady(absl::Minutes(5));
   }
 
   static Output Generate(const v1::GenerateRequest& request) {
@@ -93,10 +95,12 @@ class RealModelServerTest : public ::testing::Test {
   }
 
   static SpargeServer* server_;
+  static absl::Status start_status_;
   static std::shared_ptr<grpc::Channel>* channel_;
 };
 
 SpargeServer* RealModelServerTest::server_ = nullptr;
+absl::Status RealModelServerTest::start_status_;
 std::shared_ptr<grpc::Channel>* RealModelServerTest::channel_ = nullptr;
 
 TEST_F(RealModelServerTest, StreamsAnMp4OfTheRequestedSize) {
