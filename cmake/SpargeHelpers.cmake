@@ -1,3 +1,7 @@
+# Link feature: keep a shared library whose only job is to register things at load time.
+set(CMAKE_LINK_LIBRARY_USING_SPARGE_NO_AS_NEEDED "LINKER:--push-state,--no-as-needed" "<LINK_ITEM>" "LINKER:--pop-state")
+set(CMAKE_LINK_LIBRARY_USING_SPARGE_NO_AS_NEEDED_SUPPORTED TRUE)
+
 # Small helpers that keep each folder's CMakeLists short (after Abseil's absl_cc_library).
 
 # Locate LibTorch inside the project venv's torch wheel (or $SPARGE_PYTHON / python3).
@@ -64,6 +68,6 @@ function(sparge_cc_test)
   target_include_directories(${A_NAME} PRIVATE ${CMAKE_SOURCE_DIR} ${CMAKE_BINARY_DIR})
   target_link_libraries(${A_NAME} PRIVATE ${A_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
   include(GoogleTest)
-  gtest_discover_tests(${A_NAME} DISCOVERY_TIMEOUT 120
+  gtest_discover_tests(${A_NAME} DISCOVERY_TIMEOUT 120 DISCOVERY_MODE PRE_TEST
     PROPERTIES LABELS "${A_LABELS}" ENVIRONMENT "SPARGE_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
 endfunction()

@@ -23,10 +23,12 @@ void SortBlocksByProbability(absl::Span<const float> probs, absl::Span<int32_t> 
 
 int TopPBlockCount(absl::Span<const float> probs, absl::Span<const int32_t> order, float topp) {
   const int num_blocks = static_cast<int>(probs.size());
-  float cumulative = 0.0f;
+  // Summed in double, as the CUDA predictor and the sparge ops do, so that every implementation
+  // agrees on rows whose running mass lands within float rounding of p.
+  double cumulative = 0.0;
   for (int n = 1; n <= num_blocks; ++n) {
-    cumulative += probs[order[n - 1]];
-    if (cumulative >= topp) return n;
+    cumulative += static_cast<double>(probs[order[n - 1]]);
+    if (cumulative >= static_cast<double>(topp)) return n;
   }
   return num_blocks;
 }
