@@ -89,6 +89,9 @@ set -euo pipefail
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p /dist/usr/local/bin "/dist${site}/torch" "/dist${site}/nvidia"
 cp build/server/sparge-server build/server/sparge-cli /dist/usr/local/bin/
+# The SentencePiece shim that the engine dlopen()s (engine/spm_shim/): found at <bin>/../lib/sparge.
+mkdir -p /dist/usr/local/lib/sparge
+cp build/engine/spm_shim/libsparge_spm.so /dist/usr/local/lib/sparge/
 # The trainer ships too once trainer/ builds a binary (a later issue).
 find build/trainer -maxdepth 1 -type f -executable -name 'sparge-*' \
   -exec cp {} /dist/usr/local/bin/ \; 2>/dev/null || true
@@ -112,7 +115,8 @@ tr ':' '\n' <<< "${libpath}" > /dist/etc/ld.so.conf.d/sparge-torch.conf
 # Debian packages that own the shared libraries the binaries load (resolved exactly as they will
 # be at run time), so the runtime stage installs those and nothing else.
 export LD_LIBRARY_PATH="${libpath}"
-for bin in /dist/usr/local/bin/*; do ldd "${bin}"; done \
+# The shim is no binary's link dependency, so its libraries (libsentencepiece) are listed here.
+for bin in /dist/usr/local/bin/* /dist/usr/local/lib/sparge/*.so; do ldd "${bin}"; done \
   | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u \
   | while read -r lib; do
       case "${lib}" in /lib/*|/usr/lib/*) ;; *) continue ;; esac
@@ -137,8 +141,8 @@ RUN apt-get update \
 
 COPY --from=build /dist/ /
 RUN ldconfig \
- && missing=$(for b in /usr/local/bin/sparge-*; do ldd "$b"; done | grep 'not found' \
-              | grep -v 'libcuda\.so' | sort -u) \
+ && missing=$(for b in /usr/local/bin/sparge-* /usr/local/lib/sparge/*.so; do ldd "$b"; done \
+              | grep 'not found' | grep -v 'libcuda\.so' | sort -u) \
  ; if [ -n "${missing}" ]; then echo "unresolved libraries:"; echo "${missing}"; exit 1; fi
 
 # The NVIDIA Container Toolkit reads these: mount every GPU and the compute driver libraries, and

@@ -1,24 +1,115 @@
 #include "engine/models/tokenizer.h"
 
+#include <dlfcn.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <utility>
-
-// Debian's SentencePiece header declares `namespace absl { using std::string_view; }`, which
-// clashes with Debian's Abseil (its absl::string_view is a class of its own). Renaming that
-// namespace for this one include keeps both usable; the library's symbols take std::string_view.
-#define absl sparge_sentencepiece_absl
-#include <sentencepiece_processor.h>
-#undef absl
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/assets/embedded_assets.h"
+#include "engine/spm_shim/spm_shim.h"
 
 namespace sparge::engine {
 namespace {
+
+// SentencePiece runs in libsparge_spm.so, opened here rather than linked: Debian's
+// libsentencepiece exports the protobuf 3.14 it embeds, and in a process that also loads the system
+// protobuf (the gRPC server) its calls would bind to that other version and abort. RTLD_DEEPBIND
+// makes the shim's dependencies resolve against themselves first; RTLD_LOCAL keeps their symbols
+// out of everyone else's lookups.
+constexpr char kShimName[] = "libsparge_spm.so";
+
+struct SpmApi {
+  decltype(&sparge_spm_load) load = nullptr;
+  decltype(&sparge_spm_free) free = nullptr;
+  decltype(&sparge_spm_vocab_size) vocab_size = nullptr;
+  decltype(&sparge_spm_pad_id) pad_id = nullptr;
+  decltype(&sparge_spm_eos_id) eos_id = nullptr;
+  decltype(&sparge_spm_encode) encode = nullptr;
+};
+
+// Where the shim may be, most specific first: an explicit override, beside the executable (or an
+// install prefix's lib/), the build tree that produced this binary, then the loader's own search.
+std::vector<std::string> ShimCandidates() {
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("SPARGE_SPM_SHIM"); env != nullptr && env[0] != '\0') {
+    candidates.emplace_back(env);
+  }
+  std::string exe(4096, '\0');
+  const ssize_t n = readlink("/proc/self/exe", exe.data(), exe.size());
+  if (n > 0 && static_cast<size_t>(n) < exe.size()) {
+    exe.resize(static_cast<size_t>(n));
+    const std::string dir = exe.substr(0, exe.rfind('/'));
+    candidates.push_back(absl::StrCat(dir, "/", kShimName));
+    candidates.push_back(absl::StrCat(dir, "/../lib/", kShimName));
+    candidates.push_back(absl::StrCat(dir, "/../lib/sparge/", kShimName));
+  }
+#ifdef SPARGE_SPM_SHIM_DEFAULT_PATH
+  candidates.emplace_back(SPARGE_SPM_SHIM_DEFAULT_PATH);
+#endif
+  candidates.emplace_back(kShimName);
+  return candidates;
+}
+
+// Opens one candidate and resolves the whole API, or says why not.
+absl::StatusOr<SpmApi> OpenShim(const std::string& path) {
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  if (lib == nullptr) {
+    const char* error = dlerror();
+    return absl::NotFoundError(error != nullptr ? error : "dlopen failed");
+  }
+  const auto sym = [lib](const char* name) { return dlsym(lib, name); };
+  const auto abi =
+      reinterpret_cast<decltype(&sparge_spm_abi_version)>(sym("sparge_spm_abi_version"));
+  SpmApi api;
+  api.load = reinterpret_cast<decltype(api.load)>(sym("sparge_spm_load"));
+  api.free = reinterpret_cast<decltype(api.free)>(sym("sparge_spm_free"));
+  api.vocab_size = reinterpret_cast<decltype(api.vocab_size)>(sym("sparge_spm_vocab_size"));
+  api.pad_id = reinterpret_cast<decltype(api.pad_id)>(sym("sparge_spm_pad_id"));
+  api.eos_id = reinterpret_cast<decltype(api.eos_id)>(sym("sparge_spm_eos_id"));
+  api.encode = reinterpret_cast<decltype(api.encode)>(sym("sparge_spm_encode"));
+  if (abi == nullptr || api.load == nullptr || api.free == nullptr || api.vocab_size == nullptr ||
+      api.pad_id == nullptr || api.eos_id == nullptr || api.encode == nullptr) {
+    dlclose(lib);
+    return absl::NotFoundError("not a SpargeServe SentencePiece shim (symbols missing)");
+  }
+  if (const int version = abi(); version != SPARGE_SPM_ABI_VERSION) {
+    dlclose(lib);
+    return absl::NotFoundError(
+        absl::StrCat("shim ABI version ", version, ", this binary needs ", SPARGE_SPM_ABI_VERSION));
+  }
+  // Never closed: tokenizers may live until exit, and unloading SentencePiece buys nothing.
+  return api;
+}
+
+absl::StatusOr<SpmApi> LoadShim() {
+  std::vector<std::string> tried;
+  for (const std::string& path : ShimCandidates()) {
+    absl::StatusOr<SpmApi> api = OpenShim(path);
+    if (api.ok()) return api;
+    tried.push_back(absl::StrCat(path, " (", api.status().message(), ")"));
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("cannot load the SentencePiece shim ", kShimName,
+                   " (set SPARGE_SPM_SHIM to its full path); tried: ", absl::StrJoin(tried, "; ")));
+}
+
+// Loaded once per process, at the first tokenizer; a failure is remembered too.
+absl::StatusOr<const SpmApi*> Spm() {
+  static const absl::StatusOr<SpmApi>* const api = new absl::StatusOr<SpmApi>(LoadShim());
+  if (!api->ok()) return api->status();
+  return &**api;
+}
 
 void AppendUtf8(uint32_t cp, std::string* out) {
   if (cp < 0x80) {
@@ -202,24 +293,31 @@ size_t WhitespaceLength(std::string_view text, size_t pos) {
 
 }  // namespace
 
-Tokenizer::Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor)
-    : processor_(std::move(processor)) {}
+void Tokenizer::HandleDeleter::operator()(SpargeSpm* handle) const {
+  // A handle exists only once the shim has loaded, so Spm() is ok here.
+  if (handle != nullptr) (*Spm())->free(handle);
+}
+
+Tokenizer::Tokenizer(Handle handle) : handle_(std::move(handle)) {}
 
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedModel(std::string_view bytes) {
-  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const sentencepiece::util::Status status = processor->LoadFromSerializedProto(bytes);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("not a SentencePiece model: ", status.ToString()));
+  absl::StatusOr<const SpmApi*> spm = Spm();
+  if (!spm.ok()) return spm.status();
+  char error[512] = {};
+  Handle handle((*spm)->load(bytes.data(), bytes.size(), error, sizeof(error)));
+  if (handle == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("not a SentencePiece model: ", error));
   }
-  if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
+  const int pad_id = (*spm)->pad_id(handle.get());
+  const int eos_id = (*spm)->eos_id(handle.get());
+  if (pad_id != kPadId || eos_id != kEosId) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer must use pad id 0 and eos id 1 (umT5 layout), got pad ",
-                     processor->pad_id(), " eos ", processor->eos_id()));
+        absl::StrCat("tokenizer must use pad id 0 and eos id 1 (umT5 layout), got pad ", pad_id,
+                     " eos ", eos_id));
   }
-  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
+  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(handle)));
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Embedded() {
@@ -227,21 +325,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Embedded() {
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
-  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const sentencepiece::util::Status status = processor->Load(path);
-  if (!status.ok()) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot load tokenizer '", path, "': ", status.ToString()));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read tokenizer '", path, "'"));
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading tokenizer '", path, "'"));
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = FromSerializedModel(bytes);
+  if (!tokenizer.ok()) {
+    return absl::Status(tokenizer.status().code(),
+                        absl::StrCat("tokenizer '", path, "': ", tokenizer.status().message()));
   }
-  if (processor->pad_id() != kPadId || processor->eos_id() != kEosId) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer '", path, "' must use pad id 0 and eos id 1, got pad ",
-                     processor->pad_id(), " eos ", processor->eos_id()));
-  }
-  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor)));
+  return tokenizer;
 }
 
-int Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
+int Tokenizer::vocab_size() const { return (*Spm())->vocab_size(handle_.get()); }
 
 std::string Tokenizer::CleanPrompt(std::string_view text) {
   // Wan runs ftfy.fix_text first (mojibake and Unicode repairs). It has no C++ counterpart, so
@@ -269,10 +365,22 @@ std::string Tokenizer::CleanPrompt(std::string_view text) {
 Tokenizer::Encoded Tokenizer::Encode(std::string_view text, int max_len) const {
   Encoded encoded;
   if (max_len <= 0) return encoded;
-  std::vector<int> pieces;
+  const SpmApi& spm = **Spm();
+  const std::string clean = CleanPrompt(text);
+  // A piece spans at least one byte of the normalised text, which is rarely longer than the
+  // input; when normalisation does expand it, the shim reports the size and we ask again.
+  std::vector<int32_t> pieces(clean.size() + 1);
+  int64_t count = spm.encode(handle_.get(), clean.data(), clean.size(), pieces.data(),
+                             pieces.size(), nullptr, 0);
+  if (count > static_cast<int64_t>(pieces.size())) {
+    pieces.resize(static_cast<size_t>(count));
+    count = spm.encode(handle_.get(), clean.data(), clean.size(), pieces.data(), pieces.size(),
+                       nullptr, 0);
+  }
   // Encode only fails on an unloaded processor, which construction rules out; an empty piece list
   // (EOS alone) would be the harmless outcome anyway.
-  if (!processor_->Encode(CleanPrompt(text), &pieces).ok()) pieces.clear();
+  pieces.resize(
+      count < 0 || count > static_cast<int64_t>(pieces.size()) ? 0 : static_cast<size_t>(count));
   const size_t kept = std::min(pieces.size(), static_cast<size_t>(max_len - 1));
   encoded.ids.assign(static_cast<size_t>(max_len), kPadId);
   encoded.mask.assign(static_cast<size_t>(max_len), 0);

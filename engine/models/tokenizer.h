@@ -2,6 +2,7 @@
 // padding to a fixed length with an attention mask (shared/design/WAN21.md section 3).
 // Usage: auto tok = Tokenizer::Embedded(); auto enc = (*tok)->Encode("a cat", 64);
 // Thread-safety: immutable after creation; Encode may be called from any number of threads.
+// SentencePiece itself runs inside libsparge_spm.so (engine/spm_shim/), loaded at first use.
 #pragma once
 
 #include <cstdint>
@@ -12,9 +13,8 @@
 
 #include "absl/status/statusor.h"
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}  // namespace sentencepiece
+// A model inside the dlopen()ed SentencePiece shim (engine/spm_shim/spm_shim.h).
+struct SpargeSpm;
 
 namespace sparge::engine {
 
@@ -49,9 +49,14 @@ class Tokenizer {
   static std::string CleanPrompt(std::string_view text);
 
  private:
-  explicit Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor);
+  struct HandleDeleter {
+    void operator()(SpargeSpm* handle) const;
+  };
+  using Handle = std::unique_ptr<SpargeSpm, HandleDeleter>;
 
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  explicit Tokenizer(Handle handle);
+
+  Handle handle_;
 };
 
 }  // namespace sparge::engine
