@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "engine/assets/embedded_assets.h"
 #include "engine/spm_shim/spm_shim.h"
 
@@ -66,7 +67,10 @@ absl::StatusOr<SpmApi> OpenShim(const std::string& path) {
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
   if (lib == nullptr) {
     const char* error = dlerror();
-    return absl::NotFoundError(error != nullptr ? error : "dlopen failed");
+    absl::string_view message = error != nullptr ? error : "dlopen failed";
+    // dlerror() starts with the path, which the caller already reports.
+    absl::ConsumePrefix(&message, absl::StrCat(path, ": "));
+    return absl::NotFoundError(message);
   }
   const auto sym = [lib](const char* name) { return dlsym(lib, name); };
   const auto abi =
