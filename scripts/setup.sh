@@ -14,6 +14,7 @@ APT_PACKAGES=(
   libsentencepiece-dev sentencepiece
   libavcodec-dev libavformat-dev libswscale-dev libavutil-dev ffmpeg
   nlohmann-json3-dev libcpp-httplib-dev
+  prometheus
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
