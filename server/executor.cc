@@ -532,6 +532,11 @@ void Executor::UpdateGauges() {
   if (options_.metrics) {
     options_.metrics->SetQueueDepth(depth);
     options_.metrics->SetRunningJobs(static_cast<int>(running_.size()));
+    int64_t state_bytes = 0;
+    for (const RunningJob& r : running_) {
+      if (r.job != nullptr) state_bytes += r.job->state_bytes();
+    }
+    options_.metrics->SetJobStateBytes(state_bytes);
   }
 }
 

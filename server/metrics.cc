@@ -83,6 +83,8 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                        .Register(r)
                        .Add({});
   model_ready_ = AddGauge(r, kModelReady, "1 once the model is loaded and warmed up");
+  job_state_bytes_ = AddGauge(r, kJobStateBytes,
+                              "Device memory held by the state of started jobs, bytes");
 }
 
 void ServerMetrics::CountRequest(absl::string_view status_code_name) {

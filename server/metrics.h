@@ -37,6 +37,7 @@ inline constexpr char kAttentionSparsityRatio[] = "sparge_attention_sparsity_rat
 inline constexpr char kCancellationsTotal[] = "sparge_cancellations_total";
 inline constexpr char kOutputBytesTotal[] = "sparge_output_bytes_total";
 inline constexpr char kModelReady[] = "sparge_model_ready";
+inline constexpr char kJobStateBytes[] = "sparge_job_state_bytes";
 
 class ServerMetrics {
  public:
@@ -75,6 +76,10 @@ class ServerMetrics {
   void AddOutputBytes(int64_t bytes) { output_bytes_->Increment(static_cast<double>(bytes)); }
   // sparge_model_ready: 1 once the model is loaded and warmed up (health SERVING), else 0.
   void SetModelReady(bool ready) { model_ready_->Set(ready ? 1 : 0); }
+  // sparge_job_state_bytes: memory on the model's device held by the state of started jobs
+  // (latents, text embeddings, sampler history; GenerationJob::state_bytes summed). Model weights
+  // and step activations are not included.
+  void SetJobStateBytes(int64_t bytes) { job_state_bytes_->Set(static_cast<double>(bytes)); }
 
   // Prometheus text exposition format (version 0.0.4) of every metric.
   std::string SerializeText() const;
@@ -96,6 +101,7 @@ class ServerMetrics {
   prometheus::Histogram* sparsity_;
   prometheus::Counter* output_bytes_;
   prometheus::Gauge* model_ready_;
+  prometheus::Gauge* job_state_bytes_;
 };
 
 // Serves GET /metrics (text format) and GET /healthz over plain HTTP on its own thread.

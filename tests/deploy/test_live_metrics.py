@@ -106,6 +106,22 @@ def stack(tmp_path_factory):
                                 "--quiet", "--out", str(work / "out.bin"), *args],
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr
+        # A longer job, watched from /metrics while it runs: the job-state gauge must rise above
+        # 0 while the job holds state and fall back to 0 once it has finished.
+        gen = subprocess.Popen([CLI, "generate", "--server", target, "--prompt", "waves",
+                                "--width", "128", "--height", "128", "--frames", "9", "--steps",
+                                "8", "--quiet", "--out", str(work / "long.mp4")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        state_bytes_seen = set()
+        while gen.poll() is None:
+            for line in http_get(metrics_url).splitlines():
+                if line.startswith("sparge_job_state_bytes "):
+                    state_bytes_seen.add(float(line.split()[1]))
+            time.sleep(0.02)
+        assert gen.returncode == 0, gen.stderr.read()
+        assert max(state_bytes_seen, default=0) > 0, state_bytes_seen
+        assert "sparge_job_state_bytes 0" in http_get(metrics_url)
         bad = subprocess.run([CLI, "generate", "--server", target, "--prompt", "x", "--width", "17",
                               "--out", str(work / "bad.mp4")], capture_output=True, text=True)
         assert bad.returncode != 0
