@@ -62,7 +62,8 @@ def stack(tmp_path_factory):
     (work / "server.yaml").write_text(configmap["data"]["server.yaml"])
     server_log = open(work / "server.log", "w")
     server = subprocess.Popen(
-        [SERVER, "--config", str(work / "server.yaml"), "--device", "cpu", "--port", str(grpc_port),
+        # `timeout` bounds the server even if this process dies without its cleanup.
+        ["timeout", "600", SERVER, "--config", str(work / "server.yaml"), "--device", "cpu", "--port", str(grpc_port),
          "--metrics-port", str(metrics_port), "--listen-address", "127.0.0.1"],
         stdout=server_log, stderr=subprocess.STDOUT)
     procs = [server]
