@@ -156,3 +156,8 @@ def test_hpa_scales_the_deployment_on_the_adapter_metric():
 def test_prometheus_rule_is_a_copy_of_alerts_yml():
     rule = find("PrometheusRule")
     assert rule["spec"]["groups"] == load_yaml_docs(PROM / "alerts.yml")[0]["groups"]
+
+
+def test_hpa_owns_the_replica_count():
+    # A replicas field would be re-applied by every `kubectl apply`, undoing the HPA's scaling.
+    assert "replicas" not in find("Deployment")["spec"]
