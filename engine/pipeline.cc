@@ -1,11 +1,13 @@
-// Pipeline implementation for the embedded tiny Wan2.1-architecture model: umT5
-// text encoder, Wan DiT with per-element sparse self-attention, flow samplers
-// with CFG, Wan VAE decoder.
+// Pipeline implementation for Wan2.1 text-to-video (the embedded tiny model, or
+// weights loaded from a diffusers-layout model directory): umT5 text encoder, Wan
+// DiT with per-element sparse self-attention, flow samplers with CFG, Wan VAE
+// decoder.
 #include "engine/pipeline.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+#include <sys/stat.h>
 #include <torch/cuda.h>
 
 #include <chrono>
@@ -22,6 +24,7 @@
 #include "engine/attention/sparse_attention.h"
 #include "engine/base/status_macros.h"
 #include "engine/models/model_config.h"
+#include "engine/models/model_loader.h"
 #include "engine/models/tokenizer.h"
 #include "engine/models/umt5_encoder.h"
 #include "engine/models/wan_dit.h"
@@ -408,12 +411,6 @@ class TinyWanPipeline : public Pipeline {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig& config) {
-  if (config.model != "tiny") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("model \"", config.model,
-                     "\" is not available: only the embedded \"tiny\" model is "
-                     "built into this build"));
-  }
   SPARGE_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(config.device));
   SPARGE_ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDtype(config.dtype));
   if (config.block_q <= 0 || config.block_k <= 0) {
@@ -424,10 +421,31 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
     return absl::InvalidArgumentError(
         absl::StrCat("num_threads must be >= 0, got ", config.num_threads));
   }
+  std::unique_ptr<Pipeline> pipeline;
+  if (config.model != "tiny") {
+    struct stat st{};
+    if (::stat(config.model.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "model \"", config.model,
+          "\" is not available: use \"tiny\" (the embedded model) or the path of a "
+          "diffusers-layout Wan2.1 model directory (transformer/, text_encoder/, tokenizer/, vae/, "
+          "scheduler/)"));
+    }
+    SPARGE_RETURN_IF_ERROR(GuardTorch("Pipeline::Create", [&]() -> absl::Status {
+      if (config.num_threads > 0) at::set_num_threads(config.num_threads);
+      SPARGE_ASSIGN_OR_RETURN(
+          LoadedWanModel loaded,
+          LoadModelDirectory(config.model, device, dtype, config.block_q, config.block_k));
+      pipeline = std::make_unique<TinyWanPipeline>(
+          config, loaded.config.model, device, dtype, std::move(loaded.text_encoder),
+          std::move(loaded.dit), std::move(loaded.vae));
+      return absl::OkStatus();
+    }));
+    return pipeline;
+  }
   WanModelConfig model_config = TinyWanConfig();
   SPARGE_RETURN_IF_ERROR(model_config.dit.Validate());
 
-  std::unique_ptr<Pipeline> pipeline;
   SPARGE_RETURN_IF_ERROR(GuardTorch("Pipeline::Create", [&]() -> absl::Status {
     if (config.num_threads > 0) at::set_num_threads(config.num_threads);
     SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Embedded());

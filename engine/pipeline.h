@@ -81,7 +81,8 @@ struct ModelDescription {
 
 struct PipelineConfig {
   // "tiny": the embedded model (tiny Wan2.1-architecture configuration, deterministic weights
-  // drawn from weight_seed). Later: a path to a diffusers-layout model directory.
+  // drawn from weight_seed). Otherwise the path of a diffusers-layout Wan2.1 T2V model directory
+  // (transformer/, text_encoder/, tokenizer/spiece.model, vae/, scheduler/; docs/WAN21_ENGINE.md).
   std::string model = "tiny";
   std::string device = "cpu";     // "cpu", "cuda" or "cuda:N"
   std::string dtype = "float32";  // "float32" | "bfloat16" | "float16" (DiT and text encoder)
