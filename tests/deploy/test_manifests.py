@@ -16,8 +16,13 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
              ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
-def manifests():
+def kustomized():
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def manifests():
+    # jobs/: one-off Jobs applied by hand, outside the kustomization.
+    return kustomized() + sorted((K8S / "jobs").glob("*.yaml"))
 
 
 def objects():
@@ -36,7 +41,7 @@ def validate(path):
                            str(path)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.relative_to(K8S).as_posix())
 def test_schema(path, tmp_path):
     docs = load_yaml_docs(path)
     builtin = [d for d in docs if (d["apiVersion"], d["kind"]) not in CRD_KINDS]
@@ -59,7 +64,7 @@ def test_schema_check_can_fail(tmp_path):
 
 def test_kustomization_lists_every_manifest():
     k = load_yaml_docs(K8S / "kustomization.yaml")[0]
-    assert sorted(k["resources"]) == sorted(p.name for p in manifests())
+    assert sorted(k["resources"]) == sorted(p.name for p in kustomized())
     assert k["namespace"] == "sparge"
     container = find("Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] in {i["name"] for i in k["images"]}
@@ -161,3 +166,15 @@ def test_prometheus_rule_is_a_copy_of_alerts_yml():
 def test_hpa_owns_the_replica_count():
     # A replicas field would be re-applied by every `kubectl apply`, undoing the HPA's scaling.
     assert "replicas" not in find("Deployment")["spec"]
+
+
+def test_model_download_job_fills_the_model_claim():
+    (job,) = load_yaml_docs(K8S / "jobs/model-download.yaml")
+    k = load_yaml_docs(K8S / "kustomization.yaml")[0]
+    assert job["metadata"]["namespace"] == k["namespace"]
+    spec = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"sparge-models"} and find("PersistentVolumeClaim", "sparge-models")
+    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    assert env["DIR"].startswith("/models/")
