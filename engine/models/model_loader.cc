@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <exception>
 #include <fstream>
 #include <map>
@@ -285,6 +286,15 @@ absl::StatusOr<ModelDirectoryConfig> ReadModelDirectoryConfig(const std::string&
         dir, ": transformer text_dim ", m.dit.text_dim, " != text_encoder d_model ",
         m.text_encoder.d_model));
   }
+  // The pipeline sizes latents with Wan's 8x spatial / 4x temporal VAE strides.
+  const int temporal_steps = static_cast<int>(
+      std::count(m.vae.temporal_downsample.begin(), m.vae.temporal_downsample.end(), true));
+  if (m.vae.dim_mult.size() != 4 || temporal_steps != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, "/vae/config.json: the pipeline needs Wan's 8x spatial and 4x temporal compression "
+        "(4 dim_mult entries, 2 temporal downsamples), got ", m.vae.dim_mult.size(),
+        " entries and ", temporal_steps, " temporal downsamples"));
+  }
   if (m.dit.in_channels != m.vae.z_dim || m.dit.out_channels != m.vae.z_dim) {
     return absl::InvalidArgumentError(
         absl::StrCat(dir, ": transformer in/out channels ", m.dit.in_channels, "/",
@@ -364,7 +374,7 @@ absl::Status LoadParameters(const std::vector<std::pair<std::string, torch::Tens
                                       ShapeString(info.shape), " in the checkpoint, the model expects ",
                                       ShapeString(expected)));
     }
-    if (!info.dtype_name.empty() && info.dtype != torch::kFloat && info.dtype != torch::kBFloat16 &&
+    if (info.dtype != torch::kFloat && info.dtype != torch::kBFloat16 &&
         info.dtype != torch::kHalf && info.dtype != torch::kDouble) {
       problems.push_back(absl::StrCat("tensor \"", key, "\" has non-floating dtype ", info.dtype_name));
     }

@@ -85,6 +85,39 @@ TEST_F(ModelLoaderTest, ParsesDiffusersAndOriginalDiTConfigs) {
   EXPECT_FALSE(ReadUMT5Config(Write("t.json", R"({"feed_forward_proj": "relu"})")).ok());
 }
 
+TEST_F(ModelLoaderTest, DirectoryConfigsMustFitTogether) {
+  for (const char* sub : {"/transformer", "/text_encoder", "/vae", "/scheduler", "/tokenizer"}) {
+    ::mkdir((dir_ + sub).c_str(), 0755);
+  }
+  Write("transformer/config.json",
+        R"({"num_attention_heads": 2, "attention_head_dim": 12, "text_dim": 32, "ffn_dim": 32,
+            "num_layers": 1})");
+  Write("text_encoder/config.json", R"({"model_type": "umt5", "d_model": 32, "vocab_size": 512})");
+  Write("scheduler/scheduler_config.json",
+        R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0})");
+  Write("tokenizer/tokenizer_config.json", R"({"model_max_length": 77})");
+  Write("vae/config.json", R"({"base_dim": 4, "dim_mult": [1, 2, 2, 2]})");
+  auto ok = ReadModelDirectoryConfig(dir_);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->model.text_encoder.text_len, 77);
+  EXPECT_EQ(ok->scheduler.kind, SamplerKind::kEuler);
+  EXPECT_FLOAT_EQ(ok->scheduler.shift, 7.0f);
+  EXPECT_EQ(ok->model.vae.latents_mean, WanLatentsMean());
+
+  Write("vae/config.json",
+        R"({"base_dim": 4, "dim_mult": [1, 2, 2], "temperal_downsample": [false, true]})");
+  auto vae = ReadModelDirectoryConfig(dir_);
+  ASSERT_FALSE(vae.ok());
+  EXPECT_NE(vae.status().message().find("4x temporal"), std::string::npos) << vae.status();
+
+  Write("vae/config.json", R"({"base_dim": 4})");
+  Write("text_encoder/config.json", R"({"model_type": "umt5", "d_model": 48})");
+  auto text = ReadModelDirectoryConfig(dir_);
+  ASSERT_FALSE(text.ok());
+  EXPECT_NE(text.status().message().find("text_dim 32 != text_encoder d_model 48"),
+            std::string::npos) << text.status();
+}
+
 TEST(WanKeyMapTest, MapsOriginalNamesIncludingTheNormSwap) {
   const std::map<std::string, std::string> cases = {
       {"patch_embedding.weight", "patch_embedding.weight"},
