@@ -11,6 +11,7 @@ model_index.json), DIR/NAME_original/transformer/ (WanModel config and keys), an
 DIR/NAME/reference.safetensors (inputs and outputs, float32).
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -182,6 +183,16 @@ def build(name, c, out, tokenizer_model, gen):
     ref["dit.context"] = torch.randn((2, c["text_len"], c["t5_dim"]), generator=gen)
     ref["dit.out"] = dit(hidden_states=ref["dit.latents"], timestep=ref["dit.timesteps"],
                          encoder_hidden_states=ref["dit.context"], return_dict=False)[0]
+    # The same forward in bfloat16 the way diffusers runs it: parameters in bf16 except its
+    # _keep_in_fp32_modules (time embedder, modulation tables, norms), inputs cast to bf16.
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    dit_bf16 = copy.deepcopy(dit)
+    for pname, p in dit_bf16.named_parameters():
+        if not any(k in pname.split(".") for k in keep):
+            p.data = p.data.to(torch.bfloat16)
+    ref["dit.out_bf16"] = dit_bf16(
+        hidden_states=ref["dit.latents"].to(torch.bfloat16), timestep=ref["dit.timesteps"],
+        encoder_hidden_states=ref["dit.context"].to(torch.bfloat16), return_dict=False)[0].float()
     # Text encoder on token ids: one full row, one shorter (EOS, then padding rows zeroed).
     ids = torch.randint(2, VOCAB, (2, c["text_len"]), generator=gen)
     mask = torch.ones_like(ids)

@@ -101,6 +101,31 @@ TEST_P(ParityTest, DiTForwardMatchesDiffusers) {
   ExpectClose("dit_forward", out.velocity, Ref("dit.out"));
 }
 
+// bfloat16: diffusers and the engine round in different places (WAN21.md 1.4: diffusers casts
+// the time embedding to bf16 and rounds the residual stream after every add, the engine keeps
+// those in fp32), so the outputs differ by bf16 noise, not by 1e-4. Documented tolerance: at most
+// kBf16Tolerance from diffusers' own bf16 output (reached: 4.7e-3 to 6.8e-3), and at most twice
+// as far from the fp32 reference as diffusers' bf16 output is (reached: 1.1x to 1.4x).
+constexpr double kBf16Tolerance = 2e-2;
+
+TEST_P(ParityTest, DiTForwardInBfloat16MatchesDiffusersBfloat16) {
+  torch::NoGradGuard no_grad;
+  auto dit = LoadDiT(dir_ + "/transformer", torch::kCPU, torch::kBFloat16, 64, 64);
+  ASSERT_TRUE(dit.ok()) << dit.status();
+  DiTOutput out = (*dit)->Forward(Ref("dit.latents").to(torch::kBFloat16),
+                                  Ref("dit.timesteps"), Ref("dit.context").to(torch::kBFloat16),
+                                  std::vector<AttentionKnobs>(2));
+  const torch::Tensor ours = out.velocity.to(torch::kFloat);
+  const double vs_bf16 = RelativeError(ours, Ref("dit.out_bf16"));
+  const double ours_vs_fp32 = RelativeError(ours, Ref("dit.out"));
+  const double diffusers_vs_fp32 = RelativeError(Ref("dit.out_bf16"), Ref("dit.out"));
+  std::cout << "[parity] " << GetParam() << " dit_forward_bf16: max relative error " << vs_bf16
+            << " vs diffusers bf16; vs fp32 reference: ours " << ours_vs_fp32 << ", diffusers "
+            << diffusers_vs_fp32 << std::endl;
+  EXPECT_LE(vs_bf16, kBf16Tolerance);
+  EXPECT_LE(ours_vs_fp32, 2.0 * diffusers_vs_fp32);
+}
+
 TEST_P(ParityTest, OriginalWanLayoutGivesIdenticalOutputs) {
   torch::NoGradGuard no_grad;
   auto diffusers = LoadDiT(dir_ + "/transformer", torch::kCPU, torch::kFloat, 64, 64);
