@@ -113,7 +113,30 @@ bool IsDirectory(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+thread_local int deferred_init_depth = 0;
+
 }  // namespace
+
+ScopedDeferredParameterInit::ScopedDeferredParameterInit() { ++deferred_init_depth; }
+ScopedDeferredParameterInit::~ScopedDeferredParameterInit() { --deferred_init_depth; }
+bool DeferredParameterInitActive() { return deferred_init_depth > 0; }
+
+void ReleaseParametersForLoading(torch::nn::Module& module) {
+  if (!DeferredParameterInitActive()) return;
+  torch::NoGradGuard no_grad;
+  for (torch::Tensor& param : module.parameters(/*recurse=*/true)) {
+    if (IsParameterPlaceholder(param)) continue;
+    // One element expanded to the full shape: shape checks still see the real sizes, and the
+    // layer's own storage is freed here, before the next layer is built.
+    torch::Tensor one = torch::empty({1}, torch::dtype(param.scalar_type()));
+    param.set_data(param.dim() == 0 ? one.view({}) : one.expand(param.sizes()));
+  }
+}
+
+bool IsParameterPlaceholder(const torch::Tensor& param) {
+  if (!param.defined() || param.numel() <= 1 || !param.has_storage()) return false;
+  return param.storage().nbytes() <= static_cast<size_t>(param.element_size());
+}
 
 absl::StatusOr<WanDiTConfig> ReadDiTConfig(const std::string& path) {
   SPARGE_ASSIGN_OR_RETURN(Json json, ReadJson(path));
@@ -347,7 +370,8 @@ std::string WanOriginalToDiffusersKey(const std::string& key) {
 absl::Status LoadParameters(const std::vector<std::pair<std::string, torch::Tensor>>& params,
                             const Checkpoint& checkpoint,
                             const std::function<std::string(const std::string&)>& rename,
-                            const std::string& component) {
+                            const std::string& component,
+                            const ParameterPlacement& placement) {
   std::map<std::string, torch::Tensor> wanted(params.begin(), params.end());
   std::map<std::string, std::string> source_of;  // parameter -> checkpoint key
   std::vector<std::string> problems;
@@ -400,7 +424,14 @@ absl::Status LoadParameters(const std::vector<std::pair<std::string, torch::Tens
     torch::NoGradGuard no_grad;
     for (const auto& [name, key] : source_of) {
       SPARGE_ASSIGN_OR_RETURN(torch::Tensor value, checkpoint.Get(key));
-      wanted.at(name).copy_(value);  // one copy: mapping -> parameter (device, dtype)
+      torch::Tensor& param = wanted.at(name);
+      const torch::TensorOptions target =
+          placement ? placement(name, param)
+                    : torch::TensorOptions().device(param.device()).dtype(param.scalar_type());
+      // One copy, mapping -> target device and dtype (copy=true: never alias the read-only
+      // mapping); the parameter's previous storage (a placeholder or old weights) is released.
+      param.set_data(value.to(target, /*non_blocking=*/false, /*copy=*/true)
+                         .contiguous());
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(
@@ -411,7 +442,8 @@ absl::Status LoadParameters(const std::vector<std::pair<std::string, torch::Tens
   return absl::OkStatus();
 }
 
-absl::Status LoadDiTWeights(WanDiTImpl& dit, const Checkpoint& checkpoint) {
+absl::Status LoadDiTWeights(WanDiTImpl& dit, const Checkpoint& checkpoint,
+                            const ParameterPlacement& placement) {
   static const std::string kPrefix = "model.diffusion_model.";
   bool original = false;
   for (const std::string& key : checkpoint.names()) {
@@ -430,7 +462,7 @@ absl::Status LoadDiTWeights(WanDiTImpl& dit, const Checkpoint& checkpoint) {
     return original ? WanOriginalToDiffusersKey(k) : k;
   };
   return LoadParameters(params, checkpoint, rename,
-                        original ? "transformer (original Wan layout)" : "transformer");
+                        original ? "transformer (original Wan layout)" : "transformer", placement);
 }
 
 absl::Status LoadTextEncoderWeights(TextEncoder& encoder, const Checkpoint& checkpoint) {
@@ -440,7 +472,11 @@ absl::Status LoadTextEncoderWeights(TextEncoder& encoder, const Checkpoint& chec
     if (key == "encoder.embed_tokens.weight") return has_shared ? "" : "shared.weight";
     return key;
   };
-  return LoadParameters(encoder.named_parameters(), checkpoint, rename, "text_encoder");
+  // The encoder's own device and dtype (its parameters may still be placeholders).
+  const torch::TensorOptions target =
+      torch::TensorOptions().device(encoder.device()).dtype(encoder.dtype());
+  return LoadParameters(encoder.named_parameters(), checkpoint, rename, "text_encoder",
+                        [&](const std::string&, const torch::Tensor&) { return target; });
 }
 
 absl::Status LoadVaeWeights(VaeDecoder& vae, const Checkpoint& checkpoint) {
@@ -448,7 +484,10 @@ absl::Status LoadVaeWeights(VaeDecoder& vae, const Checkpoint& checkpoint) {
     if (absl::StartsWith(key, "encoder.") || absl::StartsWith(key, "quant_conv.")) return "";
     return key;
   };
-  return LoadParameters(vae.named_parameters(), checkpoint, rename, "vae");
+  const torch::TensorOptions target =
+      torch::TensorOptions().device(vae.device()).dtype(torch::kFloat);  // Wan runs it in fp32
+  return LoadParameters(vae.named_parameters(), checkpoint, rename, "vae",
+                        [&](const std::string&, const torch::Tensor&) { return target; });
 }
 
 absl::StatusOr<WanDiT> LoadDiT(const std::string& transformer_dir, torch::Device device,
@@ -458,11 +497,19 @@ absl::StatusOr<WanDiT> LoadDiT(const std::string& transformer_dir, torch::Device
   SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint,
                           Checkpoint::Open(transformer_dir));
   try {
-    WanDiT dit(config, block_q, block_k);
-    // Cast first so that the copy converts each tensor straight into its final dtype (the fp32
-    // modules stay fp32 and get the checkpoint's values unrounded).
-    dit->ToInference(device, dtype);
-    SPARGE_RETURN_IF_ERROR(LoadDiTWeights(*dit, *checkpoint));
+    WanDiT dit{nullptr};
+    {
+      ScopedDeferredParameterInit deferred;
+      dit = WanDiT(config, block_q, block_k);
+    }
+    // Each tensor goes straight into its final device and dtype (the modules diffusers keeps in
+    // fp32 get the checkpoint's values unrounded), as ToInference would have placed it.
+    SPARGE_RETURN_IF_ERROR(LoadDiTWeights(
+        *dit, *checkpoint, [&](const std::string& name, const torch::Tensor&) {
+          return torch::TensorOptions().device(device).dtype(
+              WanDiTImpl::KeepsFloat32(name) ? torch::kFloat : dtype);
+        }));
+    dit->SetInferenceDtype(dtype);
     dit->eval();
     return dit;
   } catch (const c10::Error& e) {
@@ -485,8 +532,8 @@ absl::StatusOr<LoadedWanModel> LoadModelDirectory(const std::string& dir, torch:
     SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint,
                             Checkpoint::Open(Join(root, "text_encoder")));
     SPARGE_ASSIGN_OR_RETURN(out.text_encoder,
-                            TextEncoder::Create(out.config.model.text_encoder, std::move(tokenizer),
-                                                /*weight_seed=*/0, device, dtype));
+                            TextEncoder::CreateForLoading(out.config.model.text_encoder,
+                                                          std::move(tokenizer), device, dtype));
     SPARGE_RETURN_IF_ERROR(LoadTextEncoderWeights(*out.text_encoder, *checkpoint));
   }
   SPARGE_ASSIGN_OR_RETURN(out.dit,
@@ -494,7 +541,7 @@ absl::StatusOr<LoadedWanModel> LoadModelDirectory(const std::string& dir, torch:
   {
     SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint,
                             Checkpoint::Open(Join(root, "vae")));
-    SPARGE_ASSIGN_OR_RETURN(out.vae, VaeDecoder::Create(out.config.model.vae, 0, device));
+    SPARGE_ASSIGN_OR_RETURN(out.vae, VaeDecoder::CreateForLoading(out.config.model.vae, device));
     SPARGE_RETURN_IF_ERROR(LoadVaeWeights(*out.vae, *checkpoint));
   }
   return out;

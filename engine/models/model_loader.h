@@ -24,6 +24,30 @@
 
 namespace sparge::engine {
 
+// Deferred parameter initialization for models about to be filled from a checkpoint. While one of
+// these is alive on the calling thread, WanDiT, TextEncoder::CreateForLoading's umT5 and
+// VaeDecoder::CreateForLoading's decoder swap each parameter, right after building its layer, for
+// a placeholder of the same shape and dtype that owns a single element (zero strides), and skip
+// the seeded random init. Peak host memory while building is then one layer, not a full fp32
+// copy of the model. Placeholders must be replaced before use; LoadParameters does that.
+class ScopedDeferredParameterInit {
+ public:
+  ScopedDeferredParameterInit();
+  ~ScopedDeferredParameterInit();
+  ScopedDeferredParameterInit(const ScopedDeferredParameterInit&) = delete;
+  ScopedDeferredParameterInit& operator=(const ScopedDeferredParameterInit&) = delete;
+};
+bool DeferredParameterInitActive();
+// With deferred init active: every parameter of `module` (recursively) becomes a placeholder.
+// Otherwise a no-op.
+void ReleaseParametersForLoading(torch::nn::Module& module);
+// True if `param` is such a placeholder (holds at most one element's bytes for a larger shape).
+bool IsParameterPlaceholder(const torch::Tensor& param);
+
+// Where LoadParameters puts a parameter: device and dtype, from its name and current tensor.
+using ParameterPlacement =
+    std::function<torch::TensorOptions(const std::string& name, const torch::Tensor& param)>;
+
 // What scheduler/scheduler_config.json asks for (the pipeline's per-request sampler and shift
 // come from the request; these are the checkpoint's recommendation).
 struct SchedulerConfig {
@@ -51,26 +75,31 @@ absl::StatusOr<ModelDirectoryConfig> ReadModelDirectoryConfig(const std::string&
 // .weight; blocks.i.norm3 -> blocks.i.norm2). Keys it does not know come back unchanged.
 std::string WanOriginalToDiffusersKey(const std::string& key);
 
-// Copies checkpoint tensors into `params` (name -> tensor, in their final device/dtype) after
-// mapping each checkpoint key through `rename` (empty result: the key is ignored). Every
-// parameter must be present exactly once with its shape; every key must map to a parameter.
-// `component` prefixes error messages ("transformer", ...). Values are converted to each
-// parameter's dtype in the copy.
+// Fills `params` (name -> tensor) from checkpoint tensors after mapping each checkpoint key
+// through `rename` (empty result: the key is ignored). Every parameter must be present exactly
+// once with its shape; every key must map to a parameter. `component` prefixes error messages
+// ("transformer", ...). Each parameter's storage is replaced (set_data) by one fresh copy of the
+// checkpoint tensor made straight from the read-only mapping on the device and in the dtype
+// `placement` names (default: the parameter's own), so placeholders work and nothing else is
+// allocated along the way.
 absl::Status LoadParameters(const std::vector<std::pair<std::string, torch::Tensor>>& params,
                             const Checkpoint& checkpoint,
                             const std::function<std::string(const std::string&)>& rename,
-                            const std::string& component);
+                            const std::string& component,
+                            const ParameterPlacement& placement = nullptr);
 
 // Per component, from a checkpoint (file, index JSON or directory; see Checkpoint::Open).
 // The DiT accepts the diffusers layout and the original Wan layout (with or without a
 // "model.diffusion_model." prefix), detected from the keys.
-absl::Status LoadDiTWeights(WanDiTImpl& dit, const Checkpoint& checkpoint);
+absl::Status LoadDiTWeights(WanDiTImpl& dit, const Checkpoint& checkpoint,
+                            const ParameterPlacement& placement = nullptr);
 absl::Status LoadTextEncoderWeights(TextEncoder& encoder, const Checkpoint& checkpoint);
 // Encoder-side keys of a full AutoencoderKLWan (encoder.*, quant_conv.*) are skipped.
 absl::Status LoadVaeWeights(VaeDecoder& vae, const Checkpoint& checkpoint);
 
 // A DiT built from a transformer directory (config.json + weights, either layout), ready for
-// inference on device in dtype.
+// inference on device in dtype (the modules diffusers keeps in fp32 in fp32). Built with
+// deferred init: no random weights are drawn and each tensor goes mapping -> device once.
 absl::StatusOr<WanDiT> LoadDiT(const std::string& transformer_dir, torch::Device device,
                                torch::ScalarType dtype, int64_t block_q, int64_t block_k);
 
@@ -81,7 +110,7 @@ struct LoadedWanModel {
   std::unique_ptr<VaeDecoder> vae;
 };
 // The whole model directory: tokenizer/spiece.model, text encoder and DiT in dtype, VAE in
-// float32 (as Wan runs it), all on device.
+// float32 (as Wan runs it), all on device. Every component is built with deferred init.
 absl::StatusOr<LoadedWanModel> LoadModelDirectory(const std::string& dir, torch::Device device,
                                                   torch::ScalarType dtype, int64_t block_q,
                                                   int64_t block_k);

@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/models/model_loader.h"
 
 namespace sparge::engine {
 namespace {
@@ -161,6 +162,8 @@ class UMT5StackImpl : public nn::Module {
     nn::ModuleList block;
     for (int i = 0; i < c.num_layers; ++i) {
       blocks_.push_back(UMT5Block(c));
+      // Deferred init (checkpoint load): free this block's default init before the next.
+      ReleaseParametersForLoading(*blocks_.back());
       block->push_back(blocks_.back());
     }
     register_module("block", block);
@@ -182,9 +185,14 @@ TORCH_MODULE(UMT5Stack);
 class UMT5EncoderModelImpl : public nn::Module {
  public:
   explicit UMT5EncoderModelImpl(const UMT5Config& c) : config_(c) {
-    shared_ =
-        register_module("shared", nn::Embedding(nn::EmbeddingOptions(c.vocab_size, c.d_model)));
+    nn::EmbeddingOptions embedding(c.vocab_size, c.d_model);
+    if (DeferredParameterInitActive()) {
+      // umT5-XXL's table is 256k x 4096: never allocate (or randomly fill) it only to drop it.
+      embedding._weight(torch::empty({1}).expand({c.vocab_size, c.d_model}));
+    }
+    shared_ = register_module("shared", nn::Embedding(embedding));
     encoder_ = register_module("encoder", UMT5Stack(c));
+    ReleaseParametersForLoading(*this);
   }
   // ids, mask int64 [B, L] on the model's device.
   torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& mask) {
@@ -286,6 +294,18 @@ TextEncoder::~TextEncoder() = default;
 absl::StatusOr<std::unique_ptr<TextEncoder>> TextEncoder::Create(
     const UMT5Config& config, std::unique_ptr<Tokenizer> tokenizer, uint64_t weight_seed,
     torch::Device device, torch::ScalarType dtype) {
+  return Build(config, std::move(tokenizer), weight_seed, device, dtype);
+}
+
+absl::StatusOr<std::unique_ptr<TextEncoder>> TextEncoder::CreateForLoading(
+    const UMT5Config& config, std::unique_ptr<Tokenizer> tokenizer, torch::Device device,
+    torch::ScalarType dtype) {
+  return Build(config, std::move(tokenizer), std::nullopt, device, dtype);
+}
+
+absl::StatusOr<std::unique_ptr<TextEncoder>> TextEncoder::Build(
+    const UMT5Config& config, std::unique_ptr<Tokenizer> tokenizer,
+    std::optional<uint64_t> weight_seed, torch::Device device, torch::ScalarType dtype) {
   if (absl::Status s = CheckConfig(config); !s.ok()) return s;
   if (tokenizer == nullptr) return absl::InvalidArgumentError("text encoder needs a tokenizer");
   if (tokenizer->vocab_size() > config.vocab_size) {
@@ -300,11 +320,18 @@ absl::StatusOr<std::unique_ptr<TextEncoder>> TextEncoder::Create(
   try {
     torch::NoGradGuard no_grad;
     auto model = std::make_unique<Model>();
+    if (!weight_seed.has_value()) {
+      ScopedDeferredParameterInit deferred;
+      model->module = UMT5EncoderModel(config);
+      model->module->eval();
+      return std::unique_ptr<TextEncoder>(
+          new TextEncoder(config, std::move(tokenizer), std::move(model), device, dtype));
+    }
     model->module = UMT5EncoderModel(config);
     model->module->eval();
     // Weights are drawn on the CPU in float32 in registration order, so the same seed gives the
     // same model on every device and dtype.
-    torch::Generator generator = at::make_generator<at::CPUGeneratorImpl>(weight_seed);
+    torch::Generator generator = at::make_generator<at::CPUGeneratorImpl>(*weight_seed);
     for (auto& item : model->module->named_parameters()) {
       torch::Tensor& p = item.value();
       if (absl::StrContains(item.key(), "layer_norm")) {

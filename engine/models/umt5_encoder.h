@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,6 +38,12 @@ class TextEncoder {
                                                              uint64_t weight_seed,
                                                              torch::Device device,
                                                              torch::ScalarType dtype);
+  // The same encoder for a checkpoint load: no random init, and every parameter a placeholder
+  // (see ScopedDeferredParameterInit) until LoadTextEncoderWeights places the checkpoint's
+  // tensors on `device` in `dtype`. Unusable before that load.
+  static absl::StatusOr<std::unique_ptr<TextEncoder>> CreateForLoading(
+      const UMT5Config& config, std::unique_ptr<Tokenizer> tokenizer, torch::Device device,
+      torch::ScalarType dtype);
   ~TextEncoder();
   TextEncoder(const TextEncoder&) = delete;
   TextEncoder& operator=(const TextEncoder&) = delete;
@@ -60,6 +67,12 @@ class TextEncoder {
 
  private:
   struct Model;
+  // No seed: deferred init, parameters left as placeholders on the CPU.
+  static absl::StatusOr<std::unique_ptr<TextEncoder>> Build(const UMT5Config& config,
+                                                            std::unique_ptr<Tokenizer> tokenizer,
+                                                            std::optional<uint64_t> weight_seed,
+                                                            torch::Device device,
+                                                            torch::ScalarType dtype);
   TextEncoder(const UMT5Config& config, std::unique_ptr<Tokenizer> tokenizer,
               std::unique_ptr<Model> model, torch::Device device, torch::ScalarType dtype);
 

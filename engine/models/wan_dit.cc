@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "engine/models/model_loader.h"
+
 namespace sparge::engine {
 namespace {
 
@@ -186,11 +188,27 @@ WanDiTImpl::WanDiTImpl(const WanDiTConfig& config, int64_t block_q, int64_t bloc
       text_embedder->register_module("linear_1", Linear(LinearOptions(config.text_dim, dim)));
   text_linear_2 = text_embedder->register_module("linear_2", Linear(LinearOptions(dim, dim)));
   blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int i = 0; i < config.num_layers; ++i) blocks->push_back(WanBlock(config));
+  for (int i = 0; i < config.num_layers; ++i) {
+    blocks->push_back(WanBlock(config));
+    // Under deferred init (a checkpoint load) each block's default-initialized storage is freed
+    // before the next one is built, so building never holds the whole model.
+    ReleaseParametersForLoading(*blocks->ptr(i));
+  }
   scale_shift_table = register_parameter("scale_shift_table", torch::zeros({1, 2, dim}));
   const int64_t patch_volume = static_cast<int64_t>(p[0]) * p[1] * p[2];
   proj_out =
       register_module("proj_out", Linear(LinearOptions(dim, patch_volume * config.out_channels)));
+  ReleaseParametersForLoading(*this);
+}
+
+bool WanDiTImpl::KeepsFloat32(const std::string& name) {
+  auto ends_with = [&](const std::string& suffix) {
+    return name.size() >= suffix.size() &&
+           name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  return name.rfind("condition_embedder.time_embedder.", 0) == 0 ||
+         ends_with("scale_shift_table") || name.find(".norm2.") != std::string::npos ||
+         name.find(".norm_q.") != std::string::npos || name.find(".norm_k.") != std::string::npos;
 }
 
 void WanDiTImpl::InitializeWeights(uint64_t seed) {

@@ -14,6 +14,7 @@
 #include <torch/nn/modules/normalization.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -127,6 +128,12 @@ class WanDiTImpl : public torch::nn::Module {
   // Moves to device and dtype, keeping the modules diffusers keeps in fp32
   // (time embedder, modulation tables, norms) in fp32.
   void ToInference(const torch::Device& device, torch::ScalarType dtype);
+  // Whether ToInference keeps the parameter named `param_name` in fp32 (time embedder,
+  // modulation tables, norms), for loaders that place each tensor themselves.
+  static bool KeepsFloat32(const std::string& param_name);
+  // For a loader that has placed every parameter as ToInference would (per KeepsFloat32): the
+  // compute dtype Forward casts activations to.
+  void SetInferenceDtype(torch::ScalarType dtype) { dtype_ = dtype; }
 
   // latents [B, in_channels, T', H', W'] (H', W' multiples of the patch),
   // timesteps [B] (float, 0..1000), context [B, Lc, text_dim], knobs: one per

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/models/model_loader.h"
 
 namespace sparge::engine {
 namespace {
@@ -359,6 +360,7 @@ class WanVaeDecoderModelImpl : public nn::Module {
   explicit WanVaeDecoderModelImpl(const WanVaeConfig& c) {
     post_quant_conv_ = register_module("post_quant_conv", CausalConv3d(c.z_dim, c.z_dim, 1, 1, 1));
     decoder_ = register_module("decoder", WanDecoder3d(c));
+    ReleaseParametersForLoading(*this);  // no-op unless a checkpoint load deferred init
   }
   // De-normalized latents [B, z, T', H', W'] -> unclamped video, one latent frame per chunk.
   torch::Tensor forward(const torch::Tensor& z) {
@@ -449,6 +451,23 @@ absl::StatusOr<std::unique_ptr<VaeDecoder>> VaeDecoder::Create(const WanVaeConfi
       }
     }
     model->module->to(device);
+    return std::unique_ptr<VaeDecoder>(new VaeDecoder(config, std::move(model), device));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("building the VAE decoder failed: ", e.what()));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<VaeDecoder>> VaeDecoder::CreateForLoading(
+    const WanVaeConfig& config, torch::Device device) {
+  if (absl::Status s = CheckConfig(config); !s.ok()) return s;
+  try {
+    torch::NoGradGuard no_grad;
+    auto model = std::make_unique<Model>();
+    {
+      ScopedDeferredParameterInit deferred;
+      model->module = WanVaeDecoderModel(config);
+    }
+    model->module->eval();
     return std::unique_ptr<VaeDecoder>(new VaeDecoder(config, std::move(model), device));
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("building the VAE decoder failed: ", e.what()));

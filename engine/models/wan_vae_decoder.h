@@ -26,6 +26,11 @@ class VaeDecoder {
   static absl::StatusOr<std::unique_ptr<VaeDecoder>> Create(const WanVaeConfig& config,
                                                             uint64_t weight_seed,
                                                             torch::Device device);
+  // The same decoder for a checkpoint load: no random init, and every parameter a placeholder
+  // (see ScopedDeferredParameterInit) until LoadVaeWeights places the checkpoint's tensors on
+  // `device` in float32. Unusable before that load.
+  static absl::StatusOr<std::unique_ptr<VaeDecoder>> CreateForLoading(const WanVaeConfig& config,
+                                                                      torch::Device device);
   ~VaeDecoder();
   VaeDecoder(const VaeDecoder&) = delete;
   VaeDecoder& operator=(const VaeDecoder&) = delete;

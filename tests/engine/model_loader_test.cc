@@ -171,6 +171,128 @@ TEST_F(ModelLoaderTest, LoadsExactlyAndNamesEveryMismatch) {
             std::string::npos) << m;
 }
 
+// Deferred init (the checkpoint-load path) must leave no full-size parameter storage behind: each
+// parameter is a one-element placeholder with the real shape, and no random init ran into it.
+TEST_F(ModelLoaderTest, DeferredInitBuildsOnlyPlaceholders) {
+  const WanModelConfig config = TinyWanConfig();
+  WanDiT eager(config.dit, 64, 64);
+  for (const auto& item : eager->named_parameters()) {
+    EXPECT_FALSE(IsParameterPlaceholder(item.value())) << item.key();
+  }
+  WanDiT deferred{nullptr};
+  {
+    ScopedDeferredParameterInit guard;
+    EXPECT_TRUE(DeferredParameterInitActive());
+    deferred = WanDiT(config.dit, 64, 64);
+  }
+  EXPECT_FALSE(DeferredParameterInitActive());
+  auto eager_params = eager->named_parameters();
+  auto deferred_params = deferred->named_parameters();
+  ASSERT_EQ(eager_params.size(), deferred_params.size());
+  for (const auto& item : deferred_params) {
+    const torch::Tensor& p = item.value();
+    EXPECT_EQ(p.sizes(), eager_params[item.key()].sizes()) << item.key();
+    if (p.numel() > 1) EXPECT_TRUE(IsParameterPlaceholder(p)) << item.key();
+  }
+
+  auto tokenizer = Tokenizer::Embedded();
+  ASSERT_TRUE(tokenizer.ok());
+  auto encoder = TextEncoder::CreateForLoading(config.text_encoder, std::move(*tokenizer),
+                                               torch::kCPU, torch::kFloat);
+  ASSERT_TRUE(encoder.ok()) << encoder.status();
+  for (const auto& [name, p] : (*encoder)->named_parameters()) {
+    if (p.numel() > 1) EXPECT_TRUE(IsParameterPlaceholder(p)) << name;
+  }
+  auto vae = VaeDecoder::CreateForLoading(config.vae, torch::kCPU);
+  ASSERT_TRUE(vae.ok()) << vae.status();
+  for (const auto& [name, p] : (*vae)->named_parameters()) {
+    if (p.numel() > 1) EXPECT_TRUE(IsParameterPlaceholder(p)) << name;
+  }
+}
+
+// LoadDiT builds with deferred init and places each checkpoint tensor straight into its final
+// dtype: values equal the checkpoint's exactly, dtypes match what ToInference gives, and no
+// parameter aliases the read-only mapping.
+TEST_F(ModelLoaderTest, LoadDiTPlacesCheckpointTensorsExactly) {
+  const WanDiTConfig c = TinyWanConfig().dit;
+  WanDiT source = TinyDiT(11);
+  std::map<std::string, torch::Tensor> sd = StateDict(source);
+  ::mkdir((dir_ + "/transformer").c_str(), 0755);
+  ASSERT_TRUE(WriteSafetensors(dir_ + "/transformer/model.safetensors", sd).ok());
+  std::ofstream(dir_ + "/transformer/config.json")
+      << "{\"_class_name\": \"WanTransformer3DModel\", \"num_attention_heads\": " << c.num_heads
+      << ", \"attention_head_dim\": " << c.dim / c.num_heads << ", \"ffn_dim\": " << c.ffn_dim
+      << ", \"num_layers\": " << c.num_layers << ", \"patch_size\": [" << c.patch_size[0] << ", "
+      << c.patch_size[1] << ", " << c.patch_size[2] << "], \"in_channels\": " << c.in_channels
+      << ", \"out_channels\": " << c.out_channels << ", \"text_dim\": " << c.text_dim
+      << ", \"freq_dim\": " << c.freq_dim << ", \"eps\": " << c.eps
+      << ", \"rope_max_seq_len\": " << c.rope_max_seq_len << "}";
+  auto loaded = LoadDiT(dir_ + "/transformer", torch::kCPU, torch::kBFloat16, 64, 64);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ((*loaded)->dtype(), torch::kBFloat16);
+  WanDiT reference = TinyDiT(11);
+  reference->ToInference(torch::kCPU, torch::kBFloat16);
+  auto expected_params = reference->named_parameters();
+  auto ckpt = Checkpoint::Open(dir_ + "/transformer");
+  ASSERT_TRUE(ckpt.ok());
+  int fp32_kept = 0;
+  for (const auto& item : (*loaded)->named_parameters()) {
+    const torch::Tensor& p = item.value();
+    const torch::Tensor& want = expected_params[item.key()];
+    EXPECT_EQ(p.scalar_type(), want.scalar_type()) << item.key();
+    EXPECT_FALSE(IsParameterPlaceholder(p)) << item.key();
+    EXPECT_TRUE(p.is_contiguous()) << item.key();
+    auto mapped = (*ckpt)->Get(item.key());
+    ASSERT_TRUE(mapped.ok()) << item.key();
+    EXPECT_NE(p.data_ptr(), mapped->data_ptr()) << item.key();
+    EXPECT_TRUE(torch::equal(p, mapped->to(p.scalar_type()))) << item.key();
+    if (p.scalar_type() == torch::kFloat) ++fp32_kept;
+  }
+  EXPECT_GT(fp32_kept, 0);
+}
+
+// The text encoder and VAE loaders fill placeholders with the checkpoint's tensors exactly.
+TEST_F(ModelLoaderTest, TextEncoderAndVaeLoadIntoPlaceholders) {
+  const WanModelConfig config = TinyWanConfig();
+  auto tok_a = Tokenizer::Embedded();
+  auto tok_b = Tokenizer::Embedded();
+  ASSERT_TRUE(tok_a.ok() && tok_b.ok());
+  auto seeded = TextEncoder::Create(config.text_encoder, std::move(*tok_a), 5, torch::kCPU,
+                                    torch::kFloat);
+  ASSERT_TRUE(seeded.ok()) << seeded.status();
+  std::map<std::string, torch::Tensor> sd;
+  for (const auto& [name, p] : (*seeded)->named_parameters()) sd[name] = p.detach();
+  ASSERT_TRUE(WriteSafetensors(dir_ + "/te.safetensors", sd).ok());
+  auto encoder = TextEncoder::CreateForLoading(config.text_encoder, std::move(*tok_b),
+                                               torch::kCPU, torch::kBFloat16);
+  ASSERT_TRUE(encoder.ok()) << encoder.status();
+  auto te_ckpt = Checkpoint::Open(dir_ + "/te.safetensors");
+  ASSERT_TRUE(te_ckpt.ok());
+  ASSERT_TRUE(LoadTextEncoderWeights(**encoder, **te_ckpt).ok());
+  for (const auto& [name, p] : (*encoder)->named_parameters()) {
+    EXPECT_EQ(p.scalar_type(), torch::kBFloat16) << name;
+    EXPECT_TRUE(torch::equal(p, sd.at(name).to(torch::kBFloat16))) << name;
+  }
+  auto encoded = (*encoder)->Encode({"a cat"});
+  ASSERT_TRUE(encoded.ok()) << encoded.status();
+  EXPECT_TRUE(torch::isfinite(encoded->to(torch::kFloat)).all().item<bool>());
+
+  auto seeded_vae = VaeDecoder::Create(config.vae, 9, torch::kCPU);
+  ASSERT_TRUE(seeded_vae.ok());
+  std::map<std::string, torch::Tensor> vae_sd;
+  for (const auto& [name, p] : (*seeded_vae)->named_parameters()) vae_sd[name] = p.detach();
+  ASSERT_TRUE(WriteSafetensors(dir_ + "/vae.safetensors", vae_sd).ok());
+  auto vae = VaeDecoder::CreateForLoading(config.vae, torch::kCPU);
+  ASSERT_TRUE(vae.ok());
+  auto vae_ckpt = Checkpoint::Open(dir_ + "/vae.safetensors");
+  ASSERT_TRUE(vae_ckpt.ok());
+  ASSERT_TRUE(LoadVaeWeights(**vae, **vae_ckpt).ok());
+  for (const auto& [name, p] : (*vae)->named_parameters()) {
+    EXPECT_EQ(p.scalar_type(), torch::kFloat) << name;
+    EXPECT_TRUE(torch::equal(p, vae_sd.at(name))) << name;
+  }
+}
+
 TEST_F(ModelLoaderTest, PipelineRejectsAnIncompleteModelDirectory) {
   PipelineConfig config;
   config.model = dir_ + "/absent";
