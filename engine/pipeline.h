@@ -51,6 +51,8 @@ struct StepStats {
   float achieved_sparsity = 0.0f;  // fraction of self-attention token pairs skipped, mean over
                                    // layers, heads and CFG branches; 0 for dense steps
   double seconds = 0.0;            // wall time of the batched step this job took part in
+  double attention_seconds = 0.0;  // of that step, time in DiT self-attention (SelfAttention
+                                   // calls; device time from CUDA events on GPU)
 };
 
 // Decoded video, uint8 RGB, frame-major: rgb[((f * height + y) * width + x) * 3 + c].

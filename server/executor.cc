@@ -358,6 +358,8 @@ void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
   }
   if (options_.metrics) {
     options_.metrics->ObserveDenoiseStep(seconds);
+    // Attention time is the batched step's, the same in every job's stats: count it once.
+    options_.metrics->AddAttentionSeconds(stats.empty() ? 0.0 : stats[0].attention_seconds);
     options_.metrics->ObserveBatchSize(static_cast<int>(batch.size()));
   }
   double batch_mvoxels = 0;

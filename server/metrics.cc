@@ -77,6 +77,11 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
   sparsity_ = AddHistogram(r, kAttentionSparsityRatio,
                            "Fraction of self-attention token pairs skipped, per job and step",
                            std::move(ratio));
+  attention_seconds_ = &prometheus::BuildCounter()
+                            .Name(kAttentionSecondsTotal)
+                            .Help("Time in DiT self-attention within denoising steps, seconds")
+                            .Register(r)
+                            .Add({});
   output_bytes_ = &prometheus::BuildCounter()
                        .Name(kOutputBytesTotal)
                        .Help("Bytes of finished video files streamed to clients")

@@ -30,6 +30,7 @@ inline constexpr char kQueueDepth[] = "sparge_queue_depth";
 inline constexpr char kRunningJobs[] = "sparge_running_jobs";
 inline constexpr char kBatchSize[] = "sparge_batch_size";
 inline constexpr char kDenoiseStepSeconds[] = "sparge_denoise_step_seconds";
+inline constexpr char kAttentionSecondsTotal[] = "sparge_attention_seconds_total";
 inline constexpr char kTextEncodeSeconds[] = "sparge_text_encode_seconds";
 inline constexpr char kVaeDecodeSeconds[] = "sparge_vae_decode_seconds";
 inline constexpr char kVideoEncodeSeconds[] = "sparge_video_encode_seconds";
@@ -60,6 +61,12 @@ class ServerMetrics {
   void ObserveBatchSize(int jobs) { batch_size_->Observe(jobs); }
   // sparge_denoise_step_seconds: wall time of one (batched) denoising step.
   void ObserveDenoiseStep(double seconds) { denoise_step_->Observe(seconds); }
+  // sparge_attention_seconds_total: time spent in DiT self-attention within denoising steps (per
+  // batched step, as the engine measures it: CUDA event time on GPU, wall time on CPU). Divided
+  // by the rate of sparge_denoise_step_seconds_sum it gives attention's share of step time.
+  void AddAttentionSeconds(double seconds) {
+    if (seconds > 0) attention_seconds_->Increment(seconds);
+  }
   // sparge_text_encode_seconds: prompt encoding and noise setup of one job (Pipeline::Start).
   void ObserveTextEncode(double seconds) { text_encode_->Observe(seconds); }
   // sparge_vae_decode_seconds: latents -> RGB frames of one job.
@@ -95,6 +102,7 @@ class ServerMetrics {
   prometheus::Gauge* running_jobs_;
   prometheus::Histogram* batch_size_;
   prometheus::Histogram* denoise_step_;
+  prometheus::Counter* attention_seconds_;
   prometheus::Histogram* text_encode_;
   prometheus::Histogram* vae_decode_;
   prometheus::Histogram* video_encode_;

@@ -1,7 +1,9 @@
 #include "engine/attention/sparse_attention.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -321,9 +323,13 @@ std::string SparseAttentionBackendName(c10::DeviceType device_type) {
   return "aten-reference";
 }
 
-at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                         std::vector<float>* sparsity_out) {
+namespace {
+
+thread_local AttentionTimer* current_attention_timer = nullptr;
+
+at::Tensor SelfAttentionUntimed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                absl::Span<const AttentionKnobs> knobs, int64_t block_q,
+                                int64_t block_k, std::vector<float>* sparsity_out) {
   CheckTokenMajor(q, k, v);
   const int64_t batch = q.size(0);
   TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",
@@ -383,6 +389,86 @@ at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                                  v.index_select(0, dense_index)));
   out.index_copy_(0, sparse_index, sparse_out.to(q.scalar_type()));
   return out;
+}
+
+}  // namespace
+
+at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                         std::vector<float>* sparsity_out) {
+  AttentionTimer* timer = AttentionTimer::Current();
+  if (timer == nullptr) {
+    return SelfAttentionUntimed(q, k, v, knobs, block_q, block_k, sparsity_out);
+  }
+  if (q.is_cpu()) {
+    const auto start = std::chrono::steady_clock::now();
+    at::Tensor out = SelfAttentionUntimed(q, k, v, knobs, block_q, block_k, sparsity_out);
+    timer->AddHostSeconds(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    return out;
+  }
+  timer->RecordDeviceStart(q.device());
+  at::Tensor out = SelfAttentionUntimed(q, k, v, knobs, block_q, block_k, sparsity_out);
+  timer->RecordDeviceEnd(q.device());
+  return out;
+}
+
+AttentionTimer::EventPair::EventPair(c10::DeviceType type)
+    : start(type, c10::EventFlag::BACKEND_DEFAULT), end(type, c10::EventFlag::BACKEND_DEFAULT) {}
+
+AttentionTimer::~AttentionTimer() {
+  if (active_ && current_attention_timer == this) current_attention_timer = previous_;
+}
+
+AttentionTimer* AttentionTimer::Current() { return current_attention_timer; }
+
+void AttentionTimer::Start() {
+  if (!active_) {
+    previous_ = current_attention_timer;
+    current_attention_timer = this;
+    active_ = true;
+  }
+  host_seconds_ = 0.0;
+  events_used_ = 0;
+}
+
+void AttentionTimer::Stop() {
+  if (active_) {
+    if (current_attention_timer == this) current_attention_timer = previous_;
+    active_ = false;
+  }
+}
+
+double AttentionTimer::Finish() {
+  Stop();
+  double seconds = host_seconds_;
+  if (events_used_ == 0) return seconds;
+  // Events on one stream complete in order: waiting for the last one covers all.
+  events_[events_used_ - 1]->end.synchronize();
+  for (size_t i = 0; i < events_used_; ++i) {
+    seconds += events_[i]->start.elapsedTime(events_[i]->end) / 1000.0;  // ms -> s
+  }
+  return seconds;
+}
+
+void AttentionTimer::RecordDeviceStart(c10::Device device) {
+  if (device != event_device_) {
+    // Events are bound to the device they were first recorded on.
+    events_.clear();
+    events_used_ = 0;
+    event_device_ = device;
+  }
+  if (events_used_ == events_.size()) {
+    events_.push_back(std::make_unique<EventPair>(device.type()));
+  }
+  c10::impl::VirtualGuardImpl guard(device.type());
+  events_[events_used_]->start.record(guard.getStream(device));
+  ++events_used_;
+}
+
+void AttentionTimer::RecordDeviceEnd(c10::Device device) {
+  c10::impl::VirtualGuardImpl guard(device.type());
+  events_[events_used_ - 1]->end.record(guard.getStream(device));
 }
 
 }  // namespace sparge::engine

@@ -10,9 +10,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -116,8 +118,53 @@ inline constexpr int64_t kMaxTokenMaskElements = int64_t{1} << 26;
 // kMaxTokenMaskElements), else BlockSparseAttentionReference. Writes B achieved
 // sparsities (0 for dense elements) to *sparsity_out when it is not null.
 // Returns [B, L, H, D].
+// When an AttentionTimer is active on the calling thread, the call's time is added to it.
 at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
                          std::vector<float>* sparsity_out);
+
+// Sums the time SelfAttention calls on one thread take between Start() and Finish(), e.g. over one
+// denoising step. CPU tensors: wall time around each call. Device tensors: a pair of timing events
+// recorded on the current stream around each call, so the host never waits inside the step;
+// Finish() waits for the last event and sums the pairs' elapsed times. Events are pooled and
+// reused across Start/Finish rounds. Not thread-safe: use one timer per thread (the pipeline's
+// owner thread); timers on one thread nest (the innermost one records).
+class AttentionTimer {
+ public:
+  AttentionTimer() = default;
+  ~AttentionTimer();
+  AttentionTimer(const AttentionTimer&) = delete;
+  AttentionTimer& operator=(const AttentionTimer&) = delete;
+
+  // Makes this timer the calling thread's active one and clears what it had measured.
+  void Start();
+  // Deactivates it and returns the seconds measured since Start() (waits for the last device
+  // event); may throw c10::Error from the device runtime.
+  double Finish();
+  // Deactivates it without measuring, e.g. after a failed step.
+  void Stop();
+
+  // Used by SelfAttention: the calling thread's active timer, or null.
+  static AttentionTimer* Current();
+  void AddHostSeconds(double seconds) { host_seconds_ += seconds; }
+  // Records the start event of one device call on the current stream of `device`.
+  void RecordDeviceStart(c10::Device device);
+  // Records the matching end event.
+  void RecordDeviceEnd(c10::Device device);
+
+ private:
+  struct EventPair {
+    explicit EventPair(c10::DeviceType type);
+    c10::Event start;
+    c10::Event end;
+  };
+
+  bool active_ = false;
+  AttentionTimer* previous_ = nullptr;
+  double host_seconds_ = 0.0;
+  c10::Device event_device_{c10::kCPU};
+  std::vector<std::unique_ptr<EventPair>> events_;
+  size_t events_used_ = 0;
+};
 
 }  // namespace sparge::engine

@@ -105,6 +105,7 @@ absl::Status FakePipeline::Step(absl::Span<engine::GenerationJob* const> jobs,
     s.step = fake->steps_done();
     s.achieved_sparsity = FakeSparsity(fake->request().sparsity, fake->steps_done());
     s.seconds = absl::ToDoubleSeconds(options_.step_delay);
+    s.attention_seconds = options_.attention_seconds;
     stats->push_back(s);
     fake->Advance();
     ++counters_->job_steps;

@@ -28,6 +28,9 @@ struct FakePipelineCounters {
   std::atomic<int> warmups{0};
 };
 
+// Attention time a FakePipeline step reports by default, seconds.
+inline constexpr double kFakeAttentionSeconds = 0.001;
+
 struct FakePipelineOptions {
   absl::Status create_status;  // non-OK: the factory fails with it
   absl::Status warmup_status;
@@ -37,6 +40,8 @@ struct FakePipelineOptions {
   std::function<void(const std::vector<std::string>& prompts, int steps_done)> on_step;
   // Wall time each Step() takes (real sleep; 0 for most tests).
   absl::Duration step_delay = absl::ZeroDuration();
+  // Self-attention time each Step() reports (StepStats::attention_seconds; not slept).
+  double attention_seconds = kFakeAttentionSeconds;
 };
 
 // Prompts containing these markers make the corresponding stage fail with INTERNAL.

@@ -123,6 +123,10 @@ def stack(tmp_path_factory):
         assert gen.returncode == 0, gen.stderr.read()
         assert max(state_bytes_seen, default=0) > 0, state_bytes_seen
         assert "sparge_job_state_bytes 0" in http_get(metrics_url)
+        # The engine timed self-attention in the steps above (the share panel divides by it).
+        attention = [float(line.split()[1]) for line in http_get(metrics_url).splitlines()
+                     if line.startswith("sparge_attention_seconds_total ")]
+        assert attention and attention[0] > 0, attention
         bad = subprocess.run([CLI, "generate", "--server", target, "--prompt", "x", "--width", "17",
                               "--out", str(work / "bad.mp4")], capture_output=True, text=True)
         assert bad.returncode != 0

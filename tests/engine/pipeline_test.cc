@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <memory>
 
+#include "engine/attention/sparse_attention.h"
 #include "gtest/gtest.h"
 
 namespace sparge::engine {
@@ -197,6 +198,19 @@ TEST_F(PipelineTest, SparseModeReportsSparsityDenseReportsZero) {
   EXPECT_NEAR(stats[1].achieved_sparsity, 0.75f, 1e-5);
   EXPECT_NEAR(stats[2].achieved_sparsity, 0.75f, 1e-5);
   EXPECT_GT(stats[1].seconds, 0.0);
+}
+
+TEST_F(PipelineTest, StepReportsAttentionTimeWithinStepTime) {
+  auto job = MustStart(SmallRequest(41));
+  std::vector<StepStats> stats = Denoise(*job);
+  ASSERT_FALSE(stats.empty());
+  for (const StepStats& s : stats) {
+    EXPECT_GT(s.attention_seconds, 0.0);
+    // The step also runs the text cross-attention, FFNs and the sampler outside SelfAttention.
+    EXPECT_LT(s.attention_seconds, s.seconds);
+  }
+  // The timer is only active inside Step(): a direct call afterwards records nothing.
+  EXPECT_EQ(AttentionTimer::Current(), nullptr);
 }
 
 TEST_F(PipelineTest, StepAndDecodeCheckJobState) {

@@ -173,6 +173,16 @@ TEST_F(ExecutorTest, CancellationStopsWithinOneStepAndFreesTheJob) {
   EXPECT_TRUE(Drain(*Submit("next", 2)).status.ok());
 }
 
+TEST_F(ExecutorTest, AttentionSecondsCountOncePerBatchedStep) {
+  FakePipelineOptions fake;
+  fake.attention_seconds = 0.25;  // exact in binary, so the sum prints exactly
+  StartReady(fake);
+  EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_attention_seconds_total 0\n"));
+  ASSERT_TRUE(Drain(*Submit("timed", 4)).status.ok());
+  EXPECT_EQ(counters_->step_calls.load(), 4);
+  EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_attention_seconds_total 1\n"));
+}
+
 TEST_F(ExecutorTest, DeadlineOnTheInjectedClockStopsTheJob) {
   absl::Notification submitted;
   FakePipelineOptions fake;

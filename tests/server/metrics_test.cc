@@ -15,7 +15,7 @@ const char* const kAllNames[] = {
     kRequestsTotal,      kRequestDurationSeconds, kQueueWaitSeconds,   kQueueDepth,
     kRunningJobs,        kBatchSize,              kDenoiseStepSeconds, kTextEncodeSeconds,
     kVaeDecodeSeconds,   kVideoEncodeSeconds,     kAttentionSparsityRatio,
-    kCancellationsTotal, kOutputBytesTotal,       kModelReady};
+    kCancellationsTotal, kOutputBytesTotal,       kModelReady,         kAttentionSecondsTotal};
 
 TEST(MetricsTest, EveryNameIsExportedWithHelpAndType) {
   ServerMetrics metrics;
@@ -27,6 +27,7 @@ TEST(MetricsTest, EveryNameIsExportedWithHelpAndType) {
   EXPECT_THAT(text, HasSubstr("# TYPE sparge_attention_sparsity_ratio histogram"));
   EXPECT_THAT(text, HasSubstr("# TYPE sparge_queue_depth gauge"));
   EXPECT_THAT(text, HasSubstr("# TYPE sparge_requests_total counter"));
+  EXPECT_THAT(text, HasSubstr("# TYPE sparge_attention_seconds_total counter"));
 }
 
 TEST(MetricsTest, ValuesAndLabels) {
@@ -39,6 +40,8 @@ TEST(MetricsTest, ValuesAndLabels) {
   metrics.ObserveSparsity(0.62);
   metrics.ObserveDenoiseStep(0.25);
   metrics.SetModelReady(true);
+  metrics.AddAttentionSeconds(0.125);
+  metrics.AddAttentionSeconds(0.0625);
   const std::string text = metrics.SerializeText();
   EXPECT_THAT(text, HasSubstr("sparge_requests_total{status=\"OK\"} 2"));
   EXPECT_THAT(text, HasSubstr("sparge_requests_total{status=\"INVALID_ARGUMENT\"} 1"));
@@ -50,6 +53,7 @@ TEST(MetricsTest, ValuesAndLabels) {
   EXPECT_THAT(text, HasSubstr("sparge_attention_sparsity_ratio_bucket{le=\"0.65\"} 1"));
   EXPECT_THAT(text, HasSubstr("sparge_denoise_step_seconds_sum 0.25"));
   EXPECT_THAT(text, HasSubstr("sparge_model_ready 1"));
+  EXPECT_THAT(text, HasSubstr("sparge_attention_seconds_total 0.1875"));
 }
 
 TEST(MetricsTest, HttpEndpointServesTheTextFormat) {
