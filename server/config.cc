@@ -195,7 +195,17 @@ void ReadConfig(const YAML::Node& root, ParseContext* ctx, ServerConfig* c) {
   Section scheduler = top.Sub("scheduler");
   scheduler.Read("max_queue_length", &c->scheduler.max_queue_length);
   scheduler.Read("max_running_jobs", &c->scheduler.max_running_jobs);
+  scheduler.Read("max_batch_tokens", &c->scheduler.max_batch_tokens);
+  scheduler.Read("preemption", &c->scheduler.preemption);
+  scheduler.Read("aging_seconds", &c->scheduler.aging_seconds);
+  scheduler.Read("deadline_aware", &c->scheduler.deadline_aware);
   scheduler.Finish();
+
+  Section jobs = top.Sub("jobs");
+  jobs.Read("output_dir", &c->jobs.output_dir);
+  jobs.Read("max_results", &c->jobs.max_results);
+  jobs.Read("result_ttl_seconds", &c->jobs.result_ttl_seconds);
+  jobs.Finish();
 
   RequestLimits& l = c->limits;
   Section limits = top.Sub("limits");
@@ -363,7 +373,18 @@ absl::Status RequestDefaults::Validate(const RequestLimits& l) const {
 absl::Status SchedulerConfig::Validate() const {
   SPARGE_RETURN_IF_ERROR(
       CheckIntInRange("max_queue_length", max_queue_length, 0, 100000));
-  return CheckIntInRange("max_running_jobs", max_running_jobs, 1, 256);
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("max_running_jobs", max_running_jobs, 1, 256));
+  SPARGE_RETURN_IF_ERROR(
+      CheckIntInRange("max_batch_tokens", max_batch_tokens, 0, int64_t{1} << 40));
+  // A week: beyond that aging is off in all but name, and 0 says so explicitly.
+  return CheckFloatInRange("aging_seconds", aging_seconds, 0.0, 604800.0);
+}
+
+absl::Status JobStoreConfig::Validate() const {
+  if (output_dir.empty()) return absl::InvalidArgumentError("output_dir: must be non-empty");
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("max_results", max_results, 1, 100000));
+  return CheckFloatInRange("result_ttl_seconds", result_ttl_seconds, 0.0, 1e12,
+                           /*lo_open=*/true);
 }
 
 absl::Status ServerConfig::Validate() const {
@@ -379,7 +400,8 @@ absl::Status ServerConfig::Validate() const {
   SPARGE_RETURN_IF_ERROR(ValidatePipelineConfig(model));
   SPARGE_RETURN_IF_ERROR(Prefixed("limits.", limits.Validate()));
   SPARGE_RETURN_IF_ERROR(Prefixed("defaults.", defaults.Validate(limits)));
-  return Prefixed("scheduler.", scheduler.Validate());
+  SPARGE_RETURN_IF_ERROR(Prefixed("scheduler.", scheduler.Validate()));
+  return Prefixed("jobs.", jobs.Validate());
 }
 
 absl::StatusOr<ServerConfig> ParseServerConfig(absl::string_view yaml_text,

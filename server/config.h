@@ -57,6 +57,27 @@ struct RequestDefaults {
 struct SchedulerConfig {
   int max_queue_length = 16;  // jobs waiting (not running); more get RESOURCE_EXHAUSTED
   int max_running_jobs = 1;   // jobs denoising concurrently, batched per step when compatible
+  // Cap on DiT tokens summed over one batched step, a CFG job counting twice (its conditional and
+  // unconditional passes). 0: no cap besides max_running_jobs. A request whose own tokens exceed
+  // a nonzero cap is rejected at admission.
+  int64_t max_batch_tokens = 0;
+  // A queued job of strictly higher (aged) priority may preempt the lowest-priority running job at
+  // a step boundary when no slot is free; the preempted job keeps its state and resumes later.
+  bool preemption = true;
+  // A queued job gains one priority class per aging_seconds waited, so low priority never
+  // starves. 0 disables aging.
+  double aging_seconds = 60.0;
+  // Within a priority class, jobs with a deadline go earliest-deadline-first ahead of FIFO.
+  bool deadline_aware = true;
+
+  absl::Status Validate() const;
+};
+
+// Job API storage (SubmitJob/GetJob/GetJobResult): where finished outputs live and how long.
+struct JobStoreConfig {
+  std::string output_dir = "sparge-jobs";  // relative paths resolve against the working directory
+  int max_results = 100;                   // finished results kept; the oldest are deleted first
+  double result_ttl_seconds = 86400;       // finished results older than this are deleted
 
   absl::Status Validate() const;
 };
@@ -74,6 +95,7 @@ struct ServerConfig {
   RequestLimits limits;
   RequestDefaults defaults;
   SchedulerConfig scheduler;
+  JobStoreConfig jobs;
 
   // Returns the first problem as INVALID_ARGUMENT "<yaml path>: must be ..., got ...".
   absl::Status Validate() const;

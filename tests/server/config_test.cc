@@ -49,6 +49,13 @@ TEST(ConfigTest, CommittedFileMatchesBuiltInDefaults) {
   EXPECT_EQ(c->model.num_threads, d.model.num_threads);
   EXPECT_EQ(c->scheduler.max_queue_length, d.scheduler.max_queue_length);
   EXPECT_EQ(c->scheduler.max_running_jobs, d.scheduler.max_running_jobs);
+  EXPECT_EQ(c->scheduler.max_batch_tokens, d.scheduler.max_batch_tokens);
+  EXPECT_EQ(c->scheduler.preemption, d.scheduler.preemption);
+  EXPECT_DOUBLE_EQ(c->scheduler.aging_seconds, d.scheduler.aging_seconds);
+  EXPECT_EQ(c->scheduler.deadline_aware, d.scheduler.deadline_aware);
+  EXPECT_EQ(c->jobs.output_dir, d.jobs.output_dir);
+  EXPECT_EQ(c->jobs.max_results, d.jobs.max_results);
+  EXPECT_DOUBLE_EQ(c->jobs.result_ttl_seconds, d.jobs.result_ttl_seconds);
   const RequestLimits& l = c->limits;
   EXPECT_EQ(l.min_width, d.limits.min_width);
   EXPECT_EQ(l.max_width, d.limits.max_width);
@@ -100,6 +107,14 @@ model:
 scheduler:
   max_queue_length: 3
   max_running_jobs: 4
+  max_batch_tokens: 4096
+  preemption: false
+  aging_seconds: 0
+  deadline_aware: false
+jobs:
+  output_dir: /var/lib/sparge
+  max_results: 7
+  result_ttl_seconds: 3.5
 defaults:
   sampler: unipc
   output_format: png
@@ -117,6 +132,13 @@ defaults:
   EXPECT_EQ(c->model.weight_seed, 7u);
   EXPECT_EQ(c->scheduler.max_queue_length, 3);
   EXPECT_EQ(c->scheduler.max_running_jobs, 4);
+  EXPECT_EQ(c->scheduler.max_batch_tokens, 4096);
+  EXPECT_FALSE(c->scheduler.preemption);
+  EXPECT_DOUBLE_EQ(c->scheduler.aging_seconds, 0.0);
+  EXPECT_FALSE(c->scheduler.deadline_aware);
+  EXPECT_EQ(c->jobs.output_dir, "/var/lib/sparge");
+  EXPECT_EQ(c->jobs.max_results, 7);
+  EXPECT_DOUBLE_EQ(c->jobs.result_ttl_seconds, 3.5);
   EXPECT_EQ(c->defaults.sampler, engine::SamplerKind::kUniPC);
   EXPECT_EQ(c->defaults.output_format, OutputFormat::kPngFrames);
   EXPECT_EQ(c->defaults.sparsity.mode, engine::AttentionMode::kTopP);
@@ -175,6 +197,21 @@ TEST(ConfigTest, OutOfRangeValuesNameFieldRangeAndLine) {
             "test.yaml:3:5: defaults.sparsity.topp: must be in (0, 1], got 1.5");
   EXPECT_EQ(ErrorOf("scheduler:\n  max_running_jobs: 0\n"),
             "test.yaml:2:3: scheduler.max_running_jobs: must be in [1, 256], got 0");
+  EXPECT_EQ(ErrorOf("scheduler:\n  max_batch_tokens: -1\n"),
+            "test.yaml:2:3: scheduler.max_batch_tokens: must be in [0, 1099511627776], got -1");
+  EXPECT_EQ(ErrorOf("scheduler:\n  aging_seconds: -5\n"),
+            "test.yaml:2:3: scheduler.aging_seconds: must be in [0, 604800], got -5");
+  EXPECT_EQ(ErrorOf("scheduler:\n  preemption: sometimes\n"),
+            "test.yaml:2:15: scheduler.preemption: expected true or false, got 'sometimes'");
+  EXPECT_EQ(ErrorOf("jobs:\n  output_dir: \"\"\n"),
+            "test.yaml:2:3: jobs.output_dir: must be non-empty");
+  EXPECT_EQ(ErrorOf("jobs:\n  max_results: 0\n"),
+            "test.yaml:2:3: jobs.max_results: must be in [1, 100000], got 0");
+  EXPECT_EQ(ErrorOf("jobs:\n  result_ttl_seconds: 0\n"),
+            "test.yaml:2:3: jobs.result_ttl_seconds: must be in (0, 1e+12], got 0");
+  EXPECT_THAT(ErrorOf("jobs:\n  max_result: 5\n"),
+              StartsWith("test.yaml:2:3: jobs.max_result: unknown key 'max_result' (known keys "
+                         "here: output_dir, max_results, result_ttl_seconds)"));
   // A default that no longer fits a tightened limit is reported against the default.
   EXPECT_EQ(ErrorOf("limits:\n  max_width: 128\n"),
             "test.yaml: defaults.width: must be a multiple of 16 in [64, 128], got 256");
