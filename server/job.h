@@ -1,12 +1,15 @@
-// A job as seen by both the executor and the gRPC reactor: its resolved request, its cancellation
-// flag and its event channel (executor pushes GenerateEvents, then closes with the final status;
-// the reactor pops and writes them). JobHandle and JobEventChannel are thread-safe.
+// A job as seen by the executor, the gRPC reactors and the job store: its resolved request, its
+// cancellation flag and its event log (the executor pushes GenerateEvents, then closes it with
+// the final status; readers follow it at their own pace). JobHandle and JobEventChannel are
+// thread-safe.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -26,10 +29,29 @@ const char* ToString(JobState state);
 enum class CancelReason { kNone = 0, kClient, kDeadline, kShutdown };
 const char* ToString(CancelReason reason);
 
-// Ordered events of one job, ending with a terminal status. One producer (the executor), one
-// consumer (a reactor or a test).
+// Sees every event of a job and its close, in order, synchronously on the producer's thread and
+// before any reader can see them (the job store writes the result file here, so that a reader
+// seeing the final OK status can already fetch the file).
+class JobEventObserver {
+ public:
+  virtual ~JobEventObserver() = default;
+  virtual void OnEvent(const sparge::v1::GenerateEvent& event) = 0;
+  virtual void OnClose(const absl::Status& status) = 0;
+};
+
+// Ordered events of one job, ending with a terminal status: one producer (the executor), any
+// number of readers, each with its own cursor.
+// - The primary reader exists from construction and sees every event, file chunks included (the
+//   Generate call that started the job, or a test). DetachPrimary() ends it.
+// - Watchers (AddWatcher) join at any time: they first get a replay of what happened so far
+//   (`accepted`, the latest progress, `completed` if pushed) and then the live events, never the
+//   chunks.
+// Memory: an event is kept only until every reader that needs it has read it, plus the replay
+// snapshot (three small events); chunks are kept only for an attached primary reader.
 class JobEventChannel {
  public:
+  JobEventChannel();
+
   // Appends an event; ignored after Close().
   void Push(sparge::v1::GenerateEvent event);
   // Marks the end of the stream; only the first call counts.
@@ -39,27 +61,71 @@ class JobEventChannel {
     std::optional<sparge::v1::GenerateEvent> event;  // set: the next event
     std::optional<absl::Status> final_status;        // set (and event empty): stream ended
   };
-  // Non-blocking: the next event, else the final status once closed and drained, else neither.
+
+  // The primary reader. Non-blocking: the next event, else the final status once closed and
+  // drained, else neither.
   Item TryPop();
   // Blocks until TryPop would return something or `timeout` passes; false on timeout.
   bool WaitReadable(absl::Duration timeout);
-
   // `listener` runs (on the producer's thread, with no channel lock held) after every Push and
   // Close. It may call TryPop. At most one listener.
   void SetListener(std::function<void()> listener);
   // Removes the listener; returns after any call of it in progress has returned.
   void ClearListener();
+  // Ends the primary reader (ClearListener() first): what it has not read is dropped and nothing
+  // more is kept for it. Idempotent.
+  void DetachPrimary();
+
+  // Adds a watcher; returns its id. `listener` (may be empty) runs like the primary's and may
+  // call TryPopWatcher.
+  int AddWatcher(std::function<void()> listener);
+  Item TryPopWatcher(int watcher);
+  // Removes a watcher; returns after any call of its listener in progress has returned. Must not
+  // be called from a listener.
+  void RemoveWatcher(int watcher);
+
+  // Installs the observer (at most one) and replays to it, synchronously, the events still kept
+  // (every event, when called before the primary reader has read or detached) and the close.
+  void SetObserver(std::shared_ptr<JobEventObserver> observer);
+
+  bool closed() const;
+  // Events currently held (for tests of the memory bound).
+  int retained_events() const;
 
  private:
+  static constexpr int kPrimary = 0;
+  struct Reader {
+    uint64_t cursor = 0;  // absolute index of the next log event to read
+    bool wants_chunks = false;
+    std::deque<sparge::v1::GenerateEvent> replay;  // read before the log
+    std::function<void()> listener;
+  };
+
+  Item PopLocked(Reader& reader) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops log events every reader has passed.
+  void TrimLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Notify();
 
-  absl::Mutex mu_;
-  std::deque<sparge::v1::GenerateEvent> events_ ABSL_GUARDED_BY(mu_);
+  // Serializes producers with SetObserver so that the observer sees each event exactly once, in
+  // order. Acquired before mu_.
+  absl::Mutex observer_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  std::shared_ptr<JobEventObserver> observer_ ABSL_GUARDED_BY(observer_mu_);
+
+  mutable absl::Mutex mu_;
+  std::deque<sparge::v1::GenerateEvent> log_ ABSL_GUARDED_BY(mu_);
+  uint64_t log_begin_ ABSL_GUARDED_BY(mu_) = 0;  // absolute index of log_.front()
+  std::map<int, Reader> readers_ ABSL_GUARDED_BY(mu_);
+  int next_watcher_ ABSL_GUARDED_BY(mu_) = 1;
+  // Replay snapshot for watchers that join later.
+  std::optional<sparge::v1::GenerateEvent> accepted_ ABSL_GUARDED_BY(mu_);
+  std::optional<sparge::v1::GenerateEvent> latest_progress_ ABSL_GUARDED_BY(mu_);
+  std::optional<sparge::v1::GenerateEvent> completed_ ABSL_GUARDED_BY(mu_);
   std::optional<absl::Status> final_status_ ABSL_GUARDED_BY(mu_);
-  // Separate from mu_ so that a listener can TryPop; held while the listener runs so that
-  // ClearListener() cannot return while it is still executing.
+
+  // Separate from mu_ so that a listener can pop; held while listeners run so that
+  // ClearListener() / RemoveWatcher() cannot return while one is still executing.
   absl::Mutex listener_mu_ ABSL_ACQUIRED_BEFORE(mu_);
-  std::function<void()> listener_ ABSL_GUARDED_BY(listener_mu_);
+  std::map<int, std::function<void()>> listeners_ ABSL_GUARDED_BY(listener_mu_);
 };
 
 class JobHandle {

@@ -48,6 +48,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>
       return;
     }
     handle_ = *std::move(handle);
+    // Before the first read: the store must see every event, chunks included.
+    service->jobs().Track(handle_, v1::JOB_ORIGIN_GENERATE, "");
     handle_->events().SetListener([this] {
       absl::MutexLock lock(&mu_);
       WriteNextLocked();
@@ -78,7 +80,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>
 
   void OnDone() override {
     if (handle_) {
-      handle_->events().ClearListener();  // waits out a listener call in progress
+      // Waits out a listener call in progress; chunks are no longer kept for this call.
+      handle_->events().DetachPrimary();
       handle_->Cancel(CancelReason::kClient);  // no-op unless the job is still alive
     }
     delete this;
@@ -141,10 +144,11 @@ void FillLimits(const RequestLimits& l, v1::RequestLimits* out) {
 const char* ServerVersion() { return SPARGE_VERSION; }
 
 VideoServiceImpl::VideoServiceImpl(const ServerConfig* config, Executor* executor,
-                                   ServerMetrics* metrics, const Clock* clock,
+                                   JobStore* jobs, ServerMetrics* metrics, const Clock* clock,
                                    SeedSource seed_source)
     : config_(config),
       executor_(executor),
+      jobs_(jobs),
       metrics_(metrics),
       clock_(clock),
       seed_source_(std::move(seed_source)) {}
@@ -221,6 +225,19 @@ absl::StatusOr<int> SpargeServer::Start() {
     metrics_http_ = *std::move(http);
   }
 
+  JobStoreOptions store_options = JobStoreOptionsFrom(config_.jobs, deps_.clock);
+  // Jobs of Generate calls are counted when their call ends (GenerateReactor); server-owned jobs
+  // when they end.
+  store_options.on_finished = [this](const v1::Job& job) {
+    if (job.origin() != v1::JOB_ORIGIN_SUBMIT_JOB) return;
+    metrics_.CountRequest(job.state() == v1::JOB_STATE_SUCCEEDED
+                              ? std::string("OK")
+                              : StatusCodeName(static_cast<absl::StatusCode>(job.error().code())));
+  };
+  absl::StatusOr<std::unique_ptr<JobStore>> jobs = JobStore::Open(std::move(store_options));
+  if (!jobs.ok()) return jobs.status();
+  jobs_ = *std::move(jobs);
+
   ExecutorOptions options;
   options.create_pipeline = deps_.create_pipeline;
   options.encode_video = deps_.encode_video;
@@ -244,8 +261,8 @@ absl::StatusOr<int> SpargeServer::Start() {
   absl::StatusOr<std::unique_ptr<Executor>> executor = Executor::Create(std::move(options));
   if (!executor.ok()) return executor.status();
   executor_ = *std::move(executor);
-  service_ = std::make_unique<VideoServiceImpl>(&config_, executor_.get(), &metrics_,
-                                                deps_.clock, deps_.seed_source);
+  service_ = std::make_unique<VideoServiceImpl>(&config_, executor_.get(), jobs_.get(),
+                                                &metrics_, deps_.clock, deps_.seed_source);
   builder.RegisterService(service_.get());
   {
     // Held across BuildAndStart so that OnModelReady (executor thread) sees grpc_server_ set.

@@ -1,5 +1,6 @@
 // The gRPC front end: VideoServiceImpl (callback API; Generate streams a job's events through a
-// write reactor) and SpargeServer, which wires config, executor, metrics, health and reflection.
+// write reactor; the job RPCs, in job_rpcs.cc, go through the JobStore) and SpargeServer, which
+// wires config, job store, executor, metrics, health and reflection.
 // Usage: auto s = SpargeServer::Create(config, deps); int port = *s->Start(); ...; s->Shutdown().
 // Thread-safe; Shutdown() blocks until in-flight calls end (after the configured grace period).
 #pragma once
@@ -15,6 +16,7 @@
 #include "server/clock.h"
 #include "server/config.h"
 #include "server/executor.h"
+#include "server/job_store.h"
 #include "server/metrics.h"
 #include "server/request_validation.h"
 #include "sparge/v1/video_service.grpc.pb.h"
@@ -27,8 +29,8 @@ const char* ServerVersion();
 class VideoServiceImpl final : public sparge::v1::VideoService::CallbackService {
  public:
   // Every pointer must outlive the service.
-  VideoServiceImpl(const ServerConfig* config, Executor* executor, ServerMetrics* metrics,
-                   const Clock* clock, SeedSource seed_source);
+  VideoServiceImpl(const ServerConfig* config, Executor* executor, JobStore* jobs,
+                   ServerMetrics* metrics, const Clock* clock, SeedSource seed_source);
 
   grpc::ServerWriteReactor<sparge::v1::GenerateEvent>* Generate(
       grpc::CallbackServerContext* context, const sparge::v1::GenerateRequest* request) override;
@@ -36,8 +38,28 @@ class VideoServiceImpl final : public sparge::v1::VideoService::CallbackService 
                                           const sparge::v1::GetServerInfoRequest* request,
                                           sparge::v1::ServerInfo* response) override;
 
+  // Job API (job_rpcs.cc).
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const sparge::v1::SubmitJobRequest* request,
+                                      sparge::v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const sparge::v1::GetJobRequest* request,
+                                   sparge::v1::Job* response) override;
+  grpc::ServerWriteReactor<sparge::v1::GenerateEvent>* WatchJob(
+      grpc::CallbackServerContext* context, const sparge::v1::WatchJobRequest* request) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const sparge::v1::CancelJobRequest* request,
+                                      sparge::v1::Job* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const sparge::v1::ListJobsRequest* request,
+                                     sparge::v1::ListJobsResponse* response) override;
+  grpc::ServerWriteReactor<sparge::v1::JobResultChunk>* GetJobResult(
+      grpc::CallbackServerContext* context,
+      const sparge::v1::GetJobResultRequest* request) override;
+
   const ServerConfig& config() const { return *config_; }
   Executor& executor() { return *executor_; }
+  JobStore& jobs() { return *jobs_; }
   ServerMetrics& metrics() { return *metrics_; }
   const Clock& clock() const { return *clock_; }
   const SeedSource& seed_source() const { return seed_source_; }
@@ -45,9 +67,13 @@ class VideoServiceImpl final : public sparge::v1::VideoService::CallbackService 
  private:
   const ServerConfig* config_;
   Executor* executor_;
+  JobStore* jobs_;
   ServerMetrics* metrics_;
   const Clock* clock_;
   SeedSource seed_source_;
+  // Serializes SubmitJob calls that carry an idempotency key, so that two concurrent calls with
+  // the same key start one job.
+  absl::Mutex keyed_submit_mu_;
 };
 
 // What the server runs on: the engine in production (engine_binding.h), fakes in tests.
@@ -65,8 +91,9 @@ class SpargeServer {
                                                               ServerDeps deps);
   ~SpargeServer();  // Shutdown()
 
-  // Listens (gRPC on config.port, 0 = any free port; metrics on config.metrics_port, 0 = off,
-  // -1 = any free port) and starts loading the model in the background. Health reports
+  // Opens the job store (config.jobs.output_dir), listens (gRPC on config.port, 0 = any free
+  // port; metrics on config.metrics_port, 0 = off, -1 = any free port) and starts loading the
+  // model in the background. Health reports
   // NOT_SERVING until the model is loaded and warmed, then SERVING. Returns the gRPC port.
   absl::StatusOr<int> Start();
   // Blocks until the model is ready (OK), failed to load (its status), or timeout.
@@ -76,6 +103,8 @@ class SpargeServer {
   int metrics_port() const;  // 0 when off
   ServerMetrics& metrics() { return metrics_; }
   const ServerConfig& config() const { return config_; }
+  // Null before Start().
+  JobStore* jobs() { return jobs_.get(); }
 
   // Health NOT_SERVING, new calls refused, in-flight calls get config.shutdown_grace_seconds to
   // finish and are then cancelled; the model is released. Idempotent.
@@ -88,6 +117,8 @@ class SpargeServer {
   const ServerConfig config_;
   ServerDeps deps_;
   ServerMetrics metrics_;
+  // Declared before the executor: destroyed after it, since its jobs report to the store.
+  std::unique_ptr<JobStore> jobs_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<VideoServiceImpl> service_;
   std::unique_ptr<grpc::Server> grpc_server_;

@@ -3,7 +3,10 @@
 // cancellation and deadlines reaching the executor, server info, and the /metrics scrape.
 #include "server/video_service.h"
 
+#include <stdlib.h>
+
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,6 +60,11 @@ class VideoServiceTest : public ::testing::Test {
     config.metrics_port = -1;
     config.output_chunk_bytes = 1024;
     config.shutdown_grace_seconds = 0.2;
+    // ctest runs tests in parallel processes: each server gets its own job directory.
+    std::string dir = ::testing::TempDir() + "/sparge_video_service_test_XXXXXX";
+    ASSERT_NE(mkdtemp(dir.data()), nullptr);
+    jobs_dir_ = dir;
+    config.jobs.output_dir = jobs_dir_;
     ServerDeps deps;
     deps.create_pipeline =
         factory ? factory : testing::FakePipelineFactory(std::move(fake), counters_);
@@ -76,6 +84,7 @@ class VideoServiceTest : public ::testing::Test {
 
   void TearDown() override {
     if (server_) server_->Shutdown();
+    if (!jobs_dir_.empty()) std::system(("rm -rf '" + jobs_dir_ + "'").c_str());
   }
 
   CallResult Generate(const v1::GenerateRequest& request,
@@ -110,6 +119,7 @@ class VideoServiceTest : public ::testing::Test {
   std::unique_ptr<SpargeServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::VideoService::Stub> stub_;
+  std::string jobs_dir_;
 };
 
 TEST_F(VideoServiceTest, StreamsEventsInOrderAndTheFileReassembles) {
