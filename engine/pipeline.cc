@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <sys/stat.h>
 #include <torch/cuda.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <exception>
@@ -16,6 +17,7 @@
 #include <utility>
 #ifdef SPARGE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 #include "absl/strings/numbers.h"
@@ -62,6 +64,19 @@ namespace {
 constexpr int kVaeSpatialStride = 8;
 constexpr int kVaeTemporalStride = 4;
 
+// After a device OOM the failed call's temporaries are free but still cached by the allocator,
+// fragmented into blocks that did not fit; hand them back to the driver so that a smaller retry
+// (the server retries a batch job by job) and other processes can use them.
+void ReleaseCachedDeviceMemory() {
+#ifdef SPARGE_WITH_CUDA
+  try {
+    if (torch::cuda::is_available()) c10::cuda::CUDACachingAllocator::emptyCache();
+  } catch (const std::exception&) {
+    // Best effort: the OOM status is what the caller reports.
+  }
+#endif
+}
+
 // The module edge: LibTorch reports failures by throwing; everything above sees
 // absl::Status.
 template <typename Fn>
@@ -69,6 +84,7 @@ absl::Status GuardTorch(const char* what, Fn&& fn) {
   try {
     return fn();
   } catch (const c10::OutOfMemoryError& e) {
+    ReleaseCachedDeviceMemory();
     return absl::ResourceExhaustedError(
         absl::StrCat(what, ": device out of memory: ", e.what_without_backtrace()));
   } catch (const std::bad_alloc&) {
@@ -191,6 +207,30 @@ class TinyWanPipeline : public Pipeline {
   }
 
   const ModelDescription& model() const override { return description_; }
+
+  DeviceMemoryStats memory_stats() const override {
+    DeviceMemoryStats stats;
+    if (device_.is_cpu()) {
+      const long pages = ::sysconf(_SC_PHYS_PAGES);
+      const long page_size = ::sysconf(_SC_PAGE_SIZE);
+      if (pages > 0 && page_size > 0) stats.total_bytes = int64_t{pages} * page_size;
+      return stats;
+    }
+#ifdef SPARGE_WITH_CUDA
+    try {
+      const c10::CachingDeviceAllocator::DeviceStats device_stats =
+          c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index());
+      const size_t aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+      stats.allocated_bytes = device_stats.allocated_bytes[aggregate].current;
+      stats.reserved_bytes = device_stats.reserved_bytes[aggregate].current;
+      stats.total_bytes =
+          static_cast<int64_t>(at::cuda::getDeviceProperties(device_.index())->totalGlobalMem);
+    } catch (const std::exception&) {
+      return DeviceMemoryStats{};  // unknown rather than a failed step
+    }
+#endif
+    return stats;
+  }
 
   std::string device_name() const override {
     if (device_.is_cpu()) return "cpu";

@@ -63,6 +63,16 @@ struct VideoFrames {
   std::vector<uint8_t> rgb;
 };
 
+// Memory of the pipeline's device, bytes. On CUDA: allocated = bytes in live tensors, reserved =
+// held by the caching allocator (allocated plus cached free blocks), total = the GPU's memory.
+// On CPU: allocated = reserved = 0 (LibTorch's CPU allocator keeps no statistics; the server's
+// sparge_job_state_bytes covers job state) and total = physical RAM. 0 also means unknown.
+struct DeviceMemoryStats {
+  int64_t allocated_bytes = 0;
+  int64_t reserved_bytes = 0;
+  int64_t total_bytes = 0;
+};
+
 // Static description of the loaded model (reported by GetServerInfo).
 struct ModelDescription {
   std::string name;
@@ -128,11 +138,16 @@ class Pipeline {
 
   // One denoising step for every job in `jobs` (all with the same BatchKey and not done), batched
   // into one DiT call; each element keeps its own timestep, guidance, sampler and sparsity knobs.
-  // Appends one StepStats per job to *stats, in order. RESOURCE_EXHAUSTED on device OOM.
+  // Appends one StepStats per job to *stats, in order. RESOURCE_EXHAUSTED on device OOM, after
+  // the caching allocator's free blocks are released so that a smaller retry can fit.
   virtual absl::Status Step(absl::Span<GenerationJob* const> jobs, std::vector<StepStats>* stats) = 0;
 
   // Decodes a finished job's latents into frames (VAE decode, [-1, 1] -> uint8).
   virtual absl::StatusOr<VideoFrames> Decode(GenerationJob& job) = 0;
+
+  // The device's memory now (cheap: the server reads it after every step). Implementations that
+  // cannot tell report zeros.
+  virtual DeviceMemoryStats memory_stats() const { return {}; }
 };
 
 }  // namespace sparge::engine

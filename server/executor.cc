@@ -1,7 +1,9 @@
 #include "server/executor.h"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
+#include <unordered_map>
 #include <utility>
 
 #include "absl/random/random.h"
@@ -31,6 +33,11 @@ auto GuardEngineCall(const char* what, Fn&& fn) -> decltype(fn()) {
 }
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+using SteadyClock = std::chrono::steady_clock;
+double SecondsSince(SteadyClock::time_point t0) {
+  return std::chrono::duration<double>(SteadyClock::now() - t0).count();
+}
 
 double MegaVoxels(const engine::GenerationRequest& r) {
   return static_cast<double>(r.width) * r.height * r.num_frames / 1e6;
@@ -86,7 +93,8 @@ int Executor::queue_depth() const {
 
 absl::Status Executor::WaitUntilReady(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
-  auto loaded = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return load_status_.has_value(); };
+  // Waits for on_ready too, so that what it publishes (health SERVING) is visible on return.
+  auto loaded = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return ready_reported_; };
   if (!mu_.AwaitWithTimeout(absl::Condition(&loaded), timeout)) {
     return absl::DeadlineExceededError(
         absl::StrCat("model not ready after ", absl::FormatDuration(timeout)));
@@ -109,6 +117,20 @@ absl::StatusOr<std::shared_ptr<JobHandle>> Executor::Submit(ResolvedRequest requ
       return absl::UnavailableError(
           absl::StrCat("the model failed to load: ", load_status_->message()));
     }
+    const int64_t max_tokens = options_.scheduler.max_batch_tokens;
+    if (max_tokens > 0 && model_info_.has_value()) {
+      const engine::GenerationRequest& r = request.engine;
+      const int64_t tokens = DitTokens(r, model_info_->description);
+      if (tokens > max_tokens) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "request needs ", tokens, " DiT tokens per denoising step (", r.width, "x", r.height,
+            "x", r.num_frames, " frames",
+            r.guidance_scale > 1.0f ? ", doubled by classifier-free guidance" : "",
+            "), more than this server's scheduler.max_batch_tokens=", max_tokens,
+            "; lower width, height or num_frames",
+            r.guidance_scale > 1.0f ? ", or set guidance_scale <= 1" : ""));
+      }
+    }
     const int max_queue = options_.scheduler.max_queue_length;
     if (static_cast<int>(queued_.size()) >= max_queue) {
       return absl::ResourceExhaustedError(
@@ -117,8 +139,13 @@ absl::StatusOr<std::shared_ptr<JobHandle>> Executor::Submit(ResolvedRequest requ
     const uint64_t sequence = next_sequence_++;
     std::vector<QueuedJobView> views;
     views.reserve(queued_.size());
-    for (const auto& q : queued_) views.push_back({q->sequence(), q->request().priority});
-    const int position = QueuePosition(views, request.priority, sequence);
+    for (const QueuedJob& q : queued_) views.push_back(ViewOf(q));
+    QueuedJobView mine;
+    mine.sequence = sequence;
+    mine.priority = request.priority;
+    mine.arrival = now;
+    mine.deadline = deadline;
+    const int position = QueuePosition(views, mine, now, options_.scheduler);
 
     absl::BitGen gen;
     std::string id = absl::StrFormat("job-%d-%08x", sequence, absl::Uniform<uint32_t>(gen));
@@ -132,7 +159,7 @@ absl::StatusOr<std::shared_ptr<JobHandle>> Executor::Submit(ResolvedRequest requ
     accepted->set_queue_position(position);
     *accepted->mutable_resolved_request() = handle->request().resolved;
     handle->events().Push(std::move(event));
-    queued_.push_back(handle);
+    queued_.push_back(QueuedJob{handle});
     // A higher-priority arrival moves the jobs it overtakes back.
     ReportQueuePositionsLocked();
     if (options_.metrics) options_.metrics->SetQueueDepth(static_cast<int>(queued_.size()));
@@ -148,6 +175,10 @@ void Executor::ThreadMain() {
   }
   if (options_.metrics) options_.metrics->SetModelReady(loaded.ok());
   if (options_.on_ready) options_.on_ready(loaded);
+  {
+    absl::MutexLock lock(&mu_);
+    ready_reported_ = true;
+  }
 
   if (loaded.ok()) {
     while (true) {
@@ -165,6 +196,7 @@ void Executor::ThreadMain() {
     mu_.Await(absl::Condition(&stopping_));
   }
   running_.clear();
+  preempted_.clear();
   pipeline_.reset();  // on the owning thread
   if (options_.metrics) options_.metrics->SetModelReady(false);
 }
@@ -193,17 +225,50 @@ absl::Status Executor::LoadModel() {
   return absl::OkStatus();
 }
 
+template <typename Fn>
+auto Executor::TimedEngineCall(const char* what, Fn&& fn) -> decltype(fn()) {
+  const SteadyClock::time_point t0 = SteadyClock::now();
+  auto result = GuardEngineCall(what, std::forward<Fn>(fn));
+  iteration_engine_seconds_ += SecondsSince(t0);
+  return result;
+}
+
+QueuedJobView Executor::ViewOf(const QueuedJob& q) const {
+  QueuedJobView view;
+  view.sequence = q.handle->sequence();
+  view.priority = q.handle->request().priority;
+  view.arrival = q.handle->accepted_time();
+  view.deadline = q.handle->deadline();
+  return view;
+}
+
 bool Executor::RunOnce() {
+  const SteadyClock::time_point t0 = SteadyClock::now();
+  iteration_engine_seconds_ = 0;
   ReapStoppedJobs();
 
   SchedulerSnapshot snapshot;
+  snapshot.now = options_.clock->Now();
   {
     absl::MutexLock lock(&mu_);
-    for (const auto& q : queued_) snapshot.queued.push_back({q->sequence(), q->request().priority});
+    snapshot.queued.reserve(queued_.size());
+    for (const QueuedJob& q : queued_) snapshot.queued.push_back(ViewOf(q));
   }
+  snapshot.running.reserve(running_.size());
   for (const RunningJob& r : running_) {
-    snapshot.running.push_back(
-        {r.handle->sequence(), r.job->BatchKey(), r.job->steps_done(), r.job->total_steps()});
+    RunningJobView view;
+    view.sequence = r.handle->sequence();
+    view.batch_key = r.job->BatchKey();
+    view.steps_done = r.job->steps_done();
+    view.total_steps = r.job->total_steps();
+    view.priority = r.handle->request().priority;
+    view.arrival = r.handle->accepted_time();
+    view.tokens = r.tokens;
+    view.deadline = r.handle->deadline();
+    view.start_order = r.start_order;
+    view.steps_at_start = r.steps_at_start;
+    view.preemptions = r.preemptions;
+    snapshot.running.push_back(std::move(view));
   }
   const SchedulerAction action = ChooseNextAction(snapshot, options_.scheduler);
   switch (action.kind) {
@@ -213,16 +278,25 @@ bool Executor::RunOnce() {
       std::shared_ptr<JobHandle> handle;
       {
         absl::MutexLock lock(&mu_);
-        auto it = std::find_if(queued_.begin(), queued_.end(), [&](const auto& q) {
-          return q->sequence() == action.jobs.front();
+        auto it = std::find_if(queued_.begin(), queued_.end(), [&](const QueuedJob& q) {
+          return q.handle->sequence() == action.jobs.front();
         });
-        handle = *it;
+        handle = std::move(it->handle);
         queued_.erase(it);
       }
-      StartJob(std::move(handle));
-      ReportQueuePositions();
+      auto preempted = preempted_.find(handle->sequence());
+      if (preempted != preempted_.end()) {
+        RunningJob job = std::move(preempted->second);
+        preempted_.erase(preempted);
+        ResumeJob(std::move(job));
+      } else {
+        StartJob(std::move(handle));
+      }
       break;
     }
+    case SchedulerAction::Kind::kPreempt:
+      PreemptJob(action.jobs.front());
+      break;
     case SchedulerAction::Kind::kStep:
       StepJobs(action.jobs);
       break;
@@ -230,7 +304,18 @@ bool Executor::RunOnce() {
       FinishJob(action.jobs.front());
       break;
   }
+  // Aging and arrivals reorder the queue even when no job left it.
+  ReportQueuePositions();
   UpdateGauges();
+  if (options_.metrics || options_.on_iteration) {
+    IterationTiming timing;
+    timing.action = action.kind;
+    timing.batch_size = static_cast<int>(action.jobs.size());
+    timing.total_seconds = SecondsSince(t0);
+    timing.engine_seconds = iteration_engine_seconds_;
+    if (options_.metrics) options_.metrics->ObserveSchedulerOverhead(timing.overhead_seconds());
+    if (options_.on_iteration) options_.on_iteration(timing);
+  }
   return true;
 }
 
@@ -267,15 +352,25 @@ void Executor::ReapStoppedJobs() {
   {
     absl::MutexLock lock(&mu_);
     stopping = stopping_;
-    auto keep = std::stable_partition(queued_.begin(), queued_.end(), [&](const auto& q) {
-      return StopReason(*q, now, stopping) == CancelReason::kNone;
+    auto keep = std::stable_partition(queued_.begin(), queued_.end(), [&](const QueuedJob& q) {
+      return StopReason(*q.handle, now, stopping) == CancelReason::kNone;
     });
     for (auto it = keep; it != queued_.end(); ++it) {
-      stopped_queued.emplace_back(*it, StopReason(**it, now, stopping));
+      stopped_queued.emplace_back(it->handle, StopReason(*it->handle, now, stopping));
     }
     queued_.erase(keep, queued_.end());
   }
-  for (auto& [handle, reason] : stopped_queued) EndStoppedJob(*handle, reason, "while queued");
+  for (auto& [handle, reason] : stopped_queued) {
+    std::string where = "while queued";
+    auto preempted = preempted_.find(handle->sequence());
+    if (preempted != preempted_.end()) {
+      const engine::GenerationJob& job = *preempted->second.job;
+      where = absl::StrCat("while preempted after step ", job.steps_done(), "/",
+                           job.total_steps());
+      preempted_.erase(preempted);  // free its state before telling the client
+    }
+    EndStoppedJob(*handle, reason, where);
+  }
 
   bool any_running_stopped = false;
   for (auto it = running_.begin(); it != running_.end();) {
@@ -302,6 +397,11 @@ void Executor::StartJob(std::shared_ptr<JobHandle> handle) {
   RunningJob running;
   running.handle = handle;
   running.started = started;
+  running.start_order = next_start_order_++;
+  {
+    absl::MutexLock lock(&mu_);
+    if (model_info_.has_value()) running.tokens = DitTokens(request, model_info_->description);
+  }
   running.queue_wait_seconds = Seconds(started - handle->accepted_time());
   if (options_.metrics) options_.metrics->ObserveQueueWait(running.queue_wait_seconds);
 
@@ -309,7 +409,7 @@ void Executor::StartJob(std::shared_ptr<JobHandle> handle) {
                request.num_steps * step_seconds_per_mvoxel_ * MegaVoxels(request) +
                    finish_seconds_per_mvoxel_ * MegaVoxels(request));
   absl::StatusOr<std::unique_ptr<engine::GenerationJob>> job =
-      GuardEngineCall("Pipeline::Start", [&] { return pipeline_->Start(request); });
+      TimedEngineCall("Pipeline::Start", [&] { return pipeline_->Start(request); });
   running.text_encode_seconds = Seconds(options_.clock->Now() - started);
   if (!job.ok()) {
     EndJob(*handle, job.status(), JobState::kFailed);
@@ -321,23 +421,103 @@ void Executor::StartJob(std::shared_ptr<JobHandle> handle) {
   }
   if (options_.metrics) options_.metrics->ObserveTextEncode(running.text_encode_seconds);
   running.job = *std::move(job);
+  running.steps_at_start = running.job->steps_done();
   running_.push_back(std::move(running));
+}
+
+void Executor::ResumeJob(RunningJob job) {
+  job.handle->set_state(JobState::kRunning);
+  job.start_order = next_start_order_++;
+  job.steps_at_start = job.job->steps_done();
+  // The client learns it runs again, and from which step.
+  PushProgress(*job.handle, v1::STAGE_DENOISE, job.job->steps_done(), job.job->total_steps(),
+               0.0f, EstimateRemainingSeconds(job));
+  running_.push_back(std::move(job));
+}
+
+void Executor::PreemptJob(uint64_t sequence) {
+  auto it = std::find_if(running_.begin(), running_.end(),
+                         [&](const RunningJob& r) { return r.handle->sequence() == sequence; });
+  RunningJob job = std::move(*it);
+  running_.erase(it);
+  ++job.preemptions;
+  const std::shared_ptr<JobHandle> handle = job.handle;
+  LogInfo(absl::StrCat(handle->id(), " preempted after step ", job.job->steps_done(), "/",
+                       job.job->total_steps(), " (preemption ", job.preemptions, ")"));
+  if (options_.metrics) options_.metrics->CountPreemption();
+  const int steps_done = job.job->steps_done();
+  const int total_steps = job.job->total_steps();
+  preempted_.emplace(sequence, std::move(job));
+  const absl::Time now = options_.clock->Now();
+  absl::MutexLock lock(&mu_);
+  handle->set_state(JobState::kQueued);
+  QueuedJob queued{handle, steps_done};
+  std::vector<QueuedJobView> views;
+  views.reserve(queued_.size());
+  for (const QueuedJob& q : queued_) views.push_back(ViewOf(q));
+  const int position = QueuePosition(views, ViewOf(queued), now, options_.scheduler);
+  queued_.push_back(std::move(queued));
+  handle->set_queue_position(position);
+  v1::GenerateEvent event;
+  v1::JobProgress* progress = event.mutable_progress();
+  progress->set_stage(v1::STAGE_QUEUED);
+  progress->set_step(steps_done);
+  progress->set_total_steps(total_steps);
+  progress->set_queue_position(position);
+  progress->set_elapsed_seconds(Seconds(now - handle->accepted_time()));
+  handle->events().Push(std::move(event));
 }
 
 void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
   std::vector<RunningJob*> batch;
-  std::vector<engine::GenerationJob*> jobs;
   for (uint64_t sequence : sequences) {
     for (RunningJob& r : running_) {
-      if (r.handle->sequence() == sequence) {
-        batch.push_back(&r);
-        jobs.push_back(r.job.get());
-      }
+      if (r.handle->sequence() == sequence) batch.push_back(&r);
     }
   }
+  std::vector<int> steps_before;
+  for (RunningJob* r : batch) steps_before.push_back(r->job->steps_done());
+  absl::Status status = RunStep(batch);
+  if (!status.ok() && status.code() == absl::StatusCode::kResourceExhausted && batch.size() > 1) {
+    // Out of device memory for the batch (the engine has freed its cache): the jobs may still fit
+    // one at a time. Only a job that does not fit alone fails.
+    int64_t tokens = 0;
+    for (RunningJob* r : batch) tokens += r->tokens;
+    LogWarning(absl::StrCat("a batch of ", batch.size(), " jobs (", tokens,
+                            " DiT tokens) ran out of memory; retrying them one by one: ",
+                            status.message()));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      RunningJob* r = batch[i];
+      // A job the failed call advanced anyway has had its step.
+      if (r->job->steps_done() != steps_before[i]) continue;
+      absl::Status single = RunStep({r});
+      if (!single.ok()) {
+        r->job.reset();
+        EndJob(*r->handle, single, JobState::kFailed);
+      }
+    }
+  } else if (!status.ok()) {
+    // The whole batch shared the failed call; each of its jobs fails, nothing else does.
+    for (RunningJob* r : batch) {
+      r->job.reset();
+      EndJob(*r->handle, status, JobState::kFailed);
+    }
+  }
+  if (!status.ok()) {
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [](const RunningJob& r) { return r.job == nullptr; }),
+                   running_.end());
+  }
+  UpdateDeviceMemory();
+}
+
+absl::Status Executor::RunStep(const std::vector<RunningJob*>& batch) {
+  std::vector<engine::GenerationJob*> jobs;
+  jobs.reserve(batch.size());
+  for (RunningJob* r : batch) jobs.push_back(r->job.get());
   std::vector<engine::StepStats> stats;
   const absl::Time t0 = options_.clock->Now();
-  absl::Status status = GuardEngineCall("Pipeline::Step", [&] {
+  absl::Status status = TimedEngineCall("Pipeline::Step", [&] {
     return pipeline_->Step(absl::MakeConstSpan(jobs), &stats);
   });
   const double seconds = Seconds(options_.clock->Now() - t0);
@@ -345,17 +525,7 @@ void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
     status = absl::InternalError(absl::StrCat("Pipeline::Step returned ", stats.size(),
                                               " stats for ", jobs.size(), " jobs"));
   }
-  if (!status.ok()) {
-    // The whole batch shared the failed call; each of its jobs fails, nothing else does.
-    for (RunningJob* r : batch) {
-      r->job.reset();
-      EndJob(*r->handle, status, JobState::kFailed);
-    }
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [](const RunningJob& r) { return r.job == nullptr; }),
-                   running_.end());
-    return;
-  }
+  if (!status.ok()) return status;
   if (options_.metrics) {
     options_.metrics->ObserveDenoiseStep(seconds);
     // Attention time is the batched step's, the same in every job's stats: count it once.
@@ -375,6 +545,7 @@ void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
     PushProgress(*r.handle, v1::STAGE_DENOISE, r.job->steps_done(), r.job->total_steps(),
                  stats[i].achieved_sparsity, EstimateRemainingSeconds(r));
   }
+  return absl::OkStatus();
 }
 
 void Executor::FinishJob(uint64_t sequence) {
@@ -393,7 +564,7 @@ void Executor::FinishJob(uint64_t sequence) {
                finish_seconds_per_mvoxel_ * mvoxels);
   const absl::Time t0 = options_.clock->Now();
   absl::StatusOr<engine::VideoFrames> decoded =
-      GuardEngineCall("Pipeline::Decode", [&] { return pipeline_->Decode(*r.job); });
+      TimedEngineCall("Pipeline::Decode", [&] { return pipeline_->Decode(*r.job); });
   r.job.reset();  // latents are no longer needed
   const absl::Time t1 = options_.clock->Now();
   if (!decoded.ok()) {
@@ -414,7 +585,7 @@ void Executor::FinishJob(uint64_t sequence) {
   absl::StatusOr<engine::EncodedVideo> video;
   {
     const engine::VideoFrames frames = *std::move(decoded);  // freed at the end of this scope
-    video = GuardEngineCall(
+    video = TimedEngineCall(
         "EncodeVideo", [&] { return options_.encode_video(frames, request.fps, container); });
   }
   const absl::Time t2 = options_.clock->Now();
@@ -499,19 +670,27 @@ void Executor::ReportQueuePositions() {
 void Executor::ReportQueuePositionsLocked() {
   // Pushed under mu_ so that updates computed by Submit (gRPC thread) and by the executor thread
   // reach each channel in the order they were computed.
+  if (queued_.empty()) return;
+  const absl::Time now = options_.clock->Now();
   std::vector<QueuedJobView> views;
-  for (const auto& q : queued_) views.push_back({q->sequence(), q->request().priority});
-  for (const auto& q : queued_) {
-    const int position = QueuePosition(views, q->request().priority, q->sequence());
-    if (position == q->queue_position()) continue;
-    q->set_queue_position(position);
+  views.reserve(queued_.size());
+  for (const QueuedJob& q : queued_) views.push_back(ViewOf(q));
+  const std::vector<uint64_t> order = QueueOrder(views, now, options_.scheduler);
+  std::unordered_map<uint64_t, int> positions;
+  positions.reserve(order.size());
+  for (size_t i = 0; i < order.size(); ++i) positions[order[i]] = static_cast<int>(i);
+  for (QueuedJob& q : queued_) {
+    const int position = positions[q.handle->sequence()];
+    if (position == q.handle->queue_position()) continue;
+    q.handle->set_queue_position(position);
     v1::GenerateEvent event;
     v1::JobProgress* progress = event.mutable_progress();
     progress->set_stage(v1::STAGE_QUEUED);
-    progress->set_total_steps(q->request().engine.num_steps);
+    progress->set_step(q.steps_done);
+    progress->set_total_steps(q.handle->request().engine.num_steps);
     progress->set_queue_position(position);
-    progress->set_elapsed_seconds(Seconds(options_.clock->Now() - q->accepted_time()));
-    q->events().Push(std::move(event));
+    progress->set_elapsed_seconds(Seconds(now - q.handle->accepted_time()));
+    q.handle->events().Push(std::move(event));
   }
 }
 
@@ -538,8 +717,19 @@ void Executor::UpdateGauges() {
     for (const RunningJob& r : running_) {
       if (r.job != nullptr) state_bytes += r.job->state_bytes();
     }
+    // Preempted jobs keep their state on the device.
+    for (const auto& [sequence, r] : preempted_) state_bytes += r.job->state_bytes();
     options_.metrics->SetJobStateBytes(state_bytes);
   }
+}
+
+void Executor::UpdateDeviceMemory() {
+  if (!options_.metrics) return;
+  const SteadyClock::time_point t0 = SteadyClock::now();
+  const engine::DeviceMemoryStats memory = pipeline_->memory_stats();
+  iteration_engine_seconds_ += SecondsSince(t0);
+  options_.metrics->SetDeviceMemory(memory.allocated_bytes, memory.reserved_bytes,
+                                    memory.total_bytes);
 }
 
 }  // namespace sparge::server

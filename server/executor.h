@@ -1,11 +1,14 @@
 // The executor: one thread that creates and owns the engine::Pipeline and runs every job through
 // it (Start -> Step... -> Decode -> encode), choosing each next action with the pure policy of
-// scheduler_policy.h. gRPC threads only Submit() and read each job's event channel.
+// scheduler_policy.h (priorities, aging, deadlines, token budget, preemption). A batched step that
+// runs out of device memory is retried job by job, so only a job that cannot fit alone fails.
+// gRPC threads only Submit() and read each job's event channel.
 // Thread-safe: every public method may be called from any thread.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,6 +32,17 @@
 
 namespace sparge::server {
 
+// Timing of one executor iteration (one policy decision and its execution), for the scheduling
+// overhead benchmark and sparge_scheduler_overhead_seconds. Steady-clock wall time, not the
+// injected Clock.
+struct IterationTiming {
+  SchedulerAction::Kind action = SchedulerAction::Kind::kIdle;
+  int batch_size = 0;            // jobs in a kStep action, else 0 or 1
+  double total_seconds = 0;      // the whole iteration
+  double engine_seconds = 0;     // inside Pipeline calls and the video encoder
+  double overhead_seconds() const { return total_seconds - engine_seconds; }
+};
+
 struct ExecutorOptions {
   PipelineFactory create_pipeline;  // required
   VideoEncodeFn encode_video;       // required
@@ -39,6 +53,8 @@ struct ExecutorOptions {
   bool warmup = true;
   // Called once on the executor thread after loading (and warming up) the model, or failing to.
   std::function<void(const absl::Status&)> on_ready;
+  // Optional: called on the executor thread after every iteration that did something.
+  std::function<void(const IterationTiming&)> on_iteration;
 };
 
 // Model facts for GetServerInfo, available once loaded.
@@ -55,12 +71,15 @@ class Executor {
 
   // Queues a job. Its channel first gets `accepted`, then progress, chunks, `completed` and the
   // final OK status, or a non-OK status. UNAVAILABLE while loading or stopping,
-  // RESOURCE_EXHAUSTED "queue full (max_queue_length=N)".
+  // RESOURCE_EXHAUSTED "queue full (max_queue_length=N)", or RESOURCE_EXHAUSTED naming
+  // scheduler.max_batch_tokens when the request alone needs more DiT tokens than that cap.
+  // A preempted job gets a STAGE_QUEUED progress event with its queue position, and resumes
+  // later at the step it reached.
   absl::StatusOr<std::shared_ptr<JobHandle>> Submit(ResolvedRequest request,
                                                     absl::Time deadline = absl::InfiniteFuture());
 
-  // Blocks until the model is loaded and warmed up (OK), loading failed (its status), or
-  // `timeout` passed (DEADLINE_EXCEEDED).
+  // Blocks until the model is loaded and warmed up (OK) or loading failed (its status), and
+  // on_ready has returned; or until `timeout` passed (DEADLINE_EXCEEDED).
   absl::Status WaitUntilReady(absl::Duration timeout);
   bool ready() const;
   std::optional<LoadedModelInfo> model_info() const;
@@ -71,16 +90,26 @@ class Executor {
   void Stop();
 
  private:
-  // Executor-thread-only state of a started job.
+  // Executor-thread-only state of a started job (running, or preempted and queued again).
   struct RunningJob {
     std::shared_ptr<JobHandle> handle;
     std::unique_ptr<engine::GenerationJob> job;
     absl::Time started;
+    int64_t tokens = 0;       // DitTokens() of the request
+    uint64_t start_order = 0;
+    int steps_at_start = 0;
+    int preemptions = 0;
     double queue_wait_seconds = 0;
     double text_encode_seconds = 0;
     double denoise_seconds = 0;
     double sparsity_sum = 0;
     int sparsity_count = 0;
+  };
+
+  // A job waiting to start or to resume.
+  struct QueuedJob {
+    std::shared_ptr<JobHandle> handle;
+    int steps_done = 0;  // of a preempted job, reported in its STAGE_QUEUED events
   };
 
   explicit Executor(ExecutorOptions options);
@@ -89,8 +118,16 @@ class Executor {
   // One policy decision and its execution; false when there is nothing to do.
   bool RunOnce();
   void StartJob(std::shared_ptr<JobHandle> handle);
+  void ResumeJob(RunningJob job);
+  void PreemptJob(uint64_t sequence);
   void StepJobs(const std::vector<uint64_t>& sequences);
+  // One Pipeline::Step over `batch`; on success records stats and pushes progress events.
+  absl::Status RunStep(const std::vector<RunningJob*>& batch);
   void FinishJob(uint64_t sequence);
+  // Runs an engine call, adding its wall time to this iteration's engine time.
+  template <typename Fn>
+  auto TimedEngineCall(const char* what, Fn&& fn) -> decltype(fn());
+  QueuedJobView ViewOf(const QueuedJob& q) const;
   // Ends jobs that were cancelled, passed their deadline or are caught by shutdown.
   void ReapStoppedJobs();
   // Ends a job with a non-OK status (its engine state, if any, is freed by the caller).
@@ -105,22 +142,28 @@ class Executor {
   void ReportQueuePositionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double EstimateRemainingSeconds(const RunningJob& job) const;
   void UpdateGauges();
+  void UpdateDeviceMemory();
 
   const ExecutorOptions options_;
   std::thread thread_;
   absl::Mutex stop_mu_;  // serializes Stop() callers around the join
 
   mutable absl::Mutex mu_;
-  std::vector<std::shared_ptr<JobHandle>> queued_ ABSL_GUARDED_BY(mu_);
+  std::vector<QueuedJob> queued_ ABSL_GUARDED_BY(mu_);
   uint64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 1;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<absl::Status> load_status_ ABSL_GUARDED_BY(mu_);
+  bool ready_reported_ ABSL_GUARDED_BY(mu_) = false;  // on_ready has returned
   std::optional<LoadedModelInfo> model_info_ ABSL_GUARDED_BY(mu_);
   int running_count_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Executor thread only.
   std::unique_ptr<engine::Pipeline> pipeline_;
   std::vector<RunningJob> running_;
+  // Preempted jobs' engine state, by sequence; their handles are back in queued_.
+  std::map<uint64_t, RunningJob> preempted_;
+  uint64_t next_start_order_ = 1;
+  double iteration_engine_seconds_ = 0;
   // Throughput estimates for ETAs, in seconds per million output voxels (width*height*frames):
   // denoising per step, and decode + encode. Seeded by warm-up, then smoothed per job.
   double step_seconds_per_mvoxel_ = 0;

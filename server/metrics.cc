@@ -90,6 +90,23 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
   model_ready_ = AddGauge(r, kModelReady, "1 once the model is loaded and warmed up");
   job_state_bytes_ = AddGauge(r, kJobStateBytes,
                               "Device memory held by the state of started jobs, bytes");
+  preemptions_ = &prometheus::BuildCounter()
+                      .Name(kPreemptionsTotal)
+                      .Help("Running jobs preempted at a step boundary for higher priority")
+                      .Register(r)
+                      .Add({});
+  auto& memory = prometheus::BuildGauge()
+                     .Name(kDeviceMemoryBytes)
+                     .Help("Model device memory after the latest step by kind (allocated, "
+                           "reserved, total), bytes")
+                     .Register(r);
+  memory_allocated_ = &memory.Add({{"kind", "allocated"}});
+  memory_reserved_ = &memory.Add({{"kind", "reserved"}});
+  memory_total_ = &memory.Add({{"kind", "total"}});
+  scheduler_overhead_ = AddHistogram(
+      r, kSchedulerOverheadSeconds,
+      "Executor time per scheduling iteration outside engine calls, seconds",
+      Exponential(1e-6, 2.0, 20));  // 1 us .. ~0.5 s
 }
 
 void ServerMetrics::CountRequest(absl::string_view status_code_name) {

@@ -17,8 +17,12 @@ class FakeJob final : public engine::GenerationJob {
   FakeJob(engine::GenerationRequest request, std::shared_ptr<FakePipelineCounters> counters)
       : request_(std::move(request)), counters_(std::move(counters)) {
     ++counters_->live_jobs;
+    counters_->live_state_bytes += state_bytes();
   }
-  ~FakeJob() override { --counters_->live_jobs; }
+  ~FakeJob() override {
+    --counters_->live_jobs;
+    counters_->live_state_bytes -= state_bytes();
+  }
 
   const engine::GenerationRequest& request() const override { return request_; }
   int steps_done() const override { return steps_done_; }
@@ -98,6 +102,16 @@ absl::Status FakePipeline::Step(absl::Span<engine::GenerationJob* const> jobs,
       return absl::InternalError("fake DiT failed");
     }
   }
+  bool oom = options_.oom_batch_size > 0 && batch >= options_.oom_batch_size;
+  for (engine::GenerationJob* job : jobs) {
+    oom = oom || absl::StrContains(job->request().prompt, kOomStep);
+  }
+  if (oom) {
+    ++counters_->ooms;
+    reserved_bytes_ = 0;  // as the real pipeline empties the allocator's cache after an OOM
+    return absl::ResourceExhaustedError(
+        absl::StrCat("fake DiT: device out of memory for a batch of ", batch));
+  }
   int steps_done = 0;
   for (engine::GenerationJob* job : jobs) {
     auto* fake = static_cast<FakeJob*>(job);
@@ -130,6 +144,15 @@ absl::StatusOr<engine::VideoFrames> FakePipeline::Decode(engine::GenerationJob& 
     frames.rgb[i] = static_cast<uint8_t>((i * 31 + r.seed) & 0xFF);
   }
   return frames;
+}
+
+engine::DeviceMemoryStats FakePipeline::memory_stats() const {
+  engine::DeviceMemoryStats stats;
+  stats.allocated_bytes = counters_->live_state_bytes.load();
+  reserved_bytes_ = std::max(reserved_bytes_, stats.allocated_bytes);
+  stats.reserved_bytes = reserved_bytes_;
+  stats.total_bytes = options_.total_memory_bytes;
+  return stats;
 }
 
 PipelineFactory FakePipelineFactory(FakePipelineOptions options,

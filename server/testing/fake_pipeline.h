@@ -1,5 +1,6 @@
-// Test doubles for the server: FakePipeline (a deterministic engine::Pipeline with failure
-// injection and a per-step hook), FakeVideoEncoder and FakeClock. For tests only.
+// Test doubles for the server: FakePipeline (a deterministic engine::Pipeline with failure and
+// out-of-memory injection, a memory model and a per-step hook), FakeVideoEncoder and FakeClock.
+// For tests and benchmarks only.
 // FakePipeline, like any Pipeline, is used from one thread; counters and FakeClock are thread-safe.
 #pragma once
 
@@ -26,6 +27,8 @@ struct FakePipelineCounters {
   std::atomic<int> max_batch{0};
   std::atomic<int> decodes{0};
   std::atomic<int> warmups{0};
+  std::atomic<int> ooms{0};                // Step() calls that returned RESOURCE_EXHAUSTED
+  std::atomic<int64_t> live_state_bytes{0};  // state_bytes() of live jobs ("allocated")
 };
 
 // Attention time a FakePipeline step reports by default, seconds.
@@ -42,12 +45,20 @@ struct FakePipelineOptions {
   absl::Duration step_delay = absl::ZeroDuration();
   // Self-attention time each Step() reports (StepStats::attention_seconds; not slept).
   double attention_seconds = kFakeAttentionSeconds;
+  // A Step() over at least this many jobs returns RESOURCE_EXHAUSTED without advancing any (as
+  // a device too small for the batch would); 0 disables.
+  int oom_batch_size = 0;
+  // Device capacity memory_stats() reports.
+  int64_t total_memory_bytes = int64_t{1} << 30;
 };
 
 // Prompts containing these markers make the corresponding stage fail with INTERNAL.
 inline constexpr char kFailStart[] = "[fail-start]";
 inline constexpr char kFailStep[] = "[fail-step]";
 inline constexpr char kFailDecode[] = "[fail-decode]";
+// Every Step() including a job whose prompt contains this returns RESOURCE_EXHAUSTED (the job
+// does not fit even alone).
+inline constexpr char kOomStep[] = "[oom]";
 
 // Sparsity the fake reports for a step: 0 in dense steps, else a function of the knobs.
 float FakeSparsity(const engine::SparsityKnobs& knobs, int step_index);
@@ -64,11 +75,15 @@ class FakePipeline final : public engine::Pipeline {
   absl::Status Step(absl::Span<engine::GenerationJob* const> jobs,
                     std::vector<engine::StepStats>* stats) override;
   absl::StatusOr<engine::VideoFrames> Decode(engine::GenerationJob& job) override;
+  // allocated = live jobs' state bytes; reserved = the most allocated since the last OOM (a
+  // caching allocator that keeps freed blocks until an OOM empties it); total = the option.
+  engine::DeviceMemoryStats memory_stats() const override;
 
  private:
   FakePipelineOptions options_;
   std::shared_ptr<FakePipelineCounters> counters_;
   engine::ModelDescription model_;
+  mutable int64_t reserved_bytes_ = 0;
 };
 
 PipelineFactory FakePipelineFactory(FakePipelineOptions options,

@@ -1,5 +1,6 @@
 // The executor with a FakePipeline: event order, cancellation within one step, deadlines on a
-// fake clock, queue limits and positions, failures isolated to their job, batching, shutdown.
+// fake clock, queue limits and positions, failures isolated to their job, batching, token
+// budgets, preemption and resumption, out-of-memory retries, memory and overhead metrics, shutdown.
 // Synchronization is by notifications from the fake's step hook: no sleeps.
 #include "server/executor.h"
 
@@ -7,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -65,6 +67,8 @@ class ExecutorTest : public ::testing::Test {
     options.encode_video = testing::FakeVideoEncoder();
     options.clock = &clock_;
     options.metrics = &metrics_;
+    options.scheduler = scheduler_;
+    options.on_iteration = on_iteration_;
     options.scheduler.max_queue_length = max_queue;
     options.scheduler.max_running_jobs = max_running;
     options.output_chunk_bytes = 1024;
@@ -84,6 +88,14 @@ class ExecutorTest : public ::testing::Test {
     return h.ok() ? *h : nullptr;
   }
 
+  std::shared_ptr<JobHandle> Submit(ResolvedRequest request) {
+    absl::StatusOr<std::shared_ptr<JobHandle>> h = executor_->Submit(std::move(request));
+    EXPECT_TRUE(h.ok()) << h.status();
+    return h.ok() ? *h : nullptr;
+  }
+
+  SchedulerConfig scheduler_;  // max_queue_length and max_running_jobs come from StartExecutor
+  std::function<void(const IterationTiming&)> on_iteration_;
   std::shared_ptr<FakePipelineCounters> counters_ = std::make_shared<FakePipelineCounters>();
   FakeClock clock_;
   ServerMetrics metrics_;
@@ -366,6 +378,219 @@ TEST_F(ExecutorTest, StopEndsQueuedAndRunningJobsWithUnavailable) {
   EXPECT_THAT(metrics_.SerializeText(),
               HasSubstr("sparge_cancellations_total{reason=\"shutdown\"} 2"));
   EXPECT_EQ(executor_->Submit(Request("late")).status().code(), absl::StatusCode::kUnavailable);
+}
+
+ResolvedRequest WithPriority(ResolvedRequest r, JobPriority priority) {
+  r.priority = priority;
+  return r;
+}
+
+std::string FileOf(const Drained& d) {
+  std::string file;
+  for (const v1::GenerateEvent& e : d.events) {
+    if (e.has_chunk()) file += e.chunk().data();
+  }
+  return file;
+}
+
+TEST_F(ExecutorTest, PreemptedJobReturnsToTheQueueAndResumesAtItsStep) {
+  absl::Notification low_at_two, high_submitted;
+  std::vector<std::string> stepped;  // executor thread only until the jobs are drained
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    stepped.push_back(absl::StrCat(prompts[0], "@", steps_done));
+    if (prompts[0] == "low" && steps_done == 2) {
+      low_at_two.Notify();
+      high_submitted.WaitForNotification();
+    }
+  };
+  StartReady(fake, 8, /*max_running=*/1);
+  std::shared_ptr<JobHandle> low = Submit(WithPriority(Request("low", 5), JobPriority::kLow));
+  low_at_two.WaitForNotification();
+  std::shared_ptr<JobHandle> high = Submit(WithPriority(Request("high", 2), JobPriority::kHigh));
+  high_submitted.Notify();
+  Drained dl = Drain(*low), dh = Drain(*high);
+  ASSERT_TRUE(dh.status.ok()) << dh.status;
+  ASSERT_TRUE(dl.status.ok()) << dl.status;
+  EXPECT_THAT(stepped, ::testing::ElementsAre("low@1", "low@2", "high@1", "high@2", "low@3",
+                                              "low@4", "low@5"));
+  EXPECT_EQ(counters_->starts.load(), 2);  // resumed without a second text encoding
+  EXPECT_EQ(counters_->job_steps.load(), 7);
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+
+  // The preempted job's events: denoise 1, 2; queued behind the high job (position 1, at step 2),
+  // then first in line once it starts; resumed at step 2;
+  // denoise 3..5; then its file like any other.
+  std::vector<std::string> trace;
+  for (const v1::GenerateEvent& e : dl.events) {
+    if (!e.has_progress()) continue;
+    const v1::JobProgress& p = e.progress();
+    if (p.stage() == v1::STAGE_QUEUED) {
+      trace.push_back(absl::StrCat("queued#", p.queue_position(), "@", p.step()));
+    } else if (p.stage() == v1::STAGE_DENOISE) {
+      trace.push_back(absl::StrCat("denoise@", p.step()));
+    }
+  }
+  EXPECT_THAT(trace, ::testing::ElementsAre("denoise@1", "denoise@2", "queued#1@2", "queued#0@2",
+                                            "denoise@2", "denoise@3", "denoise@4", "denoise@5"));
+  EXPECT_EQ(FileOf(dl), FileOf(dh));  // same seed and size: the same (fake) video
+  EXPECT_TRUE(dl.events.back().has_completed());
+  EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_preemptions_total 1\n"));
+}
+
+TEST_F(ExecutorTest, NoPreemptionWhenSwitchedOff) {
+  absl::Notification low_at_two, high_submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (prompts[0] == "low" && steps_done == 2) {
+      low_at_two.Notify();
+      high_submitted.WaitForNotification();
+    }
+  };
+  scheduler_.preemption = false;
+  StartReady(fake, 8, 1);
+  std::shared_ptr<JobHandle> low = Submit(WithPriority(Request("low", 4), JobPriority::kLow));
+  low_at_two.WaitForNotification();
+  std::shared_ptr<JobHandle> high = Submit(WithPriority(Request("high", 2), JobPriority::kHigh));
+  high_submitted.Notify();
+  EXPECT_TRUE(Drain(*low).status.ok());
+  EXPECT_TRUE(Drain(*high).status.ok());
+  EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_preemptions_total 0\n"));
+}
+
+TEST_F(ExecutorTest, CancellingAPreemptedJobFreesItsState) {
+  absl::Notification low_at_one, high_submitted;
+  std::shared_ptr<JobHandle> low;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (prompts[0] == "low" && steps_done == 1) {
+      low_at_one.Notify();
+      high_submitted.WaitForNotification();
+    }
+    // While the high job runs, the preempted low job sits in the queue with its state.
+    if (prompts[0] == "high" && steps_done == 1) low->Cancel(CancelReason::kClient);
+  };
+  StartReady(fake, 8, 1);
+  low = Submit(WithPriority(Request("low", 4), JobPriority::kLow));
+  low_at_one.WaitForNotification();
+  std::shared_ptr<JobHandle> high = Submit(WithPriority(Request("high", 3), JobPriority::kHigh));
+  high_submitted.Notify();
+  Drained dl = Drain(*low);
+  EXPECT_EQ(dl.status.code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(dl.status.message(), HasSubstr("while preempted after step 1/4"));
+  EXPECT_TRUE(Drain(*high).status.ok());
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+  EXPECT_EQ(low->state(), JobState::kCancelled);
+}
+
+TEST_F(ExecutorTest, RequestsOverTheTokenBudgetAreRejectedUpFront) {
+  scheduler_.max_batch_tokens = 50;
+  StartReady({}, 8, 2);
+  // 64x64x5 on the fake (Wan strides): 2 latent frames x 4 x 4 = 32 tokens, 64 with guidance.
+  absl::StatusOr<std::shared_ptr<JobHandle>> big = executor_->Submit(Request("cfg", 2));
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(big.status().message(), HasSubstr("needs 64 DiT tokens"));
+  EXPECT_THAT(big.status().message(), HasSubstr("scheduler.max_batch_tokens=50"));
+  EXPECT_THAT(big.status().message(), HasSubstr("guidance_scale <= 1"));
+  ResolvedRequest small = Request("nocfg", 2);
+  small.engine.guidance_scale = 1.0f;
+  EXPECT_TRUE(Drain(*Submit(small)).status.ok());
+}
+
+TEST_F(ExecutorTest, TokenBudgetCapsTheBatch) {
+  absl::Notification all_submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] == "a") all_submitted.WaitForNotification();
+  };
+  scheduler_.max_batch_tokens = 128;  // two 64-token jobs
+  StartReady(fake, 8, /*max_running=*/3);
+  std::shared_ptr<JobHandle> a = Submit("a", 3), b = Submit("b", 3), c = Submit("c", 3);
+  all_submitted.Notify();
+  for (auto* h : {&a, &b, &c}) EXPECT_TRUE(Drain(**h).status.ok());
+  EXPECT_EQ(counters_->max_batch.load(), 2);
+  EXPECT_EQ(counters_->job_steps.load(), 9);
+}
+
+TEST_F(ExecutorTest, BatchOutOfMemoryIsRetriedJobByJob) {
+  absl::Notification all_submitted;
+  FakePipelineOptions fake;
+  fake.oom_batch_size = 2;  // the device fits one job per step
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] == "a") all_submitted.WaitForNotification();
+  };
+  StartReady(fake, 8, /*max_running=*/3);
+  std::shared_ptr<JobHandle> a = Submit("a", 3), b = Submit("b", 3), c = Submit("c", 3);
+  all_submitted.Notify();
+  Drained da = Drain(*a), db = Drain(*b), dc = Drain(*c);
+  for (const Drained* d : {&da, &db, &dc}) {
+    ASSERT_TRUE(d->status.ok()) << d->status;
+    EXPECT_TRUE(d->events.back().has_completed());
+    int denoise = 0;
+    for (const v1::GenerateEvent& e : d->events) {
+      denoise += e.has_progress() && e.progress().stage() == v1::STAGE_DENOISE;
+    }
+    EXPECT_EQ(denoise, 3);  // every step once, none lost or repeated by the retries
+  }
+  EXPECT_EQ(FileOf(da), FileOf(db));
+  EXPECT_EQ(FileOf(db), FileOf(dc));
+  EXPECT_GT(counters_->ooms.load(), 0);
+  EXPECT_EQ(counters_->job_steps.load(), 9);
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+}
+
+TEST_F(ExecutorTest, AJobThatDoesNotFitAloneFailsAloneAndTheRestSucceed) {
+  absl::Notification all_submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] == "a") all_submitted.WaitForNotification();
+  };
+  StartReady(fake, 8, /*max_running=*/3);
+  std::shared_ptr<JobHandle> a = Submit("a", 3);
+  std::shared_ptr<JobHandle> big = Submit(std::string("huge ") + testing::kOomStep, 3);
+  std::shared_ptr<JobHandle> c = Submit("c", 3);
+  all_submitted.Notify();
+  Drained dbig = Drain(*big);
+  EXPECT_EQ(dbig.status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(dbig.status.message(), HasSubstr("out of memory"));
+  EXPECT_EQ(big->state(), JobState::kFailed);
+  Drained da = Drain(*a), dc = Drain(*c);
+  ASSERT_TRUE(da.status.ok()) << da.status;
+  ASSERT_TRUE(dc.status.ok()) << dc.status;
+  EXPECT_EQ(FileOf(da), FileOf(dc));
+  EXPECT_EQ(da.events.back().completed().file_size_bytes(),
+            static_cast<int64_t>(FileOf(da).size()));
+  // Later jobs still run, batched again.
+  std::shared_ptr<JobHandle> d = Submit("d", 2);
+  EXPECT_TRUE(Drain(*d).status.ok());
+  EXPECT_EQ(counters_->live_jobs.load(), 0);
+  EXPECT_EQ(counters_->decodes.load(), 3);
+}
+
+TEST_F(ExecutorTest, DeviceMemoryAndSchedulerOverheadAreExported) {
+  std::vector<IterationTiming> timings;  // appended on the executor thread, read after draining
+  on_iteration_ = [&](const IterationTiming& t) { timings.push_back(t); };
+  StartReady();
+  ASSERT_TRUE(Drain(*Submit("a", 3)).status.ok());
+  executor_->Stop();  // joins the executor thread: `timings` is ours now
+  const std::string text = metrics_.SerializeText();
+  // The fake's memory model: 64x64x5 / 16 = 1280 bytes of job state during the steps.
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"allocated\"} 1280\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"reserved\"} 1280\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"total\"} 1073741824\n"));
+  // start, 3 steps, finish.
+  ASSERT_EQ(timings.size(), 5u);
+  EXPECT_EQ(timings[0].action, SchedulerAction::Kind::kStart);
+  EXPECT_EQ(timings[1].action, SchedulerAction::Kind::kStep);
+  EXPECT_EQ(timings[1].batch_size, 1);
+  EXPECT_EQ(timings[4].action, SchedulerAction::Kind::kFinish);
+  for (const IterationTiming& t : timings) {
+    EXPECT_GE(t.engine_seconds, 0.0);
+    EXPECT_GE(t.overhead_seconds(), 0.0);
+    EXPECT_LT(t.overhead_seconds(), 1.0);
+  }
+  EXPECT_THAT(text, HasSubstr("sparge_scheduler_overhead_seconds_count 5\n"));
 }
 
 }  // namespace

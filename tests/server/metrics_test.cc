@@ -15,7 +15,8 @@ const char* const kAllNames[] = {
     kRequestsTotal,      kRequestDurationSeconds, kQueueWaitSeconds,   kQueueDepth,
     kRunningJobs,        kBatchSize,              kDenoiseStepSeconds, kTextEncodeSeconds,
     kVaeDecodeSeconds,   kVideoEncodeSeconds,     kAttentionSparsityRatio,
-    kCancellationsTotal, kOutputBytesTotal,       kModelReady,         kAttentionSecondsTotal};
+    kCancellationsTotal, kOutputBytesTotal,       kModelReady,         kAttentionSecondsTotal,
+    kJobStateBytes,      kPreemptionsTotal,       kDeviceMemoryBytes,  kSchedulerOverheadSeconds};
 
 TEST(MetricsTest, EveryNameIsExportedWithHelpAndType) {
   ServerMetrics metrics;
@@ -42,7 +43,17 @@ TEST(MetricsTest, ValuesAndLabels) {
   metrics.SetModelReady(true);
   metrics.AddAttentionSeconds(0.125);
   metrics.AddAttentionSeconds(0.0625);
+  metrics.CountPreemption();
+  metrics.CountPreemption();
+  metrics.SetDeviceMemory(1000, 4096, 1 << 30);
+  metrics.ObserveSchedulerOverhead(3e-6);
   const std::string text = metrics.SerializeText();
+  EXPECT_THAT(text, HasSubstr("sparge_preemptions_total 2\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"allocated\"} 1000\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"reserved\"} 4096\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_device_memory_bytes{kind=\"total\"} 1073741824\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_scheduler_overhead_seconds_count 1\n"));
+  EXPECT_THAT(text, HasSubstr("sparge_scheduler_overhead_seconds_bucket{le=\"4e-06\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("sparge_requests_total{status=\"OK\"} 2"));
   EXPECT_THAT(text, HasSubstr("sparge_requests_total{status=\"INVALID_ARGUMENT\"} 1"));
   EXPECT_THAT(text, HasSubstr("sparge_requests_total{status=\"CANCELLED\"} 0"));
