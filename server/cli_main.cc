@@ -1,18 +1,24 @@
 // sparge-cli: command-line client of sparge-server.
 //   generate (default): send a prompt, show a progress bar on stderr, write the video file.
 //   info: print GetServerInfo.   health: exit 0 iff the server reports SERVING.
+//   submit / get / watch / cancel / list / result: the job API (jobs owned by the server).
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "google/protobuf/text_format.h"
 #include "grpcpp/client_context.h"
@@ -37,6 +43,17 @@ constexpr char kUsage[] =
     "  sparge-cli info [--server HOST:PORT]      model, device, request limits and defaults\n"
     "  sparge-cli health [--server HOST:PORT]    exit 0 iff the server reports SERVING\n"
     "\n"
+    "Jobs (owned by the server: they run whether or not this client stays):\n"
+    "  sparge-cli submit --prompt TEXT [options] [--idempotency-key K] [--job-timeout S]\n"
+    "                                            queue a job, print its id\n"
+    "  sparge-cli get JOB_ID                     print the job (state, progress, result, error)\n"
+    "  sparge-cli watch JOB_ID                   progress bar until the job ends; exit 0 iff it\n"
+    "                                            succeeded\n"
+    "  sparge-cli cancel JOB_ID                  stop the job, print its final state\n"
+    "  sparge-cli list [--states a,b] [--limit N]  jobs, newest first (states: queued, running,\n"
+    "                                            succeeded, failed, cancelled, deadline_exceeded)\n"
+    "  sparge-cli result JOB_ID [--out FILE]     download the video of a succeeded job\n"
+    "\n"
     "Request options left unset take the server's defaults (see `sparge-cli info`).\n"
     "\n"
     "Flags:\n";
@@ -54,6 +71,10 @@ struct Options {
   std::string sampler, format, mode, priority;
   float topk = 0, topp = 0;
   int dense_steps = 0;
+  std::string idempotency_key;
+  float job_timeout_seconds = 0;
+  std::string states;
+  int limit = 100;
 };
 
 std::shared_ptr<grpc::Channel> Connect(const Options& o) {
@@ -307,17 +328,246 @@ int Generate(const Options& o, const FlagParser& flags) {
   return 0;
 }
 
+std::unique_ptr<v1::VideoService::Stub> Stub(const Options& o) {
+  return v1::VideoService::NewStub(Connect(o));
+}
+
+double UnarySeconds(const Options& o) { return o.timeout_seconds > 0 ? o.timeout_seconds : 30; }
+
+std::string StateName(v1::JobState state) {
+  absl::string_view name = v1::JobState_Name(state);
+  absl::ConsumePrefix(&name, "JOB_STATE_");
+  return std::string(name);
+}
+
+std::string JobSummary(const v1::Job& job) {
+  std::string line = absl::StrCat("job ", job.job_id(), " ", StateName(job.state()));
+  switch (job.state()) {
+    case v1::JOB_STATE_QUEUED:
+      absl::StrAppend(&line, ", ", job.progress().queue_position(), " job(s) ahead");
+      break;
+    case v1::JOB_STATE_RUNNING:
+      absl::StrAppendFormat(&line, ", step %d/%d", job.progress().step(),
+                            job.progress().total_steps());
+      break;
+    case v1::JOB_STATE_SUCCEEDED:
+      absl::StrAppendFormat(&line, ": %d bytes of %s, mean sparsity %.3f",
+                            job.result().size_bytes(), job.result().content_type(),
+                            job.mean_achieved_sparsity());
+      break;
+    default:
+      if (job.has_error()) {
+        absl::StrAppend(&line, ": ", job.error().code_name(), ": ", job.error().message());
+      }
+      break;
+  }
+  return line;
+}
+
+// The one JOB_ID argument of get / watch / cancel / result.
+absl::StatusOr<std::string> JobIdArgument(const std::vector<std::string>& positional) {
+  if (positional.size() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(positional.front(), ": a JOB_ID is required (see --help)"));
+  }
+  if (positional.size() > 2) {
+    return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", positional[2], "'"));
+  }
+  return positional[1];
+}
+
+int Submit(const Options& o, const FlagParser& flags) {
+  if (!flags.IsSet("prompt")) return Fail("submit: --prompt is required (see --help)");
+  absl::StatusOr<v1::GenerateRequest> request = BuildRequest(o, flags);
+  if (!request.ok()) return Fail(std::string(request.status().message()));
+  v1::SubmitJobRequest submit;
+  *submit.mutable_request() = *request;
+  submit.set_idempotency_key(o.idempotency_key);
+  if (flags.IsSet("job-timeout")) submit.set_timeout_seconds(o.job_timeout_seconds);
+  grpc::ClientContext context;
+  SetDeadline(&context, UnarySeconds(o));
+  v1::Job job;
+  grpc::Status status = Stub(o)->SubmitJob(&context, submit, &job);
+  if (!status.ok()) return FailRpc(status);
+  absl::PrintF("%s (seed %d)\n", JobSummary(job), job.request().seed());
+  return 0;
+}
+
+int Get(const Options& o, const std::string& id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, UnarySeconds(o));
+  v1::GetJobRequest request;
+  request.set_job_id(id);
+  v1::Job job;
+  grpc::Status status = Stub(o)->GetJob(&context, request, &job);
+  if (!status.ok()) return FailRpc(status);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(job, &text);
+  std::printf("%s", text.c_str());
+  return 0;
+}
+
+int Cancel(const Options& o, const std::string& id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, UnarySeconds(o));
+  v1::CancelJobRequest request;
+  request.set_job_id(id);
+  v1::Job job;
+  grpc::Status status = Stub(o)->CancelJob(&context, request, &job);
+  if (!status.ok()) return FailRpc(status);
+  absl::PrintF("%s\n", JobSummary(job));
+  return 0;
+}
+
+int Watch(const Options& o, const std::string& id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, o.timeout_seconds > 0 ? o.timeout_seconds : 3600);
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = Stub(o)->WatchJob(&context, request);
+  ProgressBar bar(o.quiet);
+  std::optional<v1::GenerateCompleted> done;
+  v1::GenerateEvent event;
+  while (reader->Read(&event)) {
+    if (event.has_accepted()) {
+      bar.Message(absl::StrFormat("watching job %s (seed %d)", event.accepted().job_id(),
+                                  event.accepted().resolved_request().seed()));
+    } else if (event.has_progress()) {
+      bar.Show(event.progress());
+    } else if (event.has_completed()) {
+      done = event.completed();
+    }
+  }
+  bar.EndLine();
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return FailRpc(status);
+  if (!done.has_value()) return Fail("the stream ended without a completed event");
+  absl::PrintF(
+      "job %s SUCCEEDED: %d bytes of %s, %dx%d, %d frames, seed %d, mean sparsity %.3f, total "
+      "%.2fs (fetch it with `sparge-cli result %s`)\n",
+      id, done->file_size_bytes(), done->content_type(), done->width(), done->height(),
+      done->num_frames(), done->seed(), done->mean_achieved_sparsity(), done->total_seconds(), id);
+  return 0;
+}
+
+absl::StatusOr<std::vector<v1::JobState>> ParseStates(const std::string& list) {
+  std::vector<v1::JobState> states;
+  for (absl::string_view name : absl::StrSplit(list, ',', absl::SkipEmpty())) {
+    v1::JobState state;
+    const std::string full = absl::StrCat("JOB_STATE_", absl::AsciiStrToUpper(name));
+    if (!v1::JobState_Parse(full, &state) || state == v1::JOB_STATE_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--states: unknown state '", name,
+          "' (queued, running, succeeded, failed, cancelled, deadline_exceeded)"));
+    }
+    states.push_back(state);
+  }
+  return states;
+}
+
+int List(const Options& o) {
+  absl::StatusOr<std::vector<v1::JobState>> states = ParseStates(o.states);
+  if (!states.ok()) return Fail(std::string(states.status().message()));
+  if (o.limit < 1) return Fail("--limit: must be >= 1");
+  auto stub = Stub(o);
+  v1::ListJobsRequest request;
+  for (v1::JobState s : *states) request.add_states(s);
+  int shown = 0;
+  absl::PrintF("%-22s %-18s %-20s %-12s %s\n", "JOB_ID", "STATE", "CREATED (UTC)", "SIZE",
+               "PROMPT");
+  while (shown < o.limit) {
+    request.set_page_size(std::min(o.limit - shown, 1000));
+    grpc::ClientContext context;
+    SetDeadline(&context, UnarySeconds(o));
+    v1::ListJobsResponse response;
+    grpc::Status status = stub->ListJobs(&context, request, &response);
+    if (!status.ok()) return FailRpc(status);
+    for (const v1::Job& job : response.jobs()) {
+      const v1::GenerateRequest& r = job.request();
+      std::string prompt = r.prompt().substr(0, 40);
+      std::replace(prompt.begin(), prompt.end(), '\n', ' ');
+      absl::PrintF("%-22s %-18s %-20s %-12s %s\n", job.job_id(), StateName(job.state()),
+                   absl::FormatTime("%Y-%m-%d %H:%M:%S",
+                                    absl::FromUnixSeconds(job.create_time().seconds()),
+                                    absl::UTCTimeZone()),
+                   absl::StrCat(r.width(), "x", r.height(), "x", r.num_frames()), prompt);
+      ++shown;
+    }
+    if (response.next_page_token().empty()) break;
+    request.set_page_token(response.next_page_token());
+  }
+  return 0;
+}
+
+int Result(const Options& o, const std::string& id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, o.timeout_seconds > 0 ? o.timeout_seconds : 600);
+  v1::GetJobResultRequest request;
+  request.set_job_id(id);
+  auto reader = Stub(o)->GetJobResult(&context, request);
+  std::string out = o.out;
+  std::string partial;
+  std::ofstream file;
+  int64_t written = 0, total = -1;
+  std::string content_type;
+  v1::JobResultChunk chunk;
+  while (reader->Read(&chunk)) {
+    if (!file.is_open()) {
+      if (out.empty()) {
+        out = absl::StrCat(id, chunk.output_format() == v1::OUTPUT_FORMAT_PNG_FRAMES ? ".tar"
+                                                                                     : ".mp4");
+      }
+      partial = out + ".part";
+      file.open(partial, std::ios::binary | std::ios::trunc);
+      if (!file) {
+        context.TryCancel();
+        return Fail(absl::StrCat("cannot write ", partial));
+      }
+      total = chunk.total_size_bytes();
+      content_type = chunk.content_type();
+    }
+    if (chunk.offset() != written) {
+      context.TryCancel();
+      file.close();
+      std::remove(partial.c_str());
+      return Fail(absl::StrCat("chunk at offset ", chunk.offset(), ", expected ", written));
+    }
+    file.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+    written += static_cast<int64_t>(chunk.data().size());
+  }
+  grpc::Status status = reader->Finish();
+  const bool opened = file.is_open();
+  if (opened) file.close();
+  if (!status.ok()) {
+    if (opened) std::remove(partial.c_str());
+    return FailRpc(status);
+  }
+  if (!opened) return Fail("the server sent no data");
+  if (written != total || !file) {
+    std::remove(partial.c_str());
+    return Fail(absl::StrCat("received ", written, " bytes, the file has ", total));
+  }
+  if (std::rename(partial.c_str(), out.c_str()) != 0) {
+    return Fail(absl::StrCat("cannot rename ", partial, " to ", out));
+  }
+  absl::PrintF("wrote %s (%d bytes, %s)\n", out, written, content_type);
+  return 0;
+}
+
 int Run(int argc, char** argv) {
   Options o;
   bool help = false;
   FlagParser flags;
   flags.AddString("server", &o.server, "server address, HOST:PORT");
   flags.AddFloat("timeout", &o.timeout_seconds,
-                 "call deadline in seconds; 0: 3600 for generate, 10 for info, 5 for health");
-  flags.AddString("prompt", &o.prompt, "generate: what to generate (required)");
+                 "call deadline in seconds; 0: 3600 for generate and watch, 600 for result, 10 "
+                 "for info, 5 for health, 30 for the other job commands");
+  flags.AddString("prompt", &o.prompt, "generate / submit: what to generate (required)");
   flags.AddString("negative-prompt", &o.negative_prompt,
                   "generate: what to steer away from; unset: the server's default");
-  flags.AddString("out", &o.out, "generate: output file; empty: out.mp4 (out.tar for --format png)");
+  flags.AddString("out", &o.out,
+                  "generate / result: output file; empty: out.mp4 (out.tar for --format png) for "
+                  "generate, JOB_ID.mp4 (.tar) for result");
   flags.AddInt("width", &o.width, "generate: width in pixels, a multiple of 16");
   flags.AddInt("height", &o.height, "generate: height in pixels, a multiple of 16");
   flags.AddInt("frames", &o.frames, "generate: number of frames, 4k+1");
@@ -333,7 +583,15 @@ int Run(int argc, char** argv) {
   flags.AddFloat("topp", &o.topp, "generate: attention mass kept, (0, 1]");
   flags.AddInt("dense-steps", &o.dense_steps, "generate: first steps that run dense");
   flags.AddString("priority", &o.priority, "generate: low | normal | high");
-  flags.AddBool("quiet", &o.quiet, "generate: no progress output");
+  flags.AddBool("quiet", &o.quiet, "generate / watch: no progress output");
+  flags.AddString("idempotency-key", &o.idempotency_key,
+                  "submit: a retry with the same key returns the first job instead of a new one");
+  flags.AddFloat("job-timeout", &o.job_timeout_seconds,
+                 "submit: stop the job (DEADLINE_EXCEEDED) if not done this many seconds after "
+                 "submission; unset: no limit");
+  flags.AddString("states", &o.states,
+                  "list: comma-separated states to show; empty: all");
+  flags.AddInt("limit", &o.limit, "list: show at most this many jobs");
   flags.AddBool("help", &help, "print this help and exit");
 
   std::vector<std::string> positional;
@@ -345,11 +603,23 @@ int Run(int argc, char** argv) {
     return 0;
   }
   const std::string command = positional.empty() ? "generate" : positional.front();
+  if (command == "get" || command == "watch" || command == "cancel" || command == "result") {
+    absl::StatusOr<std::string> id = JobIdArgument(positional);
+    if (!id.ok()) return Fail(std::string(id.status().message()));
+    if (command == "get") return Get(o, *id);
+    if (command == "watch") return Watch(o, *id);
+    if (command == "cancel") return Cancel(o, *id);
+    return Result(o, *id);
+  }
   if (positional.size() > 1) return Fail(absl::StrCat("unexpected argument '", positional[1], "'"));
   if (command == "generate") return Generate(o, flags);
   if (command == "info") return Info(o);
   if (command == "health") return Health(o);
-  return Fail(absl::StrCat("unknown command '", command, "' (generate, info or health)"));
+  if (command == "submit") return Submit(o, flags);
+  if (command == "list") return List(o);
+  return Fail(absl::StrCat("unknown command '", command,
+                           "' (generate, info, health, submit, get, watch, cancel, list or "
+                           "result; see --help)"));
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/escaping.h"
@@ -376,6 +377,7 @@ void JobStore::OnFinished(const std::string& id, const JobHandle& handle,
                           const absl::Status& status, const absl::Status& store_status,
                           int64_t stored_bytes) {
   v1::Job job;
+  std::vector<v1::Job> removed;
   {
     absl::MutexLock lock(&mu_);
     auto it = records_.find(id);
@@ -404,7 +406,10 @@ void JobStore::OnFinished(const std::string& id, const JobHandle& handle,
                                            store_status.message())),
                  &j);
         LogWarning(absl::StrCat(id, ": ", j.error().message()));
-      } else if (handle.cancel_reason() == CancelReason::kShutdown) {
+      } else if (handle.cancel_reason() == CancelReason::kShutdown ||
+                 (handle.state() == JobState::kCancelled &&
+                  status.code() == absl::StatusCode::kUnavailable)) {
+        // (The executor stops jobs for shutdown with UNAVAILABLE without setting a reason.)
         // Same outcome as a crash: the job did not run to its end because the server stopped.
         j.set_state(v1::JOB_STATE_FAILED);
         SetError(absl::UnavailableError(kInterruptedMessage), &j);
@@ -427,9 +432,13 @@ void JobStore::OnFinished(const std::string& id, const JobHandle& handle,
     // Live state (the handle) is no longer needed: readers of a finished job use the record.
     r.handle.reset();
     job = j;
+    // In the same critical section, so that nobody sees this job final and the limits exceeded.
+    removed = CollectExpiredLocked();
   }
-  Persist(job);
-  ApplyRetention();
+  const bool kept = std::none_of(removed.begin(), removed.end(),
+                                 [&](const v1::Job& r) { return r.job_id() == job.job_id(); });
+  if (kept) Persist(job);
+  RemoveFiles(removed);
   if (options_.on_finished) options_.on_finished(job);
 }
 
@@ -437,31 +446,42 @@ void JobStore::ApplyRetention() {
   std::vector<v1::Job> removed;
   {
     absl::MutexLock lock(&mu_);
-    const absl::Time oldest_kept =
-        options_.clock->Now() - absl::Seconds(options_.result_ttl_seconds);
-    std::vector<std::pair<absl::Time, std::string>> finished;
-    for (const auto& [id, r] : records_) {
-      if (IsFinal(r.job.state()) && r.handle == nullptr) {
-        finished.emplace_back(FromTimestamp(r.job.end_time()), id);
-      }
-    }
-    std::sort(finished.begin(), finished.end());
-    size_t excess = finished.size() > static_cast<size_t>(options_.max_results)
-                        ? finished.size() - options_.max_results
-                        : 0;
-    for (const auto& [end, id] : finished) {
-      if (excess == 0 && end >= oldest_kept) break;
-      if (excess > 0) --excess;
-      auto it = records_.find(id);
-      by_order_.erase(it->second.order);
-      const std::string& key = it->second.job.idempotency_key();
-      auto k = by_key_.find(key);
-      if (!key.empty() && k != by_key_.end() && k->second == id) by_key_.erase(k);
-      removed.push_back(std::move(it->second.job));
-      records_.erase(it);
+    removed = CollectExpiredLocked();
+  }
+  RemoveFiles(removed);
+}
+
+std::vector<v1::Job> JobStore::CollectExpiredLocked() {
+  std::vector<v1::Job> removed;
+  const absl::Time oldest_kept =
+      options_.clock->Now() - absl::Seconds(options_.result_ttl_seconds);
+  // Oldest end first; ties (a coarse clock) by acceptance order.
+  std::vector<std::tuple<absl::Time, uint64_t, std::string>> finished;
+  for (const auto& [id, r] : records_) {
+    if (IsFinal(r.job.state()) && r.handle == nullptr) {
+      finished.emplace_back(FromTimestamp(r.job.end_time()), r.order, id);
     }
   }
-  // Files go after the records: a reader that already opened a result keeps reading it.
+  std::sort(finished.begin(), finished.end());
+  size_t excess = finished.size() > static_cast<size_t>(options_.max_results)
+                      ? finished.size() - options_.max_results
+                      : 0;
+  for (const auto& [end, order, id] : finished) {
+    if (excess == 0 && end >= oldest_kept) break;
+    if (excess > 0) --excess;
+    auto it = records_.find(id);
+    by_order_.erase(it->second.order);
+    const std::string& key = it->second.job.idempotency_key();
+    auto k = by_key_.find(key);
+    if (!key.empty() && k != by_key_.end() && k->second == id) by_key_.erase(k);
+    removed.push_back(std::move(it->second.job));
+    records_.erase(it);
+  }
+  return removed;
+}
+
+void JobStore::RemoveFiles(const std::vector<v1::Job>& removed) const {
+  // After the records: a reader that already opened a result keeps reading it.
   for (const v1::Job& job : removed) {
     RemoveFile(ResultPath(job)).IgnoreError();
     if (absl::Status s = RemoveFile(MetadataPath(job.job_id())); !s.ok()) {

@@ -127,6 +127,9 @@ class JobStore {
   void Persist(const sparge::v1::Job& job) const;
   // Removes the oldest finished jobs beyond the limits, records and files.
   void ApplyRetention() ABSL_LOCKS_EXCLUDED(mu_);
+  // The records part of ApplyRetention; returns the removed jobs, whose files RemoveFiles deletes.
+  std::vector<sparge::v1::Job> CollectExpiredLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveFiles(const std::vector<sparge::v1::Job>& removed) const;
   sparge::v1::Job SnapshotLocked(const Record& record) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // Called by a job's Recorder on the executor thread.
