@@ -1,6 +1,8 @@
 #include "server/executor.h"
 
 #include <algorithm>
+#include <time.h>
+
 #include <chrono>
 #include <exception>
 #include <unordered_map>
@@ -37,6 +39,12 @@ double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 using SteadyClock = std::chrono::steady_clock;
 double SecondsSince(SteadyClock::time_point t0) {
   return std::chrono::duration<double>(SteadyClock::now() - t0).count();
+}
+
+double ThreadCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9;
 }
 
 double MegaVoxels(const engine::GenerationRequest& r) {
@@ -227,9 +235,12 @@ absl::Status Executor::LoadModel() {
 
 template <typename Fn>
 auto Executor::TimedEngineCall(const char* what, Fn&& fn) -> decltype(fn()) {
+  const bool cpu = static_cast<bool>(options_.on_iteration);
+  const double cpu0 = cpu ? ThreadCpuSeconds() : 0;
   const SteadyClock::time_point t0 = SteadyClock::now();
   auto result = GuardEngineCall(what, std::forward<Fn>(fn));
   iteration_engine_seconds_ += SecondsSince(t0);
+  if (cpu) iteration_engine_cpu_seconds_ += ThreadCpuSeconds() - cpu0;
   return result;
 }
 
@@ -243,8 +254,10 @@ QueuedJobView Executor::ViewOf(const QueuedJob& q) const {
 }
 
 bool Executor::RunOnce() {
+  const double cpu0 = options_.on_iteration ? ThreadCpuSeconds() : 0;
   const SteadyClock::time_point t0 = SteadyClock::now();
   iteration_engine_seconds_ = 0;
+  iteration_engine_cpu_seconds_ = 0;
   ReapStoppedJobs();
 
   SchedulerSnapshot snapshot;
@@ -313,6 +326,10 @@ bool Executor::RunOnce() {
     timing.batch_size = static_cast<int>(action.jobs.size());
     timing.total_seconds = SecondsSince(t0);
     timing.engine_seconds = iteration_engine_seconds_;
+    if (options_.on_iteration) {
+      timing.total_cpu_seconds = ThreadCpuSeconds() - cpu0;
+      timing.engine_cpu_seconds = iteration_engine_cpu_seconds_;
+    }
     if (options_.metrics) options_.metrics->ObserveSchedulerOverhead(timing.overhead_seconds());
     if (options_.on_iteration) options_.on_iteration(timing);
   }
@@ -725,9 +742,12 @@ void Executor::UpdateGauges() {
 
 void Executor::UpdateDeviceMemory() {
   if (!options_.metrics) return;
+  const bool cpu = static_cast<bool>(options_.on_iteration);
+  const double cpu0 = cpu ? ThreadCpuSeconds() : 0;
   const SteadyClock::time_point t0 = SteadyClock::now();
   const engine::DeviceMemoryStats memory = pipeline_->memory_stats();
   iteration_engine_seconds_ += SecondsSince(t0);
+  if (cpu) iteration_engine_cpu_seconds_ += ThreadCpuSeconds() - cpu0;
   options_.metrics->SetDeviceMemory(memory.allocated_bytes, memory.reserved_bytes,
                                     memory.total_bytes);
 }

@@ -34,13 +34,17 @@ namespace sparge::server {
 
 // Timing of one executor iteration (one policy decision and its execution), for the scheduling
 // overhead benchmark and sparge_scheduler_overhead_seconds. Steady-clock wall time, not the
-// injected Clock.
+// injected Clock; the *_cpu_* fields are the executor thread's CPU time (immune to the thread
+// being descheduled on a busy host), measured only when ExecutorOptions::on_iteration is set.
 struct IterationTiming {
   SchedulerAction::Kind action = SchedulerAction::Kind::kIdle;
   int batch_size = 0;            // jobs in a kStep action, else 0 or 1
   double total_seconds = 0;      // the whole iteration
   double engine_seconds = 0;     // inside Pipeline calls and the video encoder
+  double total_cpu_seconds = 0;
+  double engine_cpu_seconds = 0;
   double overhead_seconds() const { return total_seconds - engine_seconds; }
+  double overhead_cpu_seconds() const { return total_cpu_seconds - engine_cpu_seconds; }
 };
 
 struct ExecutorOptions {
@@ -164,6 +168,7 @@ class Executor {
   std::map<uint64_t, RunningJob> preempted_;
   uint64_t next_start_order_ = 1;
   double iteration_engine_seconds_ = 0;
+  double iteration_engine_cpu_seconds_ = 0;
   // Throughput estimates for ETAs, in seconds per million output voxels (width*height*frames):
   // denoising per step, and decode + encode. Seeded by warm-up, then smoothed per job.
   double step_seconds_per_mvoxel_ = 0;
