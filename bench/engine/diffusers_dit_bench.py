@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--layers", type=int, default=30)  # fewer only for smoke tests
     ap.add_argument("--device", default="cuda")  # cpu only for smoke tests
+    ap.add_argument("--profile", default="")  # write a chrome trace of one forward here
     args = ap.parse_args()
 
     import diffusers
@@ -77,6 +78,14 @@ def main():
             stop.record()
             stop.synchronize()
             ms.append(start.elapsed_time(stop))
+    if args.profile and cuda:
+        from torch.profiler import ProfilerActivity, profile
+        with torch.inference_mode(), profile(
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(hidden_states=latents, timestep=timestep, encoder_hidden_states=context,
+                  return_dict=False)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(args.profile)
     print(json.dumps({
         "impl": "diffusers", "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__, "keep_in_fp32_modules": keep,

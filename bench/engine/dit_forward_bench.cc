@@ -3,6 +3,10 @@
 // Prints one JSON line on stdout. Usage:
 //   dit_forward_bench [--mode dense|topk] [--topk 0.05] [--frames 21 --height 60 --width 104]
 //                     [--text_len 512] [--warmup 2] [--iters 5] [--ops_lib libsparge_ops.so]
+//                     [--fused both|on|off] [--profile trace_prefix]
+// --fused both times the fused block ops (engine/models/dit_fused.h; they need --ops_lib) and the
+// unfused ATen path in one process and reports their output difference; --profile writes a
+// Kineto (chrome) trace of one forward per variant to <prefix>_<variant>.json.
 #include <dlfcn.h>
 
 #include <ATen/ATen.h>
@@ -10,6 +14,7 @@
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
 #include <chrono>
@@ -18,9 +23,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <set>
 #include <vector>
 
 #include "engine/attention/sparse_attention.h"
+#include "engine/models/dit_fused.h"
 #include "engine/models/model_config.h"
 #include "engine/models/wan_dit.h"
 
@@ -33,6 +40,8 @@ struct Args {
   int64_t frames = 21, height = 60, width = 104, text_len = 512;
   int warmup = 2, iters = 5;
   std::string ops_lib;
+  std::string fused = "both";
+  std::string profile;
 };
 
 Args Parse(int argc, char** argv) {
@@ -48,6 +57,8 @@ Args Parse(int argc, char** argv) {
     else if (k == "--warmup") a.warmup = std::stoi(v);
     else if (k == "--iters") a.iters = std::stoi(v);
     else if (k == "--ops_lib") a.ops_lib = v;
+    else if (k == "--fused") a.fused = v;
+    else if (k == "--profile") a.profile = v;
     else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); std::exit(2); }
   }
   return a;
@@ -109,46 +120,77 @@ int Main(int argc, char** argv) {
   std::vector<AttentionKnobs> knob_list = {knobs};
 
   at::NoGradGuard no_grad;
-  at::accelerator::resetPeakStats(0);
-  const int64_t base_alloc =
-      at::accelerator::getDeviceStats(0).allocated_bytes[0].current;  // weights + inputs
-  DiTOutput out;
-  for (int i = 0; i < args.warmup; ++i) out = dit->Forward(latents, timesteps, context, knob_list);
-  torch::cuda::synchronize();
-
+  std::vector<std::string> variants;
+  if (args.fused == "both" || args.fused == "on") variants.push_back("fused");
+  if (args.fused == "both" || args.fused == "off") variants.push_back("unfused");
   const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   const c10::Stream stream = impl->getStream(device);
-  std::vector<double> ms;
-  for (int i = 0; i < args.iters; ++i) {
-    c10::Event start(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
-    c10::Event stop(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
-    start.record(stream);
-    out = dit->Forward(latents, timesteps, context, knob_list);
-    stop.record(stream);
-    stop.synchronize();
-    ms.push_back(start.elapsedTime(stop));
+  std::string results;
+  at::Tensor first_velocity;
+  for (const std::string& variant : variants) {
+    EnableFusedDiTOps(variant == "fused");
+    const bool fused_active = variant == "fused" && UseFusedDiTOps(latents);
+    at::accelerator::resetPeakStats(0);
+    const int64_t base_alloc = at::accelerator::getDeviceStats(0).allocated_bytes[0].current;
+    DiTOutput out;
+    for (int i = 0; i < args.warmup; ++i) out = dit->Forward(latents, timesteps, context, knob_list);
+    torch::cuda::synchronize();
+    std::vector<double> ms;
+    for (int i = 0; i < args.iters; ++i) {
+      c10::Event start(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
+      c10::Event stop(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
+      start.record(stream);
+      out = dit->Forward(latents, timesteps, context, knob_list);
+      stop.record(stream);
+      stop.synchronize();
+      ms.push_back(start.elapsedTime(stop));
+    }
+    const int64_t peak = at::accelerator::getDeviceStats(0).allocated_bytes[0].peak;
+    if (!args.profile.empty()) {
+      namespace prof = torch::profiler::impl;
+      const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+      const std::set<prof::ActivityType> activities = {prof::ActivityType::CPU,
+                                                       prof::ActivityType::CUDA};
+      torch::autograd::profiler::prepareProfiler(config, activities);
+      torch::autograd::profiler::enableProfiler(config, activities);
+      dit->Forward(latents, timesteps, context, knob_list);
+      torch::cuda::synchronize();
+      torch::autograd::profiler::disableProfiler()->save(args.profile + "_" + variant + ".json");
+    }
+    double rel_diff = 0;
+    if (!first_velocity.defined()) {
+      first_velocity = out.velocity.clone();
+    } else {
+      rel_diff = ((out.velocity - first_velocity).abs().max() /
+                  first_velocity.abs().max().clamp_min(1e-12)).item<double>();
+    }
+    std::vector<double> sorted = ms;
+    std::sort(sorted.begin(), sorted.end());
+    const double median = sorted[sorted.size() / 2];
+    const bool finite = out.velocity.isfinite().all().item<bool>();
+    std::string list;
+    for (size_t i = 0; i < ms.size(); ++i) list += (i ? "," : "") + std::to_string(ms[i]);
+    char line[2048];
+    std::snprintf(
+        line, sizeof(line),
+        "{\"impl\": \"spargeserve\", \"variant\": \"%s\", \"fused_ops_active\": %s, "
+        "\"mode\": \"%s\", \"topk\": %.4f, \"attention_backend\": \"%s\", \"tokens\": %lld, "
+        "\"params\": %lld, \"median_ms\": %.3f, \"step_ms\": [%s], \"peak_alloc_bytes\": %lld, "
+        "\"resident_before_forward_bytes\": %lld, \"achieved_sparsity\": %.4f, "
+        "\"output_finite\": %s, \"max_rel_diff_vs_first_variant\": %.3e, \"construct_s\": %.2f, "
+        "\"to_device_and_init_s\": %.2f}",
+        variant.c_str(), fused_active ? "true" : "false", args.mode.c_str(),
+        args.mode == "dense" ? 0.0f : args.topk,
+        SparseAttentionBackendName(c10::DeviceType::CUDA).c_str(),
+        static_cast<long long>(args.frames * (args.height / 2) * (args.width / 2)),
+        static_cast<long long>(dit->num_parameters()), median, list.c_str(),
+        static_cast<long long>(peak), static_cast<long long>(base_alloc),
+        out.sparsity.empty() ? 0.0f : out.sparsity[0], finite ? "true" : "false", rel_diff,
+        construct_s, to_device_s);
+    std::fprintf(stderr, "%s\n", line);
+    results += (results.empty() ? "" : ", ") + std::string("\"") + variant + "\": " + line;
   }
-  const auto stats = at::accelerator::getDeviceStats(0);
-  const int64_t peak = stats.allocated_bytes[0].peak;
-  std::vector<double> sorted = ms;
-  std::sort(sorted.begin(), sorted.end());
-  const double median = sorted[sorted.size() / 2];
-  const bool finite = out.velocity.isfinite().all().item<bool>();
-  std::string list;
-  for (size_t i = 0; i < ms.size(); ++i) list += (i ? "," : "") + std::to_string(ms[i]);
-  std::printf(
-      "{\"impl\": \"spargeserve\", \"mode\": \"%s\", \"topk\": %.4f, \"attention_backend\": \"%s\", "
-      "\"tokens\": %lld, \"params\": %lld, \"median_ms\": %.3f, \"step_ms\": [%s], "
-      "\"peak_alloc_bytes\": %lld, \"resident_before_forward_bytes\": %lld, "
-      "\"achieved_sparsity\": %.4f, \"output_finite\": %s, \"construct_s\": %.2f, "
-      "\"to_device_and_init_s\": %.2f}\n",
-      args.mode.c_str(), args.mode == "dense" ? 0.0f : args.topk,
-      SparseAttentionBackendName(c10::DeviceType::CUDA).c_str(),
-      static_cast<long long>(args.frames * (args.height / 2) * (args.width / 2)),
-      static_cast<long long>(dit->num_parameters()), median, list.c_str(),
-      static_cast<long long>(peak), static_cast<long long>(base_alloc),
-      out.sparsity.empty() ? 0.0f : out.sparsity[0], finite ? "true" : "false", construct_s,
-      to_device_s);
+  std::printf("{%s}\n", results.c_str());
   return 0;
 }
 

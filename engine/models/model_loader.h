@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "engine/models/model_config.h"
 #include "engine/models/umt5_encoder.h"
+#include "engine/models/deferred_init.h"
 #include "engine/models/wan_dit.h"
 #include "engine/models/wan_vae_decoder.h"
 #include "engine/pipeline.h"
@@ -24,25 +25,6 @@
 
 namespace sparge::engine {
 
-// Deferred parameter initialization for models about to be filled from a checkpoint. While one of
-// these is alive on the calling thread, WanDiT, TextEncoder::CreateForLoading's umT5 and
-// VaeDecoder::CreateForLoading's decoder swap each parameter, right after building its layer, for
-// a placeholder of the same shape and dtype that owns a single element (zero strides), and skip
-// the seeded random init. Peak host memory while building is then one layer, not a full fp32
-// copy of the model. Placeholders must be replaced before use; LoadParameters does that.
-class ScopedDeferredParameterInit {
- public:
-  ScopedDeferredParameterInit();
-  ~ScopedDeferredParameterInit();
-  ScopedDeferredParameterInit(const ScopedDeferredParameterInit&) = delete;
-  ScopedDeferredParameterInit& operator=(const ScopedDeferredParameterInit&) = delete;
-};
-bool DeferredParameterInitActive();
-// With deferred init active: every parameter of `module` (recursively) becomes a placeholder.
-// Otherwise a no-op.
-void ReleaseParametersForLoading(torch::nn::Module& module);
-// True if `param` is such a placeholder (holds at most one element's bytes for a larger shape).
-bool IsParameterPlaceholder(const torch::Tensor& param);
 
 // Where LoadParameters puts a parameter: device and dtype, from its name and current tensor.
 using ParameterPlacement =

@@ -5,7 +5,8 @@
 
 #include <cmath>
 
-#include "engine/models/model_loader.h"
+#include "engine/models/dit_fused.h"
+#include "engine/models/deferred_init.h"
 
 namespace sparge::engine {
 namespace {
@@ -15,10 +16,17 @@ using torch::nn::LinearOptions;
 
 at::Tensor GeluTanh(const at::Tensor& x) { return at::gelu(x, "tanh"); }
 
+// at::linear, not Linear::forward: the C++ frontend's forward adds the bias in a separate pass for
+// 3-D inputs, at::linear folds it into the GEMM epilogue (as PyTorch's F.linear does).
+at::Tensor Lin(const torch::nn::LinearImpl& linear, const at::Tensor& x) {
+  return at::linear(x, linear.weight, linear.bias);
+}
+at::Tensor Lin(const torch::nn::Linear& linear, const at::Tensor& x) { return Lin(*linear, x); }
+
 // Runs a linear layer in its weight's dtype (fp32-kept modules receive fp32,
 // others the model dtype), mirroring diffusers' per-module dtypes.
 at::Tensor LinearIn(torch::nn::Linear& linear, const at::Tensor& x) {
-  return linear->forward(x.to(linear->weight.scalar_type()));
+  return Lin(linear, x.to(linear->weight.scalar_type()));
 }
 
 }  // namespace
@@ -98,21 +106,43 @@ at::Tensor WanAttentionImpl::SelfAttend(const at::Tensor& x, const at::Tensor& r
                                         const at::Tensor& rope_sin,
                                         absl::Span<const AttentionKnobs> knobs, int64_t block_q,
                                         int64_t block_k, std::vector<float>* sparsity) {
-  at::Tensor q = norm_q->forward(to_q->forward(x)).unflatten(2, {num_heads_, -1});
-  at::Tensor k = norm_k->forward(to_k->forward(x)).unflatten(2, {num_heads_, -1});
-  at::Tensor v = to_v->forward(x).unflatten(2, {num_heads_, -1});
-  q = ApplyRope(q, rope_cos, rope_sin);
-  k = ApplyRope(k, rope_cos, rope_sin);
+  at::Tensor q, k;
+  if (UseFusedDiTOps(x)) {
+    const int64_t head_dim = x.size(-1) / num_heads_;
+    q = FusedRmsNormRope(Lin(to_q, x), norm_q->weight, rope_cos, rope_sin, head_dim,
+                         norm_q->eps())
+            .unflatten(2, {num_heads_, -1});
+    k = FusedRmsNormRope(Lin(to_k, x), norm_k->weight, rope_cos, rope_sin, head_dim,
+                         norm_k->eps())
+            .unflatten(2, {num_heads_, -1});
+  } else {
+    q = ApplyRope(norm_q->forward(Lin(to_q, x)).unflatten(2, {num_heads_, -1}), rope_cos,
+                  rope_sin);
+    k = ApplyRope(norm_k->forward(Lin(to_k, x)).unflatten(2, {num_heads_, -1}), rope_cos,
+                  rope_sin);
+  }
+  at::Tensor v = Lin(to_v, x).unflatten(2, {num_heads_, -1});
   at::Tensor out = SelfAttention(q, k, v, knobs, block_q, block_k, sparsity);
-  return to_out[0]->as<torch::nn::Linear>()->forward(out.flatten(2).to(x.scalar_type()));
+  return Lin(*to_out[0]->as<torch::nn::Linear>(), out.flatten(2).to(x.scalar_type()));
 }
 
 at::Tensor WanAttentionImpl::CrossAttend(const at::Tensor& x, const at::Tensor& context) {
-  at::Tensor q = norm_q->forward(to_q->forward(x)).unflatten(2, {num_heads_, -1});
-  at::Tensor k = norm_k->forward(to_k->forward(context)).unflatten(2, {num_heads_, -1});
-  at::Tensor v = to_v->forward(context).unflatten(2, {num_heads_, -1});
+  at::Tensor q, k;
+  if (UseFusedDiTOps(x)) {
+    const int64_t head_dim = x.size(-1) / num_heads_;
+    q = FusedRmsNormRope(Lin(to_q, x), norm_q->weight, std::nullopt, std::nullopt, head_dim,
+                         norm_q->eps());
+    k = FusedRmsNormRope(Lin(to_k, context), norm_k->weight, std::nullopt, std::nullopt,
+                         head_dim, norm_k->eps());
+  } else {
+    q = norm_q->forward(Lin(to_q, x));
+    k = norm_k->forward(Lin(to_k, context));
+  }
+  q = q.unflatten(2, {num_heads_, -1});
+  k = k.unflatten(2, {num_heads_, -1});
+  at::Tensor v = Lin(to_v, context).unflatten(2, {num_heads_, -1});
   at::Tensor out = DenseAttention(q, k, v);
-  return to_out[0]->as<torch::nn::Linear>()->forward(out.flatten(2));
+  return Lin(*to_out[0]->as<torch::nn::Linear>(), out.flatten(2));
 }
 
 WanFeedForwardImpl::WanFeedForwardImpl(int64_t dim, int64_t ffn_dim) {
@@ -128,7 +158,14 @@ WanFeedForwardImpl::WanFeedForwardImpl(int64_t dim, int64_t ffn_dim) {
 }
 
 at::Tensor WanFeedForwardImpl::forward(const at::Tensor& x) {
-  return out_->forward(GeluTanh(proj_->forward(x)));
+  if (UseGemmGelu(x)) {
+    // GELU in the GEMM epilogue (cuBLASLt, tanh approximation): one pass less over the widest
+    // activation of the block.
+    at::Tensor h = at::_addmm_activation(proj_->bias, x.reshape({-1, x.size(-1)}),
+                                         proj_->weight.t(), 1, 1, /*use_gelu=*/true);
+    return Lin(out_, h.view({x.size(0), x.size(1), -1}));
+  }
+  return Lin(out_, GeluTanh(Lin(proj_, x)));
 }
 
 WanBlockImpl::WanBlockImpl(const WanDiTConfig& config) : eps_(config.eps) {
@@ -144,6 +181,10 @@ at::Tensor WanBlockImpl::forward(const at::Tensor& x_in, const at::Tensor& conte
                                  const at::Tensor& temb6, const at::Tensor& rope_cos,
                                  const at::Tensor& rope_sin, absl::Span<const AttentionKnobs> knobs,
                                  int64_t block_q, int64_t block_k, std::vector<float>* sparsity) {
+  if (UseFusedDiTOps(x_in)) {
+    return ForwardFused(x_in, context, temb6, rope_cos, rope_sin, knobs, block_q, block_k,
+                        sparsity);
+  }
   const auto dtype = x_in.scalar_type();
   const int64_t dim = x_in.size(-1);
   // Modulation in fp32: (shift, scale, gate) for self-attention, then for the
@@ -164,6 +205,23 @@ at::Tensor WanBlockImpl::forward(const at::Tensor& x_in, const at::Tensor& conte
   at::Tensor f = (layer_norm(x) * (1 + mod[4]) + mod[3]).to(dtype);
   x = (x.to(at::kFloat) + ffn->forward(f).to(at::kFloat) * mod[5]).to(dtype);
   return x;
+}
+
+at::Tensor WanBlockImpl::ForwardFused(const at::Tensor& x_in, const at::Tensor& context,
+                                      const at::Tensor& temb6, const at::Tensor& rope_cos,
+                                      const at::Tensor& rope_sin,
+                                      absl::Span<const AttentionKnobs> knobs, int64_t block_q,
+                                      int64_t block_k, std::vector<float>* sparsity) {
+  // [B, 6, D] fp32 -> six [B, D] rows: (shift, scale, gate) for self-attention, then the FFN.
+  const at::Tensor mod = scale_shift_table.to(at::kFloat) + temb6.to(at::kFloat);
+  auto row = [&](int64_t i) { return mod.select(1, i); };
+  at::Tensor a = FusedLayerNormModulate(x_in, 1 + row(1), row(0), eps_);
+  at::Tensor x = FusedGatedResidual(
+      x_in, attn1->SelfAttend(a, rope_cos, rope_sin, knobs, block_q, block_k, sparsity), row(2));
+  at::Tensor c = FusedLayerNormModulate(x, norm2->weight, norm2->bias, eps_);
+  x = FusedGatedResidual(x, attn2->CrossAttend(c, context), std::nullopt);
+  at::Tensor f = FusedLayerNormModulate(x, 1 + row(4), row(3), eps_);
+  return FusedGatedResidual(x, ffn->forward(f), row(5));
 }
 
 WanDiTImpl::WanDiTImpl(const WanDiTConfig& config, int64_t block_q, int64_t block_k)
@@ -206,9 +264,10 @@ bool WanDiTImpl::KeepsFloat32(const std::string& name) {
     return name.size() >= suffix.size() &&
            name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
+  // diffusers matches _keep_in_fp32_modules against whole name components: the q/k RMS norms
+  // (norm_q, norm_k) are not among them and run in the model dtype.
   return name.rfind("condition_embedder.time_embedder.", 0) == 0 ||
-         ends_with("scale_shift_table") || name.find(".norm2.") != std::string::npos ||
-         name.find(".norm_q.") != std::string::npos || name.find(".norm_k.") != std::string::npos;
+         ends_with("scale_shift_table") || name.find(".norm2.") != std::string::npos;
 }
 
 void WanDiTImpl::InitializeWeights(uint64_t seed) {
@@ -254,10 +313,6 @@ void WanDiTImpl::ToInference(const torch::Device& device, torch::ScalarType dtyp
     auto block = module->as<WanBlockImpl>();
     block->scale_shift_table.set_data(block->scale_shift_table.to(torch::kFloat));
     block->norm2->to(torch::kFloat);
-    block->attn1->norm_q->to(torch::kFloat);
-    block->attn1->norm_k->to(torch::kFloat);
-    block->attn2->norm_q->to(torch::kFloat);
-    block->attn2->norm_k->to(torch::kFloat);
   }
 }
 
@@ -287,16 +342,22 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
   at::Tensor x = patch_embedding->forward(latents.to(dtype_));  // [B, D, f, h, w]
   x = x.flatten(2).transpose(1, 2).contiguous();                // [B, L, D]
 
-  at::Tensor temb = time_linear_2->forward(
-      at::silu(time_linear_1->forward(TimestepSinusoid(timesteps, config_.freq_dim))));
+  at::Tensor temb = Lin(time_linear_2,
+      at::silu(Lin(time_linear_1, TimestepSinusoid(timesteps, config_.freq_dim))));
   temb = temb.to(dtype_);  // diffusers casts the time embedding to the text dtype
-  at::Tensor temb6 = time_proj->forward(at::silu(temb)).unflatten(1, {6, config_.dim});
+  at::Tensor temb6 = Lin(time_proj, at::silu(temb)).unflatten(1, {6, config_.dim});
   at::Tensor ctx = LinearIn(text_linear_2, GeluTanh(LinearIn(text_linear_1, context.to(dtype_))));
 
-  auto [rope_cos, rope_sin] =
-      RopeTables(config_.head_dim(), frames, height, width, config_.rope_max_seq_len);
-  rope_cos = rope_cos.to(x.device());
-  rope_sin = rope_sin.to(x.device());
+  const std::array<int64_t, 3> grid = {frames, height, width};
+  if (grid != rope_grid_ || !rope_cos_.defined() || rope_cos_.device() != x.device()) {
+    auto [cos, sin] =
+        RopeTables(config_.head_dim(), frames, height, width, config_.rope_max_seq_len);
+    rope_cos_ = cos.to(x.device());
+    rope_sin_ = sin.to(x.device());
+    rope_grid_ = grid;
+  }
+  const at::Tensor& rope_cos = rope_cos_;
+  const at::Tensor& rope_sin = rope_sin_;
 
   DiTOutput output;
   output.sparsity.assign(batch, 0.0f);
@@ -310,9 +371,14 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
 
   std::vector<at::Tensor> mod =
       (scale_shift_table.to(at::kFloat) + temb.to(at::kFloat).unsqueeze(1)).chunk(2, 1);
-  at::Tensor y = at::layer_norm(x.to(at::kFloat), {config_.dim}, {}, {}, config_.eps);
-  y = (y * (1 + mod[1]) + mod[0]).to(dtype_);
-  y = proj_out->forward(y);  // [B, L, p_t * p_h * p_w * C]
+  at::Tensor y;
+  if (UseFusedDiTOps(x)) {
+    y = FusedLayerNormModulate(x, (1 + mod[1]).squeeze(1), mod[0].squeeze(1), config_.eps);
+  } else {
+    y = at::layer_norm(x.to(at::kFloat), {config_.dim}, {}, {}, config_.eps);
+    y = (y * (1 + mod[1]) + mod[0]).to(dtype_);
+  }
+  y = Lin(proj_out, y);  // [B, L, p_t * p_h * p_w * C]
 
   // Unpatchify: feature index ((pt * p_h + ph) * p_w + pw) * C + c.
   y = y.reshape({batch, frames, height, width, p[0], p[1], p[2], config_.out_channels})

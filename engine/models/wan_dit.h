@@ -49,6 +49,7 @@ class RmsNormImpl : public torch::nn::Module {
  public:
   RmsNormImpl(int64_t dim, double eps);
   at::Tensor forward(const at::Tensor& x);
+  double eps() const { return eps_; }
   at::Tensor weight;
 
  private:
@@ -106,6 +107,12 @@ class WanBlockImpl : public torch::nn::Module {
   at::Tensor scale_shift_table;  // [1, 6, D], kept fp32
 
  private:
+  // The same computation through the fused CUDA ops (engine/models/dit_fused.h).
+  at::Tensor ForwardFused(const at::Tensor& x, const at::Tensor& context, const at::Tensor& temb6,
+                          const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
+                          std::vector<float>* sparsity);
+
   double eps_;
 };
 TORCH_MODULE(WanBlock);
@@ -157,6 +164,10 @@ class WanDiTImpl : public torch::nn::Module {
   WanDiTConfig config_;
   int64_t block_q_, block_k_;
   torch::ScalarType dtype_ = torch::kFloat;
+  // RoPE tables of the last token grid, on its device: every step of a job (and every job of one
+  // size) reuses them instead of recomputing on the host.
+  std::array<int64_t, 3> rope_grid_ = {-1, -1, -1};
+  at::Tensor rope_cos_, rope_sin_;
 };
 TORCH_MODULE(WanDiT);
 
