@@ -56,7 +56,8 @@ constexpr char kUsage[] =
     "sparge-load: closed-loop load generator for sparge-server (sparge.v1.VideoService).\n"
     "\n"
     "Usage: sparge-load --target HOST:PORT (--requests N | --duration-seconds S) [options]\n"
-    "       sparge-load --compare-baseline A.json --compare-batched B.json --out C.json\n"
+    "       sparge-load --compare-baseline A1.json[,A2.json...] --compare-batched B1.json[,...]\n"
+    "                   --out C.json\n"
     "\n"
     "Each of --clients threads sends Generate calls one after another until --requests calls\n"
     "have been sent in total or --duration-seconds have passed (in-flight calls then finish).\n"
@@ -281,7 +282,7 @@ struct Record {
   bool cancelled = false;
   std::optional<double> cancel_latency_seconds;  // cancel -> server counted it
   std::optional<double> steps_after_cancel;      // step calls the executor made meanwhile
-  std::optional<double> step_seconds;            // the job's own median step interval
+  std::optional<double> step_seconds;            // mean step call time (server) at the cancel
 };
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
@@ -418,6 +419,8 @@ class LoadRunner {
   // measurement at a time, so the counter's rise belongs to this call.
   void CancelAndMeasure(grpc::ClientContext* context, Record* r,
                         const std::vector<Clock::time_point>& step_times) {
+    // The job's own step time, from its progress events; the server's mean step time replaces
+    // it below when metrics are on (it excludes the streaming and thread wake-up delays).
     if (step_times.size() >= 2) {
       std::vector<double> intervals;
       for (size_t i = 1; i < step_times.size(); ++i) {
@@ -440,6 +443,9 @@ class LoadRunner {
     const Labels client_reason = {{"reason", "client"}};
     const double cancels_before = before->Get("sparge_cancellations_total", client_reason);
     const double steps_before = before->Get("sparge_denoise_step_seconds_count");
+    if (steps_before > 0) {
+      r->step_seconds = before->Get("sparge_denoise_step_seconds_sum") / steps_before;
+    }
     while (Seconds(Clock::now() - t0) < 120) {
       absl::StatusOr<MetricsSnapshot> now = ScrapeMetrics(options_.metrics_url, absl::Seconds(5));
       if (now.ok() && now->Get("sparge_cancellations_total", client_reason) > cancels_before) {
@@ -534,6 +540,8 @@ json YamlToJson(const YAML::Node& node) {
     }
     case YAML::NodeType::Scalar: {
       const std::string s = node.as<std::string>();
+      int64_t i;
+      if (absl::SimpleAtoi(s, &i)) return i;
       double d;
       if (absl::SimpleAtod(s, &d) && s.find_first_not_of("0123456789.eE+-") == std::string::npos) {
         return d;
@@ -607,7 +615,7 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
     // Batched step calls the executor ran between the cancel and the job's end (<= 1 means the
     // job stopped at the next step boundary).
     c["steps_after_cancel"] = Distribution(cancel_steps);
-    // The latency divided by the job's own median step time.
+    // The latency divided by the mean denoising step call time (server's, since its start).
     c["latency_in_step_times"] = Distribution(cancel_in_steps);
     results["cancellation"] = c;
   }
@@ -627,6 +635,9 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
         after->Get("sparge_denoise_step_seconds_sum") - before->Get("sparge_denoise_step_seconds_sum");
     server["denoise_step_seconds_mean"] = calls > 0 ? step_seconds / calls : 0.0;
     server["job_denoise_steps"] = jobs;
+    // Jobs' denoising steps per second spent in step calls: what batching buys in the DiT alone,
+    // without decode, encode and streaming.
+    server["job_steps_per_step_second"] = step_seconds > 0 ? jobs / step_seconds : 0.0;
     const double attention = after->Get("sparge_attention_seconds_total") -
                              before->Get("sparge_attention_seconds_total");
     server["attention_share_of_step_time"] = step_seconds > 0 ? attention / step_seconds : 0.0;
@@ -707,61 +718,111 @@ absl::Status WriteJson(const json& j, const std::string& path) {
   return absl::OkStatus();
 }
 
-// Batched vs batch-size-1 runs of the same load.
-absl::Status Compare(const std::string& baseline_path, const std::string& batched_path,
-                     const std::string& out_path) {
-  absl::StatusOr<json> base = ReadJson(baseline_path);
-  if (!base.ok()) return base.status();
-  absl::StatusOr<json> batched = ReadJson(batched_path);
-  if (!batched.ok()) return batched.status();
-  auto get = [](const json& j, std::initializer_list<const char*> keys) -> double {
-    const json* node = &j;
-    for (const char* k : keys) {
-      if (!node->contains(k)) return NAN;
-      node = &(*node)[k];
+double Get(const json& j, std::initializer_list<const char*> keys) {
+  const json* node = &j;
+  for (const char* k : keys) {
+    if (!node->is_object() || !node->contains(k)) return NAN;
+    node = &(*node)[k];
+  }
+  return node->is_number() ? node->get<double>() : NAN;
+}
+
+// One configuration's runs pooled: videos and steps over the summed wall time, so a slow
+// (contended) run weighs by its length rather than skewing a mean of rates.
+json Pool(const std::vector<json>& runs) {
+  double wall = 0, videos = 0, steps = 0, job_steps = 0, step_seconds = 0;
+  json per_run = json::array();
+  for (const json& r : runs) {
+    const double w = Get(r, {"results", "wall_seconds"});
+    wall += w;
+    const double calls = Get(r, {"results", "server_metrics", "denoise_step_calls"});
+    if (calls > 0) {
+      job_steps += Get(r, {"results", "server_metrics", "job_denoise_steps"});
+      step_seconds += calls * Get(r, {"results", "server_metrics", "denoise_step_seconds_mean"});
     }
-    return node->is_number() ? node->get<double>() : NAN;
-  };
+    videos += Get(r, {"results", "videos_per_second"}) * w;
+    steps += Get(r, {"results", "denoise_steps_per_second"}) * w;
+    json s;
+    s["videos_per_second"] = Get(r, {"results", "videos_per_second"});
+    s["denoise_steps_per_second"] = Get(r, {"results", "denoise_steps_per_second"});
+    s["wall_seconds"] = w;
+    s["latency_seconds"] = r["results"].value("latency_seconds", json());
+    s["queue_wait_seconds"] = r["results"].value("queue_wait_seconds", json());
+    s["status_counts"] = r["results"].value("status_counts", json());
+    if (r["results"].contains("server_metrics")) {
+      const json& m = r["results"]["server_metrics"];
+      s["mean_batch_size"] = m.value("mean_batch_size", 0.0);
+      s["batch_size_histogram"] = m.value("batch_size_histogram", json());
+      s["denoise_step_seconds_mean"] = m.value("denoise_step_seconds_mean", 0.0);
+      s["job_steps_per_step_second"] = m.value("job_steps_per_step_second", 0.0);
+    }
+    per_run.push_back(s);
+  }
+  json pooled;
+  pooled["runs"] = runs.size();
+  pooled["wall_seconds"] = wall;
+  pooled["videos_per_second"] = wall > 0 ? videos / wall : 0.0;
+  pooled["denoise_steps_per_second"] = wall > 0 ? steps / wall : 0.0;
+  pooled["job_steps_per_step_second"] = step_seconds > 0 ? job_steps / step_seconds : 0.0;
+  pooled["per_run"] = per_run;
+  return pooled;
+}
+
+// Batched vs batch-size-1 runs of the same load; each list is comma-separated, run i of one
+// paired with run i of the other (interleave them so that drifting machine load hits both).
+absl::Status Compare(const std::string& baseline_paths, const std::string& batched_paths,
+                     const std::string& out_path) {
+  std::vector<json> base, batched;
+  for (auto [paths, runs] : {std::pair{&baseline_paths, &base}, std::pair{&batched_paths, &batched}}) {
+    for (absl::string_view path : absl::StrSplit(*paths, ',', absl::SkipEmpty())) {
+      absl::StatusOr<json> j = ReadJson(std::string(path));
+      if (!j.ok()) return j.status();
+      runs->push_back(*std::move(j));
+    }
+  }
+  if (base.empty() || base.size() != batched.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--compare-baseline and --compare-batched need the same number of reports, "
+                     "got ", base.size(), " and ", batched.size()));
+  }
   json c;
   c["tool"] = "sparge-load --compare";
-  c["baseline_file"] = baseline_path;
-  c["batched_file"] = batched_path;
-  for (const char* key : {"commit", "date", "host", "server"}) {
-    if (batched->contains(key)) c[key] = (*batched)[key];
+  c["baseline_files"] = absl::StrSplit(baseline_paths, ',', absl::SkipEmpty());
+  c["batched_files"] = absl::StrSplit(batched_paths, ',', absl::SkipEmpty());
+  for (const char* key : {"commit", "date", "host", "server", "load"}) {
+    if (batched.back().contains(key)) c[key] = batched.back()[key];
   }
-  if (batched->contains("load")) c["load"] = (*batched)["load"];
-  c["baseline_server_config"] = base->value("server_config", json());
-  c["batched_server_config"] = batched->value("server_config", json());
+  c["baseline_server_config"] = base.back().value("server_config", json());
+  c["batched_server_config"] = batched.back().value("server_config", json());
+  const json pooled_base = Pool(base), pooled_batched = Pool(batched);
+  std::vector<double> pair_ratios;
+  for (size_t i = 0; i < base.size(); ++i) {
+    pair_ratios.push_back(Get(batched[i], {"results", "videos_per_second"}) /
+                          Get(base[i], {"results", "videos_per_second"}));
+  }
   json ratio;
-  const double vps_ratio = get(*batched, {"results", "videos_per_second"}) /
-                           get(*base, {"results", "videos_per_second"});
+  const double vps_ratio = pooled_batched["videos_per_second"].get<double>() /
+                           pooled_base["videos_per_second"].get<double>();
   ratio["videos_per_second"] = vps_ratio;
-  ratio["denoise_steps_per_second"] = get(*batched, {"results", "denoise_steps_per_second"}) /
-                                      get(*base, {"results", "denoise_steps_per_second"});
-  ratio["latency_p50"] = get(*batched, {"results", "latency_seconds", "p50"}) /
-                         get(*base, {"results", "latency_seconds", "p50"});
-  ratio["latency_p95"] = get(*batched, {"results", "latency_seconds", "p95"}) /
-                         get(*base, {"results", "latency_seconds", "p95"});
+  ratio["denoise_steps_per_second"] = pooled_batched["denoise_steps_per_second"].get<double>() /
+                                      pooled_base["denoise_steps_per_second"].get<double>();
+  ratio["job_steps_per_step_second"] = pooled_batched["job_steps_per_step_second"].get<double>() /
+                                       pooled_base["job_steps_per_step_second"].get<double>();
+  ratio["videos_per_second_per_pair"] = pair_ratios;
+  ratio["videos_per_second_median_pair"] = Percentile(pair_ratios, 0.5);
   c["batched_over_baseline"] = ratio;
-  for (const char* which : {"baseline", "batched"}) {
-    const json& src = which == std::string("baseline") ? *base : *batched;
-    json s;
-    s["videos_per_second"] = get(src, {"results", "videos_per_second"});
-    s["denoise_steps_per_second"] = get(src, {"results", "denoise_steps_per_second"});
-    s["latency_seconds"] = src["results"].value("latency_seconds", json());
-    s["queue_wait_seconds"] = src["results"].value("queue_wait_seconds", json());
-    s["status_counts"] = src["results"].value("status_counts", json());
-    if (src["results"].contains("server_metrics")) {
-      s["mean_batch_size"] = src["results"]["server_metrics"].value("mean_batch_size", 0.0);
-      s["batch_size_histogram"] = src["results"]["server_metrics"]["batch_size_histogram"];
-      s["denoise_step_seconds_mean"] =
-          src["results"]["server_metrics"].value("denoise_step_seconds_mean", 0.0);
-    }
-    c[which] = s;
-  }
-  std::printf("batched / batch-size-1 throughput: %.3fx videos/s (%.3f vs %.3f)\n", vps_ratio,
-              get(*batched, {"results", "videos_per_second"}),
-              get(*base, {"results", "videos_per_second"}));
+  c["baseline"] = pooled_base;
+  c["batched"] = pooled_batched;
+  std::printf("batched / batch-size-1 throughput: %.3fx videos/s pooled over %zu run pair(s) "
+              "(%.3f vs %.3f videos/s; per pair %s); DiT step calls alone: %.3fx job steps/s\n",
+              vps_ratio, base.size(), pooled_batched["videos_per_second"].get<double>(),
+              pooled_base["videos_per_second"].get<double>(),
+              absl::StrJoin(pair_ratios, ", ",
+                            [](std::string* out, double r) {
+                              absl::StrAppend(out, absl::StrFormat("%.2fx", r));
+                            })
+                  .c_str(),
+              ratio["job_steps_per_step_second"].get<double>());
   return WriteJson(c, out_path);
 }
 
@@ -803,8 +864,9 @@ int Run(int argc, char** argv) {
                   "the server's YAML config file, copied into the report (optional)");
   flags.AddString("commit", &commit, "commit recorded in the report; empty: git rev-parse HEAD");
   flags.AddString("compare-baseline", &compare_baseline,
-                  "compare mode: report of the batch-size-1 run");
-  flags.AddString("compare-batched", &compare_batched, "compare mode: report of the batched run");
+                  "compare mode: reports of the batch-size-1 runs, comma-separated");
+  flags.AddString("compare-batched", &compare_batched,
+                  "compare mode: reports of the batched runs, comma-separated, paired in order");
   flags.AddBool("help", &help, "print this help and exit");
   std::vector<std::string> positional;
   if (absl::Status s = flags.Parse(argc, argv, &positional); !s.ok()) {

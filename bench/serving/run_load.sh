@@ -16,8 +16,10 @@
 #   --clients N           concurrent clients (default 8)
 #   --requests N          requests per run (default 32)
 #   --mix SPEC            sparge-load --mix (default: 128x128, 5 frames, 4 steps, no CFG, topk 0.5)
+#   --repeat N            run the b1 / bB pair N times, interleaved (default 1); the comparison
+#                         pools them (a shared or throttled machine drifts between runs)
 #   --cancel-requests N   then N cancelled requests on the batched server (default 8; 0: skip)
-#   --config-name NAME    name part of the result files (default: tiny-<mix summary>)
+#   --config-name NAME    name part of the result files (default: the model's name)
 #   --out-dir DIR         where the JSONs go (default: bench/results)
 #   --ready-seconds S     wait this long for each server to load (default 600)
 set -euo pipefail
@@ -36,6 +38,7 @@ clients=8
 requests=32
 mix="width=128,height=128,frames=5,steps=4,guidance=1,mode=topk,topk=0.5"
 cancel_requests=8
+repeat=1
 config_name=
 out_dir=$repo/bench/results
 ready_seconds=600
@@ -54,19 +57,18 @@ while [ $# -gt 0 ]; do
     --requests) requests=$2; shift 2 ;;
     --mix) mix=$2; shift 2 ;;
     --cancel-requests) cancel_requests=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
     --config-name) config_name=$2; shift 2 ;;
     --out-dir) out_dir=$2; shift 2 ;;
     --ready-seconds) ready_seconds=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_load.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ -n "$load_bin" ] || load_bin=$(dirname "$server_bin")/../bench/serving/sparge-load
 [ -x "$server_bin" ] || { echo "run_load.sh: no sparge-server at $server_bin (--server-bin)" >&2; exit 2; }
 [ -x "$load_bin" ] || { echo "run_load.sh: no sparge-load at $load_bin (--load-bin)" >&2; exit 2; }
-if [ -z "$config_name" ]; then
-  config_name=$(basename "$model")-$(echo "$mix" | tr -c 'a-zA-Z0-9.=\n' '_' | sed 's/=//g' | cut -c1-60)
-fi
+[ -n "$config_name" ] || config_name=$(basename "$model")
 mkdir -p "$out_dir"
 work=$(mktemp -d)
 pid=
@@ -125,18 +127,23 @@ run_load() {
   sed -n 's/^wrote //p' "$work/load.out" | tail -1
 }
 
-start_server 1
-baseline=$(run_load 1 "$config_name-b1" --requests "$requests")
-stop_server 1
+baselines=
+batcheds=
+for rep in $(seq 1 "$repeat"); do
+  start_server 1
+  baselines=$baselines${baselines:+,}$(run_load 1 "$config_name-b1" --requests "$requests")
+  stop_server 1
 
-start_server "$batch"
-batched=$(run_load "$batch" "$config_name-b$batch" --requests "$requests")
-if [ "$cancel_requests" -gt 0 ]; then
-  # Mid-denoise cancellations, measured one at a time against the server's counter.
-  run_load "$batch" "$config_name-b$batch-cancel" --requests "$cancel_requests" \
-    --cancel-fraction 1 --cancel-after-steps 1 > /dev/null
-fi
-stop_server "$batch"
+  start_server "$batch"
+  batcheds=$batcheds${batcheds:+,}$(run_load "$batch" "$config_name-b$batch" --requests "$requests")
+  if [ "$rep" = "$repeat" ] && [ "$cancel_requests" -gt 0 ]; then
+    # Mid-denoise cancellations, measured one at a time against the server's counter.
+    run_load "$batch" "$config_name-b$batch-cancel" --requests "$cancel_requests" \
+      --cancel-fraction 1 --cancel-after-steps 2 > /dev/null
+  fi
+  stop_server "$batch"
+done
 
-compare=${batched/-b$batch-/-compare-b1-vs-b$batch-}
-"$load_bin" --compare-baseline "$baseline" --compare-batched "$batched" --out "$compare"
+last=${batcheds##*,}
+compare=${last/-b$batch-/-compare-b1-vs-b$batch-}
+"$load_bin" --compare-baseline "$baselines" --compare-batched "$batcheds" --out "$compare"
