@@ -51,6 +51,15 @@ double MegaVoxels(const engine::GenerationRequest& r) {
   return static_cast<double>(r.width) * r.height * r.num_frames / 1e6;
 }
 
+// Engine time a job still needs at the measured throughput (seconds per step and megavoxel, from
+// batched steps, so batching's gain is in it; decode + encode per megavoxel).
+double RemainingWorkSeconds(const engine::GenerationRequest& r, int steps_done,
+                            double step_seconds_per_mvoxel, double finish_seconds_per_mvoxel) {
+  const double mvoxels = MegaVoxels(r);
+  return std::max(0, r.num_steps - steps_done) * step_seconds_per_mvoxel * mvoxels +
+         finish_seconds_per_mvoxel * mvoxels;
+}
+
 void Smooth(double* estimate, double sample) {
   *estimate = *estimate == 0 ? sample : (1 - kEtaSmoothing) * *estimate + kEtaSmoothing * sample;
 }
@@ -168,8 +177,10 @@ absl::StatusOr<std::shared_ptr<JobHandle>> Executor::Submit(ResolvedRequest requ
     *accepted->mutable_resolved_request() = handle->request().resolved;
     handle->events().Push(std::move(event));
     queued_.push_back(QueuedJob{handle});
-    // A higher-priority arrival moves the jobs it overtakes back.
-    ReportQueuePositionsLocked();
+    // A higher-priority arrival moves the jobs it overtakes back. A job that has to wait learns
+    // its ETA at once.
+    const bool waits = position > 0 || running_count_ >= options_.scheduler.max_running_jobs;
+    ReportQueuePositionsLocked(waits ? sequence : 0);
     if (options_.metrics) options_.metrics->SetQueueDepth(static_cast<int>(queued_.size()));
   }
   return handle;
@@ -463,26 +474,15 @@ void Executor::PreemptJob(uint64_t sequence) {
                        job.job->total_steps(), " (preemption ", job.preemptions, ")"));
   if (options_.metrics) options_.metrics->CountPreemption();
   const int steps_done = job.job->steps_done();
-  const int total_steps = job.job->total_steps();
+  const double work = RemainingWorkSeconds(handle->request().engine, steps_done,
+                                           step_seconds_per_mvoxel_, finish_seconds_per_mvoxel_);
   preempted_.emplace(sequence, std::move(job));
-  const absl::Time now = options_.clock->Now();
   absl::MutexLock lock(&mu_);
   handle->set_state(JobState::kQueued);
-  QueuedJob queued{handle, steps_done};
-  std::vector<QueuedJobView> views;
-  views.reserve(queued_.size());
-  for (const QueuedJob& q : queued_) views.push_back(ViewOf(q));
-  const int position = QueuePosition(views, ViewOf(queued), now, options_.scheduler);
-  queued_.push_back(std::move(queued));
-  handle->set_queue_position(position);
-  v1::GenerateEvent event;
-  v1::JobProgress* progress = event.mutable_progress();
-  progress->set_stage(v1::STAGE_QUEUED);
-  progress->set_step(steps_done);
-  progress->set_total_steps(total_steps);
-  progress->set_queue_position(position);
-  progress->set_elapsed_seconds(Seconds(now - handle->accepted_time()));
-  handle->events().Push(std::move(event));
+  // Its remaining work now counts as queued, ahead of or behind others by its rank.
+  running_work_seconds_ = std::max(0.0, running_work_seconds_ - work);
+  queued_.push_back(QueuedJob{handle, steps_done});
+  ReportQueuePositionsLocked(sequence);
 }
 
 void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
@@ -684,29 +684,40 @@ void Executor::ReportQueuePositions() {
   ReportQueuePositionsLocked();
 }
 
-void Executor::ReportQueuePositionsLocked() {
+void Executor::ReportQueuePositionsLocked(uint64_t also) {
   // Pushed under mu_ so that updates computed by Submit (gRPC thread) and by the executor thread
   // reach each channel in the order they were computed.
   if (queued_.empty()) return;
   const absl::Time now = options_.clock->Now();
   std::vector<QueuedJobView> views;
   views.reserve(queued_.size());
-  for (const QueuedJob& q : queued_) views.push_back(ViewOf(q));
-  const std::vector<uint64_t> order = QueueOrder(views, now, options_.scheduler);
-  std::unordered_map<uint64_t, int> positions;
-  positions.reserve(order.size());
-  for (size_t i = 0; i < order.size(); ++i) positions[order[i]] = static_cast<int>(i);
+  std::unordered_map<uint64_t, QueuedJob*> by_sequence;
+  by_sequence.reserve(queued_.size());
   for (QueuedJob& q : queued_) {
-    const int position = positions[q.handle->sequence()];
-    if (position == q.handle->queue_position()) continue;
-    q.handle->set_queue_position(position);
+    views.push_back(ViewOf(q));
+    by_sequence[q.handle->sequence()] = &q;
+  }
+  const std::vector<uint64_t> order = QueueOrder(views, now, options_.scheduler);
+  // Each job waits for the running jobs' remaining work and that of every job ahead of it.
+  double work_ahead = running_work_seconds_;
+  for (size_t position = 0; position < order.size(); ++position) {
+    QueuedJob& q = *by_sequence[order[position]];
+    const engine::GenerationRequest& request = q.handle->request().engine;
+    const double own = RemainingWorkSeconds(request, q.steps_done, queue_step_seconds_per_mvoxel_,
+                                            queue_finish_seconds_per_mvoxel_);
+    const double eta = work_ahead + own;
+    work_ahead += own;
+    const int p = static_cast<int>(position);
+    if (p == q.handle->queue_position() && q.handle->sequence() != also) continue;
+    q.handle->set_queue_position(p);
     v1::GenerateEvent event;
     v1::JobProgress* progress = event.mutable_progress();
     progress->set_stage(v1::STAGE_QUEUED);
     progress->set_step(q.steps_done);
-    progress->set_total_steps(q.handle->request().engine.num_steps);
-    progress->set_queue_position(position);
+    progress->set_total_steps(request.num_steps);
+    progress->set_queue_position(p);
     progress->set_elapsed_seconds(Seconds(now - q.handle->accepted_time()));
+    progress->set_eta_seconds(eta);
     q.handle->events().Push(std::move(event));
   }
 }
@@ -722,10 +733,19 @@ double Executor::EstimateRemainingSeconds(const RunningJob& r) const {
 
 void Executor::UpdateGauges() {
   int depth;
+  double running_work = 0;
+  for (const RunningJob& r : running_) {
+    if (r.job == nullptr) continue;
+    running_work += RemainingWorkSeconds(r.handle->request().engine, r.job->steps_done(),
+                                         step_seconds_per_mvoxel_, finish_seconds_per_mvoxel_);
+  }
   {
     absl::MutexLock lock(&mu_);
     running_count_ = static_cast<int>(running_.size());
     depth = static_cast<int>(queued_.size());
+    running_work_seconds_ = running_work;
+    queue_step_seconds_per_mvoxel_ = step_seconds_per_mvoxel_;
+    queue_finish_seconds_per_mvoxel_ = finish_seconds_per_mvoxel_;
   }
   if (options_.metrics) {
     options_.metrics->SetQueueDepth(depth);

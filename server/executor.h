@@ -141,9 +141,10 @@ class Executor {
   CancelReason StopReason(const JobHandle& handle, absl::Time now, bool stopping) const;
   void PushProgress(JobHandle& handle, sparge::v1::Stage stage, int step, int total_steps,
                     float sparsity, double eta_seconds);
-  // Tells queued jobs whose position changed their new one (a STAGE_QUEUED progress event).
+  // Tells queued jobs whose position changed (and `also`, if set) their new one and an ETA (a
+  // STAGE_QUEUED progress event).
   void ReportQueuePositions() ABSL_LOCKS_EXCLUDED(mu_);
-  void ReportQueuePositionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReportQueuePositionsLocked(uint64_t also = 0) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double EstimateRemainingSeconds(const RunningJob& job) const;
   void UpdateGauges();
   void UpdateDeviceMemory();
@@ -158,6 +159,11 @@ class Executor {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<absl::Status> load_status_ ABSL_GUARDED_BY(mu_);
   bool ready_reported_ ABSL_GUARDED_BY(mu_) = false;  // on_ready has returned
+  // For queued jobs' ETAs (Submit runs on gRPC threads): copies of the throughput estimates below
+  // and the engine work the running jobs still need, refreshed every iteration.
+  double queue_step_seconds_per_mvoxel_ ABSL_GUARDED_BY(mu_) = 0;
+  double queue_finish_seconds_per_mvoxel_ ABSL_GUARDED_BY(mu_) = 0;
+  double running_work_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<LoadedModelInfo> model_info_ ABSL_GUARDED_BY(mu_);
   int running_count_ ABSL_GUARDED_BY(mu_) = 0;
 

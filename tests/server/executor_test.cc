@@ -263,14 +263,47 @@ TEST_F(ExecutorTest, QueuePositionsFollowPriorityAndAreUpdated) {
   EXPECT_EQ(db.events[0].accepted().queue_position(), 0);
   EXPECT_EQ(dc.events[0].accepted().queue_position(), 1);
   EXPECT_EQ(dd.events[0].accepted().queue_position(), 0);
-  // b was pushed back by d, then moved up when d started.
+  // b waited first in line behind the running a, was pushed back by d, then moved up when d
+  // started.
   std::vector<int> b_positions;
   for (const v1::GenerateEvent& e : db.events) {
     if (e.has_progress() && e.progress().stage() == v1::STAGE_QUEUED) {
       b_positions.push_back(e.progress().queue_position());
     }
   }
-  EXPECT_THAT(b_positions, ::testing::ElementsAre(1, 0));
+  EXPECT_THAT(b_positions, ::testing::ElementsAre(0, 1, 0));
+}
+
+TEST_F(ExecutorTest, QueuedJobsLearnTheirPositionAndAnEtaAtOnce) {
+  absl::Notification a_in_second_step, release;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    clock_.Advance(absl::Seconds(1));  // every step takes 1 s on the injected clock
+    if (prompts[0] == "a" && steps_done == 2) {
+      a_in_second_step.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartReady(fake);
+  std::shared_ptr<JobHandle> a = Submit("a", 4);
+  a_in_second_step.WaitForNotification();
+  // Measured: 1 s per step of a 64x64x5 job; a has 3 steps left as of its last boundary.
+  std::shared_ptr<JobHandle> b = Submit("b", 4);
+  std::shared_ptr<JobHandle> c = Submit("c", 2);
+  release.Notify();
+  Drained db = Drain(*b), dc = Drain(*c);
+  ASSERT_TRUE(Drain(*a).status.ok());
+  ASSERT_TRUE(db.status.ok());
+  ASSERT_GE(db.events.size(), 2u);
+  ASSERT_TRUE(db.events[1].has_progress());
+  const v1::JobProgress& pb = db.events[1].progress();
+  EXPECT_EQ(pb.stage(), v1::STAGE_QUEUED);
+  EXPECT_EQ(pb.queue_position(), 0);
+  EXPECT_NEAR(pb.eta_seconds(), 3 + 4, 1e-6);  // a's remaining 3 steps, then its own 4
+  const v1::JobProgress& pc = dc.events[1].progress();
+  EXPECT_EQ(pc.stage(), v1::STAGE_QUEUED);
+  EXPECT_EQ(pc.queue_position(), 1);
+  EXPECT_NEAR(pc.eta_seconds(), 3 + 4 + 2, 1e-6);
 }
 
 TEST_F(ExecutorTest, FailingJobsFailAloneWithTheirStatus) {
