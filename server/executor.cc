@@ -22,6 +22,11 @@ namespace v1 = ::sparge::v1;
 // Weight of the newest sample in the ETA throughput estimates.
 constexpr double kEtaSmoothing = 0.3;
 
+// After a batched step runs out of device memory, batches stay below its token count for this
+// many successful steps, then the learned cap is lifted (the pressure may have been transient:
+// fragmentation, a neighbour process).
+constexpr int kOomCapSteps = 200;
+
 // The engine reports errors as Status, but a bug that throws must fail one job, not the server.
 template <typename Fn>
 auto GuardEngineCall(const char* what, Fn&& fn) -> decltype(fn()) {
@@ -294,7 +299,12 @@ bool Executor::RunOnce() {
     view.preemptions = r.preemptions;
     snapshot.running.push_back(std::move(view));
   }
-  const SchedulerAction action = ChooseNextAction(snapshot, options_.scheduler);
+  SchedulerConfig policy_config = options_.scheduler;
+  if (oom_token_cap_ > 0 &&
+      (policy_config.max_batch_tokens == 0 || oom_token_cap_ < policy_config.max_batch_tokens)) {
+    policy_config.max_batch_tokens = oom_token_cap_;
+  }
+  const SchedulerAction action = ChooseNextAction(snapshot, policy_config);
   switch (action.kind) {
     case SchedulerAction::Kind::kIdle:
       return false;
@@ -500,9 +510,15 @@ void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
     // one at a time. Only a job that does not fit alone fails.
     int64_t tokens = 0;
     for (RunningJob* r : batch) tokens += r->tokens;
+    // Learn the limit, so that the next steps do not fail the same way first.
+    if (tokens > 1 && (oom_token_cap_ == 0 || tokens - 1 < oom_token_cap_)) {
+      oom_token_cap_ = tokens - 1;
+    }
+    steps_since_oom_ = 0;
     LogWarning(absl::StrCat("a batch of ", batch.size(), " jobs (", tokens,
-                            " DiT tokens) ran out of memory; retrying them one by one: ",
-                            status.message()));
+                            " DiT tokens) ran out of memory; retrying them one by one and keeping "
+                            "batches under ", oom_token_cap_, " tokens for ", kOomCapSteps,
+                            " steps: ", status.message()));
     for (size_t i = 0; i < batch.size(); ++i) {
       RunningJob* r = batch[i];
       // A job the failed call advanced anyway has had its step.
@@ -524,6 +540,9 @@ void Executor::StepJobs(const std::vector<uint64_t>& sequences) {
     running_.erase(std::remove_if(running_.begin(), running_.end(),
                                   [](const RunningJob& r) { return r.job == nullptr; }),
                    running_.end());
+  } else if (oom_token_cap_ > 0 && ++steps_since_oom_ >= kOomCapSteps) {
+    LogInfo(absl::StrCat("lifting the out-of-memory batch cap of ", oom_token_cap_, " tokens"));
+    oom_token_cap_ = 0;
   }
   UpdateDeviceMemory();
 }

@@ -1,7 +1,8 @@
 // The executor: one thread that creates and owns the engine::Pipeline and runs every job through
 // it (Start -> Step... -> Decode -> encode), choosing each next action with the pure policy of
 // scheduler_policy.h (priorities, aging, deadlines, token budget, preemption). A batched step that
-// runs out of device memory is retried job by job, so only a job that cannot fit alone fails.
+// runs out of device memory is retried job by job, so only a job that cannot fit alone fails, and
+// later batches stay below that batch's tokens for a while.
 // gRPC threads only Submit() and read each job's event channel.
 // Thread-safe: every public method may be called from any thread.
 #pragma once
@@ -173,6 +174,9 @@ class Executor {
   // Preempted jobs' engine state, by sequence; their handles are back in queued_.
   std::map<uint64_t, RunningJob> preempted_;
   uint64_t next_start_order_ = 1;
+  // Token cap learned from the last batched out-of-memory (0: none), and successful steps since.
+  int64_t oom_token_cap_ = 0;
+  int steps_since_oom_ = 0;
   double iteration_engine_seconds_ = 0;
   double iteration_engine_cpu_seconds_ = 0;
   // Throughput estimates for ETAs, in seconds per million output voxels (width*height*frames):
