@@ -97,6 +97,8 @@ model:
   name: "$model"
   dtype: $dtype
   threads: $threads
+jobs:
+  output_dir: $work/jobs-b$b
 scheduler:
   max_queue_length: $((clients + 8))
   max_running_jobs: $b

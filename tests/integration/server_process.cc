@@ -3,7 +3,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,8 +22,6 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "server/health_client.h"
-
-extern char** environ;
 
 namespace sparge::integration {
 
@@ -55,7 +53,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   if (mkdtemp(dir_template) == nullptr) return absl::InternalError("mkdtemp failed");
   p->dir_ = dir_template;
   const std::string config_path = p->dir_ + "/server.yaml";
-  std::ofstream(config_path) << config_yaml;
+  // Stored job results go to the temporary folder, not the working directory.
+  std::ofstream(config_path) << config_yaml << "\njobs:\n  output_dir: " << p->dir_ << "/jobs\n";
   absl::StatusOr<int> port = FreePort();
   if (!port.ok()) return port.status();
   absl::StatusOr<int> metrics_port = FreePort();
@@ -64,26 +63,32 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   p->metrics_port_ = *metrics_port;
 
   const std::string log_path = p->dir_ + "/server.log";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
   const std::string port_text = std::to_string(*port);
   const std::string metrics_text = std::to_string(*metrics_port);
-  std::vector<std::string> args = {server_binary,   "--config",       config_path,
-                                   "--port",        port_text,        "--metrics-port",
+  std::vector<std::string> args = {server_binary,   "--config",         config_path,
+                                   "--port",        port_text,          "--metrics-port",
                                    metrics_text,    "--listen-address", "127.0.0.1"};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  const int rc = posix_spawn(&p->pid_, server_binary.c_str(), &actions, nullptr, argv.data(),
-                             environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) {
-    p->pid_ = -1;
-    return absl::InternalError(absl::StrCat("posix_spawn ", server_binary, ": error ", rc));
+  // fork + exec rather than posix_spawn: the child asks to be killed when the test process dies,
+  // so a crashed or killed test leaves no server behind.
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);  // the parent died before prctl
+    const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+      dup2(fd, STDOUT_FILENO);
+      dup2(fd, STDERR_FILENO);
+      close(fd);
+    }
+    execv(argv[0], argv.data());
+    _exit(127);
   }
+  p->pid_ = pid;
 
   std::shared_ptr<grpc::Channel> channel = p->NewChannel();
   const absl::Time give_up = absl::Now() + ready_timeout;

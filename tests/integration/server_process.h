@@ -24,7 +24,8 @@ namespace sparge::integration {
 
 class ServerProcess {
  public:
-  // `config_yaml` is the YAML body (listen address and ports are set from the command line).
+  // `config_yaml` is the YAML body without a `jobs:` section (stored results go to a temporary
+  // folder); listen address and ports are set from the command line.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::string& server_binary,
                                                               const std::string& config_yaml,
                                                               absl::Duration ready_timeout);

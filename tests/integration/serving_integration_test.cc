@@ -90,6 +90,56 @@ double CancellationCount(const ServerProcess& server, const std::string& reason)
   return m.ok() ? m->Get("sparge_cancellations_total", {{"reason", reason}}) : -1;
 }
 
+absl::StatusOr<v1::Job> GetJob(const std::shared_ptr<grpc::Channel>& channel,
+                                const std::string& job_id) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  v1::Job job;
+  grpc::Status s = v1::VideoService::NewStub(channel)->GetJob(&context, request, &job);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  return job;
+}
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED || state == v1::JOB_STATE_DEADLINE_EXCEEDED;
+}
+
+// Polls GetJob until the job reaches a final state (or `timeout`: the last state seen).
+absl::StatusOr<v1::Job> WaitForFinalState(const std::shared_ptr<grpc::Channel>& channel,
+                                          const std::string& job_id, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  for (;;) {
+    absl::StatusOr<v1::Job> job = GetJob(channel, job_id);
+    if (!job.ok() || IsFinal(job->state()) || absl::Now() > give_up) return job;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+// The stored video of a job, as GetJobResult streams it (checked like a Generate stream).
+StreamResult FetchJobResult(const std::shared_ptr<grpc::Channel>& channel,
+                            const v1::Job& job) {
+  StreamResult result;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::GetJobResultRequest request;
+  request.set_job_id(job.job_id());
+  std::unique_ptr<grpc::ClientReader<v1::JobResultChunk>> reader =
+      v1::VideoService::NewStub(channel)->GetJobResult(&context, request);
+  v1::JobResultChunk chunk;
+  while (reader->Read(&chunk)) {
+    if (chunk.offset() != static_cast<int64_t>(result.file.size())) {
+      result.offsets_contiguous = false;
+    }
+    result.file += chunk.data();
+  }
+  result.status = reader->Finish();
+  result.completed = job.result().completed();
+  return result;
+}
+
 class ServingIntegrationTest : public ::testing::Test {
  protected:
   // One server for the suite (ctest runs the binary once), started by the first test so that a
@@ -183,6 +233,7 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
   std::chrono::steady_clock::time_point cancel_time;
   double steps_before_cancel = 0;
   StreamResult victim, other_a, other_b;
+  std::string victim_id;
   std::thread t_a([&] {
     other_a = RunGenerate(server_->NewChannel(), SmallRequest(21, 4), absl::Seconds(120));
   });
@@ -190,6 +241,7 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
     victim = RunGenerate(
         server_->NewChannel(), SmallRequest(22, 40), absl::Seconds(120),
         [&](const v1::GenerateEvent& e, grpc::ClientContext* context) {
+          if (e.has_accepted()) victim_id = e.accepted().job_id();
           if (e.has_progress() && e.progress().stage() == v1::STAGE_DENOISE &&
               e.progress().step() >= 1 && !cancelled.HasBeenNotified()) {
             absl::StatusOr<bench::MetricsSnapshot> m = server_->Scrape();
@@ -232,6 +284,11 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
   EXPECT_LE(latency, step_seconds + 2.0);
   ExpectValidVideo(other_a);
   ExpectValidVideo(other_b);
+  // The job API sees the Generate call's job end CANCELLED, stopped mid-denoise.
+  absl::StatusOr<v1::Job> job = WaitForFinalState(server_->NewChannel(), victim_id, absl::Seconds(10));
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->state(), v1::JOB_STATE_CANCELLED) << v1::JobState_Name(job->state());
+  EXPECT_LT(job->progress().step(), 40);
 }
 
 TEST_F(ServingIntegrationTest, DeadlineExpiryEndsOnlyThatJob) {
@@ -332,6 +389,91 @@ TEST_F(ServingIntegrationTest, BadInputsAreInvalidArgumentAndTheServerKeepsServi
   ASSERT_TRUE(health.ok()) << health.status();
   EXPECT_EQ(*health, server::HealthStatus::kServing);
   ExpectValidVideo(RunGenerate(channel, SmallRequest(61, 2), absl::Seconds(60)));
+}
+
+TEST_F(ServingIntegrationTest, SubmittedJobOutlivesItsWatcherAndIsRetrievable) {
+  std::shared_ptr<grpc::Channel> channel = server_->NewChannel();
+  v1::SubmitJobRequest submit;
+  *submit.mutable_request() = SmallRequest(81, 30);
+  v1::Job job;
+  {
+    grpc::ClientContext context;
+    grpc::Status s = v1::VideoService::NewStub(channel)->SubmitJob(&context, submit, &job);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(job.origin(), v1::JOB_ORIGIN_SUBMIT_JOB);
+  // A watcher that goes away after the first denoising step.
+  v1::WatchJobRequest watch;
+  watch.set_job_id(job.job_id());
+  grpc::ClientContext watch_context;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
+      v1::VideoService::NewStub(server_->NewChannel())->WatchJob(&watch_context, watch);
+  v1::GenerateEvent event;
+  bool saw_step = false;
+  while (!saw_step && reader->Read(&event)) {
+    saw_step = event.has_progress() && event.progress().stage() == v1::STAGE_DENOISE &&
+               event.progress().step() >= 1;
+  }
+  ASSERT_TRUE(saw_step);
+  watch_context.TryCancel();
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // The job runs on and its video is stored.
+  absl::StatusOr<v1::Job> done = WaitForFinalState(channel, job.job_id(), absl::Seconds(60));
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_EQ(done->state(), v1::JOB_STATE_SUCCEEDED) << done->error().message();
+  const StreamResult stored = FetchJobResult(channel, *done);
+  ExpectValidVideo(stored);
+  // Both ran alone (batch size 1): the same bytes as a Generate call of the same request.
+  const StreamResult direct = RunGenerate(channel, SmallRequest(81, 30), absl::Seconds(60));
+  ExpectValidVideo(direct);
+  EXPECT_TRUE(stored.file == direct.file) << "stored result differs from Generate's";
+}
+
+TEST_F(ServingIntegrationTest, CancelJobStopsASubmittedJobWithinOneStep) {
+  std::shared_ptr<grpc::Channel> channel = server_->NewChannel();
+  std::unique_ptr<v1::VideoService::Stub> stub = v1::VideoService::NewStub(channel);
+  v1::SubmitJobRequest submit;
+  *submit.mutable_request() = LongRequest(82);
+  v1::Job job;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->SubmitJob(&context, submit, &job).ok());
+  }
+  // Wait until it is denoising.
+  for (int i = 0; i < 1000; ++i) {
+    absl::StatusOr<v1::Job> j = GetJob(channel, job.job_id());
+    ASSERT_TRUE(j.ok()) << j.status();
+    if (j->progress().stage() == v1::STAGE_DENOISE && j->progress().step() >= 1) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  absl::StatusOr<bench::MetricsSnapshot> before = server_->Scrape();
+  ASSERT_TRUE(before.ok());
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(job.job_id());
+  v1::Job cancelled;
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::ClientContext context;
+  const grpc::Status s = stub->CancelJob(&context, cancel, &cancelled);
+  const double latency =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  absl::StatusOr<bench::MetricsSnapshot> after = server_->Scrape();
+  ASSERT_TRUE(after.ok());
+  // CancelJob answers once the job has stopped.
+  EXPECT_EQ(cancelled.state(), v1::JOB_STATE_CANCELLED) << v1::JobState_Name(cancelled.state());
+  EXPECT_LT(cancelled.progress().step(), 1000);
+  const double steps_after = after->Get("sparge_denoise_step_seconds_count") -
+                             before->Get("sparge_denoise_step_seconds_count");
+  const double step_seconds = MeanStepSeconds();
+  std::printf("CancelJob: returned after %.1f ms, %.0f step call(s) meanwhile, mean step %.1f ms\n",
+              latency * 1000, steps_after, step_seconds * 1000);
+  EXPECT_LE(steps_after, 1);
+  EXPECT_LE(latency, step_seconds + 2.0);
+  // Idempotent: a second cancel returns the same final state.
+  grpc::ClientContext again_context;
+  v1::Job again;
+  ASSERT_TRUE(stub->CancelJob(&again_context, cancel, &again).ok());
+  EXPECT_EQ(again.state(), v1::JOB_STATE_CANCELLED);
 }
 
 // Its own server: SIGTERM ends it.
