@@ -246,6 +246,7 @@ absl::Status Executor::LoadModel() {
     }
     LogInfo(absl::StrFormat("warm-up done in %.2f s", Seconds(options_.clock->Now() - t1)));
   }
+  UpdateDeviceMemory();  // the weights' footprint and the device size, before any request
   return absl::OkStatus();
 }
 

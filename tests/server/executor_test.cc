@@ -362,6 +362,38 @@ TEST_F(ExecutorTest, CompatibleJobsShareSteps) {
   EXPECT_THAT(metrics_.SerializeText(), HasSubstr("sparge_batch_size_bucket{le=\"2\"}"));
 }
 
+TEST_F(ExecutorTest, SameShapeJobsBatchWhateverTheirStepsSeedsGuidanceSamplersAndKnobs) {
+  absl::Notification a_in_first_step, all_submitted;
+  FakePipelineOptions fake;
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (prompts.size() == 1 && prompts[0] == "a" && steps_done == 1) {
+      a_in_first_step.Notify();
+      all_submitted.WaitForNotification();
+    }
+  };
+  StartReady(fake, 8, /*max_running=*/3);
+  ResolvedRequest a = Request("a", 6);
+  ResolvedRequest b = Request("b", 3);
+  b.engine.seed = 7;
+  b.engine.guidance_scale = 8.5f;
+  b.engine.sampler = engine::SamplerKind::kUniPC;
+  b.engine.sparsity = {engine::AttentionMode::kTopK, 0.3f, 0.9f, 0};
+  ResolvedRequest c = Request("c", 9);
+  c.engine.seed = 123;
+  c.engine.guidance_scale = 2.0f;
+  c.engine.shift = 3.0f;
+  c.engine.sparsity = {engine::AttentionMode::kDense, 0.1f, 0.9f, 0};
+  std::shared_ptr<JobHandle> ha = Submit(a);
+  a_in_first_step.WaitForNotification();
+  std::shared_ptr<JobHandle> hb = Submit(b), hc = Submit(c);
+  all_submitted.Notify();
+  for (auto* h : {&ha, &hb, &hc}) EXPECT_TRUE(Drain(**h).status.ok());
+  EXPECT_EQ(counters_->max_batch.load(), 3);
+  EXPECT_EQ(counters_->job_steps.load(), 6 + 3 + 9);
+  // a alone once; all three until b's 3 steps are done; a and c until a's 6; c's last 4 alone.
+  EXPECT_EQ(counters_->step_calls.load(), 1 + 3 + 2 + 4);
+}
+
 TEST_F(ExecutorTest, NotReadyWhileLoadingAndLoadFailureIsReported) {
   FakePipelineOptions fake;
   fake.create_status = absl::NotFoundError("no such model");
@@ -532,14 +564,19 @@ TEST_F(ExecutorTest, RequestsOverTheTokenBudgetAreRejectedUpFront) {
 }
 
 TEST_F(ExecutorTest, TokenBudgetCapsTheBatch) {
-  absl::Notification all_submitted;
+  absl::Notification a_in_first_step, all_submitted;
   FakePipelineOptions fake;
-  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
-    if (prompts[0] == "a") all_submitted.WaitForNotification();
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (prompts.size() == 1 && prompts[0] == "a" && steps_done == 1) {
+      a_in_first_step.Notify();
+      all_submitted.WaitForNotification();
+    }
   };
   scheduler_.max_batch_tokens = 128;  // two 64-token jobs
   StartReady(fake, 8, /*max_running=*/3);
-  std::shared_ptr<JobHandle> a = Submit("a", 3), b = Submit("b", 3), c = Submit("c", 3);
+  std::shared_ptr<JobHandle> a = Submit("a", 3);
+  a_in_first_step.WaitForNotification();  // b and c join a's second step
+  std::shared_ptr<JobHandle> b = Submit("b", 3), c = Submit("c", 3);
   all_submitted.Notify();
   for (auto* h : {&a, &b, &c}) EXPECT_TRUE(Drain(**h).status.ok());
   EXPECT_EQ(counters_->max_batch.load(), 2);
@@ -547,14 +584,19 @@ TEST_F(ExecutorTest, TokenBudgetCapsTheBatch) {
 }
 
 TEST_F(ExecutorTest, BatchOutOfMemoryIsRetriedJobByJob) {
-  absl::Notification all_submitted;
+  absl::Notification a_in_first_step, all_submitted;
   FakePipelineOptions fake;
   fake.oom_batch_size = 2;  // the device fits one job per step
-  fake.on_step = [&](const std::vector<std::string>& prompts, int) {
-    if (prompts[0] == "a") all_submitted.WaitForNotification();
+  fake.on_step = [&](const std::vector<std::string>& prompts, int steps_done) {
+    if (prompts.size() == 1 && prompts[0] == "a" && steps_done == 1) {
+      a_in_first_step.Notify();
+      all_submitted.WaitForNotification();
+    }
   };
   StartReady(fake, 8, /*max_running=*/3);
-  std::shared_ptr<JobHandle> a = Submit("a", 3), b = Submit("b", 3), c = Submit("c", 3);
+  std::shared_ptr<JobHandle> a = Submit("a", 3);
+  a_in_first_step.WaitForNotification();  // b and c join a's second step
+  std::shared_ptr<JobHandle> b = Submit("b", 3), c = Submit("c", 3);
   all_submitted.Notify();
   Drained da = Drain(*a), db = Drain(*b), dc = Drain(*c);
   for (const Drained* d : {&da, &db, &dc}) {
@@ -568,8 +610,8 @@ TEST_F(ExecutorTest, BatchOutOfMemoryIsRetriedJobByJob) {
   }
   EXPECT_EQ(FileOf(da), FileOf(db));
   EXPECT_EQ(FileOf(db), FileOf(dc));
-  // 3 jobs (192 tokens) fail, then the executor keeps batches under 192: 2 jobs fail, then under
-  // 128: one at a time, no more failures.
+  // a alone; then 3 jobs (192 tokens) fail, and the executor keeps batches under 192: 2 jobs fail,
+  // then under 128: one at a time, no more failures.
   EXPECT_EQ(counters_->ooms.load(), 2);
   EXPECT_EQ(counters_->job_steps.load(), 9);
   EXPECT_EQ(counters_->live_jobs.load(), 0);
