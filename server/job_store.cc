@@ -332,11 +332,17 @@ void JobStore::Track(const std::shared_ptr<JobHandle>& handle, v1::JobOrigin ori
   record.handle = handle;
   {
     absl::MutexLock lock(&mu_);
+    if (auto old = records_.find(job.job_id()); old != records_.end()) {
+      // Ids carry 32 random bits, so this is a freak collision with a job of an earlier run:
+      // the new job replaces it (its files are overwritten as the new job writes them).
+      LogWarning(absl::StrCat("job id ", job.job_id(), " reused; the older job is forgotten"));
+      by_order_.erase(old->second.order);
+      records_.erase(old);
+    }
     record.order = next_order_++;
     by_order_[record.order] = job.job_id();
     if (!idempotency_key.empty()) by_key_[idempotency_key] = job.job_id();
-    auto [it, inserted] = records_.insert_or_assign(job.job_id(), record);
-    if (!inserted) LogWarning(absl::StrCat("job id ", job.job_id(), " reused"));
+    records_.emplace(job.job_id(), record);
   }
   Persist(job);
   handle->events().SetObserver(std::make_shared<Recorder>(

@@ -25,12 +25,15 @@ constexpr char kUsage[] =
     "sparge-server: SpargeServe text-to-video gRPC server (sparge.v1.VideoService).\n"
     "\n"
     "Usage: sparge-server [--config FILE] [--port N] [--metrics-port N] [--device cpu|cuda]\n"
+    "                     [--output-dir DIR]\n"
     "\n"
     "Settings come from the YAML file given by --config (config/server.yaml documents every\n"
     "field and its default; without --config the built-in defaults apply), then the flags below\n"
     "override the fields operators change most. The health service (grpc.health.v1) reports\n"
     "NOT_SERVING until the model is loaded and warmed up, then SERVING; server reflection is on.\n"
     "SIGINT / SIGTERM: stop accepting calls, give in-flight calls shutdown_grace_seconds, exit.\n"
+    "Finished jobs (SubmitJob / Generate results and metadata) are kept in jobs.output_dir and\n"
+    "served again after a restart; jobs unfinished at exit are then reported FAILED \"interrupted\".\n"
     "\n"
     "Flags:\n";
 
@@ -41,6 +44,7 @@ int Run(int argc, char** argv) {
   std::string device;
   std::string model;
   std::string listen_address;
+  std::string output_dir;
   bool help = false;
   internal::FlagParser flags;
   flags.AddString("config", &config_path,
@@ -60,6 +64,10 @@ int Run(int argc, char** argv) {
   flags.AddString("listen-address", &listen_address,
                   "address to bind, overriding `listen_address` (config default 0.0.0.0); empty "
                   "keeps the config's value");
+  flags.AddString("output-dir", &output_dir,
+                  "directory of finished jobs' videos and metadata, overriding `jobs.output_dir` "
+                  "(config default sparge-jobs, relative to the working directory); empty keeps "
+                  "the config's value");
   flags.AddBool("help", &help, "print this help and exit");
   std::vector<std::string> positional;
   if (absl::Status s = flags.Parse(argc, argv, &positional); !s.ok()) {
@@ -90,6 +98,7 @@ int Run(int argc, char** argv) {
   if (!device.empty()) config.model.device = device;
   if (!model.empty()) config.model.model = model;
   if (!listen_address.empty()) config.listen_address = listen_address;
+  if (!output_dir.empty()) config.jobs.output_dir = output_dir;
   if (absl::Status s = config.Validate(); !s.ok()) {
     std::fprintf(stderr, "sparge-server: %s\n", std::string(s.message()).c_str());
     return 2;
@@ -104,7 +113,8 @@ int Run(int argc, char** argv) {
 
   LogInfo(absl::StrCat("SpargeServe ", ServerVersion(), " starting: model ", config.model.model,
                        " (", config.model.dtype, ", weight seed ", config.model.weight_seed,
-                       "), device ", config.model.device, ", config ",
+                       "), device ", config.model.device, ", jobs in ", config.jobs.output_dir,
+                       ", config ",
                        config_path.empty() ? "built-in defaults" : config_path));
   absl::StatusOr<std::unique_ptr<SpargeServer>> server =
       SpargeServer::Create(config, ServerDeps{EnginePipelineFactory(config.model),

@@ -402,13 +402,17 @@ TEST_F(JobApiTest, CancelJobStopsItWithinOneStep) {
 }
 
 TEST_F(JobApiTest, CancelAQueuedJob) {
+  auto blocking = std::make_shared<absl::Notification>();
   auto release = std::make_shared<absl::Notification>();
   FakePipelineOptions fake;
-  fake.on_step = [release](const std::vector<std::string>& prompts, int) {
-    if (prompts[0] == "blocker") release->WaitForNotificationWithTimeout(kWait);
+  fake.on_step = [blocking, release](const std::vector<std::string>& prompts, int) {
+    if (prompts[0] != "blocker") return;
+    if (!blocking->HasBeenNotified()) blocking->Notify();
+    release->WaitForNotificationWithTimeout(kWait);
   };
   Start(fake);
   absl::StatusOr<v1::Job> blocker = Submit(SmallRequest("blocker", 2));
+  ASSERT_TRUE(blocking->WaitForNotificationWithTimeout(kWait));
   absl::StatusOr<v1::Job> queued = Submit(SmallRequest("waiting", 2));
   ASSERT_TRUE(blocker.ok() && queued.ok());
   absl::StatusOr<v1::Job> q = Get(queued->job_id());
