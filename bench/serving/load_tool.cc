@@ -280,6 +280,7 @@ struct Record {
   int max_batch_hint = 0;
   bool cancel_planned = false;
   bool cancelled = false;
+  bool cancel_skipped = false;  // planned, but never free to be measured before the job ended
   std::optional<double> cancel_latency_seconds;  // cancel -> server counted it
   std::optional<double> steps_after_cancel;      // step calls the executor made meanwhile
   std::optional<double> step_seconds;            // mean step call time (server) at the cancel
@@ -430,12 +431,21 @@ class LoadRunner {
                        intervals.end());
       r->step_seconds = intervals[intervals.size() / 2];
     }
-    r->cancelled = true;
     if (options_.metrics_url.empty()) {
+      r->cancelled = true;
       context->TryCancel();
       return;
     }
-    std::lock_guard<std::mutex> lock(cancel_mu_);
+    // While another call's cancellation is being measured, this one is not cancelled yet (its
+    // count would land in the other's window): it tries again at its next step, and finishes
+    // normally if it runs out of steps first (counted as cancel_skipped).
+    std::unique_lock<std::mutex> lock(cancel_mu_, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      r->cancel_skipped = true;
+      return;
+    }
+    r->cancelled = true;
+    r->cancel_skipped = false;
     absl::StatusOr<MetricsSnapshot> before = ScrapeMetrics(options_.metrics_url, absl::Seconds(5));
     const Clock::time_point t0 = Clock::now();
     context->TryCancel();
@@ -446,8 +456,8 @@ class LoadRunner {
     if (steps_before > 0) {
       r->step_seconds = before->Get("sparge_denoise_step_seconds_sum") / steps_before;
     }
-    // A job that finished before the cancel reached it is never counted: give up after 30 s.
-    while (Seconds(Clock::now() - t0) < 30) {
+    // A job that finished before the cancel reached it is never counted: give up after 10 s.
+    while (Seconds(Clock::now() - t0) < 10) {
       absl::StatusOr<MetricsSnapshot> now = ScrapeMetrics(options_.metrics_url, absl::Seconds(5));
       if (now.ok() && now->Get("sparge_cancellations_total", client_reason) > cancels_before) {
         r->cancel_latency_seconds = Seconds(Clock::now() - t0);
@@ -612,6 +622,9 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
     c["cancelled"] = std::count_if(records.begin(), records.end(),
                                    [](const Record& r) { return r.cancelled; });
     c["measured"] = cancel_latency.size();
+    c["skipped_while_another_was_measured"] =
+        std::count_if(records.begin(), records.end(),
+                      [](const Record& r) { return r.cancel_skipped && !r.cancelled; });
     c["latency_seconds"] = Distribution(cancel_latency);
     // Batched step calls the executor ran between the cancel and the job's end (<= 1 means the
     // job stopped at the next step boundary).

@@ -22,6 +22,7 @@
 #   --config-name NAME    name part of the result files (default: the model's name)
 #   --out-dir DIR         where the JSONs go (default: bench/results)
 #   --ready-seconds S     wait this long for each server to load (default 600)
+#   --commit SHA          commit the binaries were built from (default: git rev-parse HEAD)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -42,6 +43,7 @@ repeat=1
 config_name=
 out_dir=$repo/bench/results
 ready_seconds=600
+commit=
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -61,7 +63,8 @@ while [ $# -gt 0 ]; do
     --config-name) config_name=$2; shift 2 ;;
     --out-dir) out_dir=$2; shift 2 ;;
     --ready-seconds) ready_seconds=$2; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --commit) commit=$2; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_load.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +72,7 @@ done
 [ -x "$server_bin" ] || { echo "run_load.sh: no sparge-server at $server_bin (--server-bin)" >&2; exit 2; }
 [ -x "$load_bin" ] || { echo "run_load.sh: no sparge-load at $load_bin (--load-bin)" >&2; exit 2; }
 [ -n "$config_name" ] || config_name=$(basename "$model")
+[ -n "$commit" ] || commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
 mkdir -p "$out_dir"
 work=$(mktemp -d)
 pid=
@@ -123,7 +127,7 @@ run_load() {
   local b=$1 name=$2; shift 2
   "$load_bin" --target "127.0.0.1:$port" --metrics-url "http://127.0.0.1:$metrics_port/metrics" \
     --wait-ready-seconds "$ready_seconds" --server-config "$config" \
-    --commit "$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)" \
+    --commit "$commit" \
     --clients "$clients" --mix "$mix" --seed 1000 --out-dir "$out_dir" --config-name "$name" \
     "$@" | tee "$work/load.out" >&2
   sed -n 's/^wrote //p' "$work/load.out" | tail -1
