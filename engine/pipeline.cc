@@ -471,12 +471,14 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
         absl::StrCat("num_threads must be >= 0, got ", config.num_threads));
   }
   std::unique_ptr<Pipeline> pipeline;
-  if (config.model != "tiny") {
+  const bool built_in = config.model == "tiny" || config.model == "wan1.3b-random";
+  if (!built_in) {
     struct stat st{};
     if (::stat(config.model.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "model \"", config.model,
-          "\" is not available: use \"tiny\" (the embedded model) or the path of a "
+          "\" is not available: use \"tiny\" (the embedded model), \"wan1.3b-random\" (1.3B DiT "
+          "with seeded random weights, for load tests) or the path of a "
           "diffusers-layout Wan2.1 model directory (transformer/, text_encoder/, tokenizer/, vae/, "
           "scheduler/)"));
     }
@@ -492,7 +494,8 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
     }));
     return pipeline;
   }
-  WanModelConfig model_config = TinyWanConfig();
+  WanModelConfig model_config =
+      config.model == "tiny" ? TinyWanConfig() : Wan13BRandomConfig();
   SPARGE_RETURN_IF_ERROR(model_config.dit.Validate());
 
   SPARGE_RETURN_IF_ERROR(GuardTorch("Pipeline::Create", [&]() -> absl::Status {

@@ -11,6 +11,9 @@
 #   --device DEV          cpu (default), cuda or cuda:N
 #   --dtype T             float32 (default), bfloat16 or float16
 #   --threads N           CPU intra-op threads (model.threads, default 0 = LibTorch's choice)
+#   --block-q N --block-k N  sparse-attention blocks (model.block_q/k, default 64; the CUDA kernels
+#                         need block_q 128 and block_k a multiple of 64, else the ATen path runs)
+#   --format F            mp4 (default) or png (builds without FFmpeg can only write png)
 #   --batch B             max_running_jobs of the batched run (default 4)
 #   --max-batch-tokens N  scheduler.max_batch_tokens of the batched run (default 0 = no cap)
 #   --clients N           concurrent clients (default 8)
@@ -33,6 +36,9 @@ model=tiny
 device=cpu
 dtype=float32
 threads=0
+block_q=64
+block_k=64
+format=mp4
 batch=4
 max_batch_tokens=0
 clients=8
@@ -53,6 +59,9 @@ while [ $# -gt 0 ]; do
     --device) device=$2; shift 2 ;;
     --dtype) dtype=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --block-q) block_q=$2; shift 2 ;;
+    --block-k) block_k=$2; shift 2 ;;
+    --format) format=$2; shift 2 ;;
     --batch) batch=$2; shift 2 ;;
     --max-batch-tokens) max_batch_tokens=$2; shift 2 ;;
     --clients) clients=$2; shift 2 ;;
@@ -64,7 +73,7 @@ while [ $# -gt 0 ]; do
     --out-dir) out_dir=$2; shift 2 ;;
     --ready-seconds) ready_seconds=$2; shift 2 ;;
     --commit) commit=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_load.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,6 +110,8 @@ model:
   name: "$model"
   dtype: $dtype
   threads: $threads
+  block_q: $block_q
+  block_k: $block_k
 jobs:
   output_dir: $work/jobs-b$b
 scheduler:
@@ -128,7 +139,8 @@ run_load() {
   "$load_bin" --target "127.0.0.1:$port" --metrics-url "http://127.0.0.1:$metrics_port/metrics" \
     --wait-ready-seconds "$ready_seconds" --server-config "$config" \
     --commit "$commit" \
-    --clients "$clients" --mix "$mix" --seed 1000 --out-dir "$out_dir" --config-name "$name" \
+    --clients "$clients" --mix "$mix" --format "$format" --seed 1000 --out-dir "$out_dir" \
+    --config-name "$name" \
     "$@" | tee "$work/load.out" >&2
   sed -n 's/^wrote //p' "$work/load.out" | tail -1
 }

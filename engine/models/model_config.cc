@@ -172,6 +172,14 @@ WanModelConfig Wan13BConfig() {
   return config;
 }
 
+WanModelConfig Wan13BRandomConfig() {
+  WanModelConfig config = Wan13BConfig();
+  config.text_encoder = TinyWanConfig().text_encoder;
+  config.text_encoder.text_len = 512;  // Wan's context length: cross-attention cost as in 1.3B
+  config.dit.text_dim = config.text_encoder.d_model;
+  return config;
+}
+
 WanModelConfig Wan14BConfig() {
   WanModelConfig config;
   config.dit.dim = 5120;

@@ -68,6 +68,9 @@ WanModelConfig TinyWanConfig();
 // The real Wan2.1 T2V 1.3B and 14B shapes (for benchmarks with random weights).
 WanModelConfig Wan13BConfig();
 WanModelConfig Wan14BConfig();
+// The built-in "wan1.3b-random" model for GPU load tests: the Wan2.1 1.3B DiT and the real VAE
+// shape, with the tiny text encoder (same tokenizer) producing 512 context rows; seeded weights.
+WanModelConfig Wan13BRandomConfig();
 
 // Wan's published latent normalization constants (16 channels).
 const std::vector<float>& WanLatentsMean();

@@ -11,21 +11,27 @@
 #include <utility>
 #include <vector>
 
+#if SPARGE_HAVE_FFMPEG
 extern "C" {
 #include <libavutil/imgutils.h>
 #include <libavutil/opt.h>
 #include <libavutil/pixfmt.h>
 }
+#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/base/status_macros.h"
+#if SPARGE_HAVE_FFMPEG
 #include "engine/video/internal/ffmpeg_handles.h"
+#endif
+#include "engine/video/internal/png_writer.h"
 #include "engine/video/internal/ustar_writer.h"
 
 namespace sparge::engine {
 
+#if SPARGE_HAVE_FFMPEG
 using video_internal::AvioContextPtr;
 using video_internal::CodecContextPtr;
 using video_internal::FfmpegError;
@@ -33,6 +39,7 @@ using video_internal::FramePtr;
 using video_internal::OutputFormatContextPtr;
 using video_internal::PacketPtr;
 using video_internal::SwsContextPtr;
+#endif
 
 const char* ToString(VideoContainer container) {
   switch (container) {
@@ -46,6 +53,7 @@ const char* ToString(VideoContainer container) {
 
 namespace {
 
+#if SPARGE_HAVE_FFMPEG
 // x264 quality: CRF 20 is visually near-transparent for generated video; veryfast keeps a
 // 17-frame 256x256 clip at a few tens of milliseconds, small next to the diffusion itself.
 constexpr char kX264Preset[] = "veryfast";
@@ -55,6 +63,7 @@ constexpr char kX264Crf[] = "20";
 constexpr double kFallbackBitsPerPixel = 0.2;
 constexpr int64_t kFallbackMinBitRate = 200'000;
 constexpr int kAvioBufferSize = 1 << 16;
+#endif
 
 absl::Status ValidateFrames(const VideoFrames& frames, int fps) {
   if (frames.num_frames <= 0 || frames.width <= 0 || frames.height <= 0) {
@@ -85,6 +94,8 @@ absl::Status ValidateFrames(const VideoFrames& frames, int fps) {
 const uint8_t* FramePixels(const VideoFrames& frames, int index) {
   return frames.rgb.data() + static_cast<size_t>(index) * frames.height * frames.width * 3;
 }
+
+#if SPARGE_HAVE_FFMPEG
 
 // ---------------------------------------------------------------------------------------------
 // In-memory, seekable output for the MP4 muxer.
@@ -443,6 +454,29 @@ absl::StatusOr<EncodedVideo> EncodePngTar(const VideoFrames& frames, int fps) {
   }
   return EncodedVideo{archive.Finish(), "application/x-tar"};
 }
+
+#else  // !SPARGE_HAVE_FFMPEG: the minimal build (no FFmpeg on the machine)
+
+absl::StatusOr<EncodedVideo> EncodeMp4(const VideoFrames&, int) {
+  return absl::FailedPreconditionError(
+      "this build has no FFmpeg, so MP4 (H.264) output is unavailable; request PNG frames "
+      "(output_format PNG) or rebuild with the FFmpeg development packages");
+}
+
+// Uncompressed PNGs (video_internal::EncodePngStored): larger files, same pixels.
+absl::StatusOr<EncodedVideo> EncodePngTar(const VideoFrames& frames, int) {
+  video_internal::UstarWriter archive;
+  for (int f = 0; f < frames.num_frames; ++f) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "frame_%05d.png", f);
+    SPARGE_RETURN_IF_ERROR(archive.AddFile(
+        name, video_internal::EncodePngStored(FramePixels(frames, f), frames.width,
+                                              frames.height)));
+  }
+  return EncodedVideo{archive.Finish(), "application/x-tar"};
+}
+
+#endif  // SPARGE_HAVE_FFMPEG
 
 }  // namespace
 
