@@ -282,7 +282,9 @@ struct Record {
   bool cancelled = false;
   bool cancel_skipped = false;  // planned, but never free to be measured before the job ended
   std::optional<double> cancel_latency_seconds;  // cancel -> server counted it
-  std::optional<double> steps_after_cancel;      // step calls the executor made meanwhile
+  std::string job_id;
+  std::optional<double> step_calls_after_cancel;  // step calls the executor made meanwhile
+  std::optional<double> job_steps_after_cancel;   // the job's steps after the last one seen
   std::optional<double> step_seconds;            // mean step call time (server) at the cancel
 };
 
@@ -376,6 +378,7 @@ class LoadRunner {
       switch (event.event_case()) {
         case v1::GenerateEvent::kAccepted:
           accepted_at = now;
+          r.job_id = event.accepted().job_id();
           r.steps = event.accepted().resolved_request().num_steps();
           break;
         case v1::GenerateEvent::kProgress: {
@@ -392,7 +395,7 @@ class LoadRunner {
                     std::chrono::microseconds(
                         static_cast<int64_t>(options_.cancel_delay_seconds * 1e6)));
               }
-              CancelAndMeasure(&context, &r, step_times);
+              CancelAndMeasure(client, &context, &r, step_times, p.step());
             }
           }
           break;
@@ -418,8 +421,8 @@ class LoadRunner {
 
   // Cancels the call and, with metrics, waits for the server to count the cancellation. One
   // measurement at a time, so the counter's rise belongs to this call.
-  void CancelAndMeasure(grpc::ClientContext* context, Record* r,
-                        const std::vector<Clock::time_point>& step_times) {
+  void CancelAndMeasure(int client, grpc::ClientContext* context, Record* r,
+                        const std::vector<Clock::time_point>& step_times, int step_seen) {
     // The job's own step time, from its progress events; the server's mean step time replaces
     // it below when metrics are on (it excludes the streaming and thread wake-up delays).
     if (step_times.size() >= 2) {
@@ -461,7 +464,16 @@ class LoadRunner {
       absl::StatusOr<MetricsSnapshot> now = ScrapeMetrics(options_.metrics_url, absl::Seconds(5));
       if (now.ok() && now->Get("sparge_cancellations_total", client_reason) > cancels_before) {
         r->cancel_latency_seconds = Seconds(Clock::now() - t0);
-        r->steps_after_cancel = now->Get("sparge_denoise_step_seconds_count") - steps_before;
+        r->step_calls_after_cancel = now->Get("sparge_denoise_step_seconds_count") - steps_before;
+        // The job's own last step, from the job API (servers without it answer UNIMPLEMENTED).
+        grpc::ClientContext get_context;
+        get_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+        v1::GetJobRequest get;
+        get.set_job_id(r->job_id);
+        v1::Job job;
+        if (stubs_[client]->GetJob(&get_context, get, &job).ok()) {
+          r->job_steps_after_cancel = job.progress().step() - step_seen;
+        }
         return;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -573,7 +585,7 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
   results["requests_sent"] = records.size();
   std::map<std::string, int> status_counts;
   std::vector<double> latency, queue_wait, server_queue_wait, sparsity, cancel_latency,
-      cancel_steps, cancel_in_steps;
+      cancel_steps, cancel_job_steps, cancel_in_steps;
   int64_t ok_steps = 0, ok_videos = 0, ok_bytes = 0;
   std::vector<int> per_entry_ok(options.mix.size(), 0);
   std::vector<std::vector<double>> per_entry_latency(options.mix.size());
@@ -592,7 +604,8 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
     }
     if (r.cancel_latency_seconds) {
       cancel_latency.push_back(*r.cancel_latency_seconds);
-      if (r.steps_after_cancel) cancel_steps.push_back(*r.steps_after_cancel);
+      if (r.step_calls_after_cancel) cancel_steps.push_back(*r.step_calls_after_cancel);
+      if (r.job_steps_after_cancel) cancel_job_steps.push_back(*r.job_steps_after_cancel);
       if (r.step_seconds && *r.step_seconds > 0) {
         cancel_in_steps.push_back(*r.cancel_latency_seconds / *r.step_seconds);
       }
@@ -626,9 +639,12 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
         std::count_if(records.begin(), records.end(),
                       [](const Record& r) { return r.cancel_skipped && !r.cancelled; });
     c["latency_seconds"] = Distribution(cancel_latency);
-    // Batched step calls the executor ran between the cancel and the job's end (<= 1 means the
-    // job stopped at the next step boundary).
-    c["steps_after_cancel"] = Distribution(cancel_steps);
+    // Denoising steps the job ran after the last step the client had seen when it cancelled
+    // (GetJob's final progress): 1 when it stopped at the next step boundary, 2 when a step ended
+    // while the cancel was in transit.
+    c["job_steps_after_cancel"] = Distribution(cancel_job_steps);
+    // Step calls the executor made (any batch) between the cancel and the job's end.
+    c["step_calls_after_cancel"] = Distribution(cancel_steps);
     // The latency divided by the mean denoising step call time (server's, since its start).
     c["latency_in_step_times"] = Distribution(cancel_in_steps);
     results["cancellation"] = c;
@@ -703,13 +719,15 @@ void PrintSummary(const json& report) {
   }
   if (r.contains("cancellation")) {
     const json& c = r["cancellation"];
-    std::printf("  cancel:       %d cancelled, %d measured; latency%s ms; steps after cancel max %s\n",
+    const json& job_steps = c["job_steps_after_cancel"];
+    std::printf("  cancel:       %d cancelled, %d measured; latency%s ms; job steps after cancel "
+                "max %s\n",
                 c["cancelled"].get<int>(), c["measured"].get<int>(),
                 absl::StrCat(" p50 ", ms(c["latency_seconds"], "p50"), " max ",
                              ms(c["latency_seconds"], "max"))
                     .c_str(),
-                c["steps_after_cancel"].contains("max")
-                    ? absl::StrFormat("%.0f", c["steps_after_cancel"]["max"].get<double>()).c_str()
+                job_steps.contains("max")
+                    ? absl::StrFormat("%.0f", job_steps["max"].get<double>()).c_str()
                     : "-");
   }
 }
