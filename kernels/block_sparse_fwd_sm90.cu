@@ -3,6 +3,7 @@
 // warpgroups of 64 rows each share the K/V tiles. S = Q K^T uses shared-memory operands; O += P V
 // takes P straight from registers (same fragment layout as the S accumulator) and V as an
 // MN-major (transposed) operand, so neither P nor V^T is ever written to shared memory.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -11,6 +12,7 @@
 #include "kernels/launch_utils.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/fwd_internal.h"
+#include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
 
 namespace sparge::kernels::detail {
@@ -178,24 +180,46 @@ __global__ void __launch_bounds__(kThreads, kN == 64 ? 2 : 1) FwdSm90Kernel(FwdP
   }
 }
 
-// Pipelined variant (kN = 128, three K/V stages): S for the next tile is issued on the tensor
-// cores before the softmax of the current tile runs on the CUDA cores, hiding one of the two
-// GEMMs behind the exponentials (FlashAttention-3's intra-warpgroup overlap, without warp
-// specialisation). Loads run two tiles ahead, so a stage is only refilled after a block barrier.
+// Warp-specialised variant (FlashAttention-3 structure). Warpgroup 0 is the producer: one thread
+// issues TMA loads of the Q tile and of each kept K/V tile into a ring of kStages mbarrier-guarded
+// slots, then the warpgroup gives its registers away (setmaxnreg). Warpgroups 1 and 2 consume,
+// 64 query rows each, and take turns on the tensor cores (two named barriers, "ping-pong"): in its
+// turn a warpgroup issues S(i) = Q K_i^T and O += P(i-1) V(i-1) back to back, hands the turn over,
+// and runs the softmax of S(i) while the other warpgroup's GEMMs (and its own PV) run. No block
+// barrier inside the loop: slots are released per warp through the empty mbarriers.
+constexpr int kWsThreads = 384;
+constexpr int kProducerRegs = 40;   // 128 x 40 + 256 x 232 = 64512 = 384 x 168 (the launch cap)
+constexpr int kConsumerRegs = 232;
+constexpr int kWsStages = 3;        // two stages expose the load latency: a slot is freed only
+                                    // after both consumers finished the tile's PV GEMM
+
 template <int D, int kN>
-constexpr int PipeSmemBytes() {
-  return (kTileQ * D + 6 * kN * D) * 2 + 1024;
-}
+struct WsLayout {
+  static constexpr int kQBytes = kTileQ * D * 2;
+  static constexpr int kKvBytes = kN * D * 2;
+  static constexpr int kBarOffset = kQBytes + 2 * kWsStages * kKvBytes;
+  // q_full, k_full[S], v_full[S], empty[S]
+  static constexpr int kBytes = kBarOffset + (1 + 3 * kWsStages) * 8 + 1024;  // + alignment slack
+};
 
 template <typename T, int D, int kN>
-__global__ void __launch_bounds__(kThreads, 1) FwdSm90PipeKernel(FwdParams p) {
+__global__ void __launch_bounds__(kWsThreads, 1)
+    FwdSm90WsKernel(FwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                    const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+  using Lay = WsLayout<D, kN>;
   extern __shared__ unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sK = sQ + kTileQ * D;  // [3][D/64][kN][64]
-  T* sV = sK + 3 * kN * D;  // [3][D/64][kN][64]
+  const uint32_t sQ = SmemAddr(
+      reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023)));
+  const uint32_t sK = sQ + Lay::kQBytes;                  // [S][D/64][kN][64]
+  const uint32_t sV = sK + kWsStages * Lay::kKvBytes;     // [S][D/64][kN][64]
+  const uint32_t bars = sQ + Lay::kBarOffset;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8 * (1 + kWsStages + s); };
+  auto empty = [&](int s) { return bars + 8 * (1 + 2 * kWsStages + s); };
 
   const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int q0 = qb * kTileQ;
@@ -204,54 +228,55 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90PipeKernel(FwdParams p) {
   const int32_t* lut = p.indices + (bh * nq + qb) * nk;
   const int subs = p.block_k / kN;
   const int ntiles = count * subs;
-
-  const T* qbase = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
-  const T* kbase = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
-  const T* vbase = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-
   auto tile_key0 = [&](int t) { return lut[t / subs] * p.block_k + (t % subs) * kN; };
   auto next_valid = [&](int t) {
     while (t < ntiles && tile_key0(t) >= L) ++t;
     return t;
   };
-  auto load_kv = [&](int t, int st) {
-    const int k0 = tile_key0(t);
-    LoadTileSw128<T, kN, D, kThreads>(sK + st * kN * D, kbase, p.k.stride_l, k0, L, tid);
-    LoadTileSw128<T, kN, D, kThreads>(sV + st * kN * D, vbase, p.v.stride_l, k0, L, tid);
-  };
-  const uint32_t q_addr = SmemAddr(sQ) + wg * 64 * 128;
-  auto issue_s = [&](float* acc, int st) {
-    const uint32_t k_addr = SmemAddr(sK + st * kN * D);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
-    WgmmaFence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t col_off = (ks & 3) * 32;
-      const uint64_t da = MakeSmemDesc(q_addr + (ks >> 2) * kTileQ * 128 + col_off, 16, 1024);
-      const uint64_t db = MakeSmemDesc(k_addr + (ks >> 2) * kN * 128 + col_off, 16, 1024);
-      Wg<T>::template SS<kN>(acc, da, db);
-    }
-    WgmmaCommit();
-  };
+  int n = 0;  // tiles with at least one key inside the sequence: the loop trip count of all roles
+  for (int t = 0; t < ntiles; ++t) n += tile_key0(t) < L;
 
-  LoadTileSw128<T, kTileQ, D, kThreads>(sQ, qbase + static_cast<int64_t>(q0) * p.q.stride_l,
-                                        p.q.stride_l, 0, L - q0, tid);
-  int t = next_valid(0);
-  if (t < ntiles) load_kv(t, 0);
-  CpAsyncCommit();
-  int tn = t < ntiles ? next_valid(t + 1) : ntiles;
-  if (tn < ntiles) load_kv(tn, 1);
-  CpAsyncCommit();
-  CpAsyncWaitAll();
-  FenceProxyAsync();
+  if (tid == 0) {
+    MbarInit(q_full, 1);
+    for (int s = 0; s < kWsStages; ++s) {
+      MbarInit(k_full(s), 1);
+      MbarInit(v_full(s), 1);
+      MbarInit(empty(s), 8);  // one arrival per consumer warp
+    }
+    FenceMbarInit();
+  }
   __syncthreads();
 
-  float s[kN / 2], s_next[kN / 2];
-  if (t < ntiles) {
-    issue_s(s, 0);
-    WgmmaWait0();
+  if (wg == 0) {  // producer
+    SetMaxNRegDecWarpgroup<kProducerRegs>();
+    if (tid == 0 && n > 0) {
+      PrefetchTensorMap(&tm_k);
+      PrefetchTensorMap(&tm_v);
+      MbarArriveExpectTx(q_full, Lay::kQBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ + c * kTileQ * 128, &tm_q, q_full, c * 64, q0, h, b);
+      int s = 0, phase = 0;
+      for (int t = next_valid(0); t < ntiles; t = next_valid(t + 1)) {
+        const int k0 = tile_key0(t);
+        MbarWait(empty(s), phase ^ 1);
+        MbarArriveExpectTx(k_full(s), Lay::kKvBytes);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          TmaLoad4d(sK + s * Lay::kKvBytes + c * kN * 128, &tm_k, k_full(s), c * 64, k0, h, b);
+        MbarArriveExpectTx(v_full(s), Lay::kKvBytes);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          TmaLoad4d(sV + s * Lay::kKvBytes + c * kN * 128, &tm_v, v_full(s), c * 64, k0, h, b);
+        if (++s == kWsStages) s = 0, phase ^= 1;
+      }
+    }
+    return;
   }
+
+  SetMaxNRegIncWarpgroup<kConsumerRegs>();
+  const int cw = wg - 1;                 // consumer warpgroup 0 or 1
+  const int warp = (tid >> 5) & 3;
+  const int my_bar = 1 + cw, other_bar = 2 - cw;
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -259,70 +284,122 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90PipeKernel(FwdParams p) {
   const float scale_log2 = p.scale * kLog2e;
   const int tig = lane & 3;
 
-  int stage = 0;
-  while (t < ntiles) {
-    const int k0 = tile_key0(t);
-    // Every warp is past the previous iteration (its stage is free) and tile tn has landed.
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();
-    const int tn2 = tn < ntiles ? next_valid(tn + 1) : ntiles;
-    if (tn2 < ntiles) load_kv(tn2, (stage + 2) % 3);
-    CpAsyncCommit();
-    if (tn < ntiles) issue_s(s_next, (stage + 1) % 3);
-
-    if (k0 + kN > L) {
+  if (n > 0) {
+    const uint32_t q_addr = sQ + cw * 64 * 128;  // this warpgroup's 64 rows
+    float s_acc[kN / 2];
+    uint32_t pa[kN / 16][4];
+    float alpha[2];
+    auto issue_s = [&](int st) {
+      const uint32_t k_addr = sK + st * Lay::kKvBytes;
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (k0 + nt * 8 + 2 * tig + (e & 1) >= L) s[nt * 4 + e] = -INFINITY;
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
-      mx = QuadMax(mx) * scale_log2;
-      const float mnew = fmaxf(m[r], mx);
-      const float alpha = exp2f(m[r] - mnew);
-      m[r] = mnew;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        s[nt * 4 + 2 * r] = exp2f(s[nt * 4 + 2 * r] * scale_log2 - mnew);
-        s[nt * 4 + 2 * r + 1] = exp2f(s[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
-        sum += s[nt * 4 + 2 * r] + s[nt * 4 + 2 * r + 1];
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t col_off = (ks & 3) * 32;
+        const uint64_t da = MakeSmemDesc(q_addr + (ks >> 2) * kTileQ * 128 + col_off, 16, 1024);
+        const uint64_t db = MakeSmemDesc(k_addr + (ks >> 2) * kN * 128 + col_off, 16, 1024);
+        Wg<T>::template SS<kN>(s_acc, da, db);
       }
-      l[r] = l[r] * alpha + sum;
+    };
+    auto issue_pv = [&](int st) {
+      const uint32_t v_addr = sV + st * Lay::kKvBytes;
+#pragma unroll
+      for (int kc = 0; kc < kN / 16; ++kc) {
+        const uint64_t dv = MakeSmemDesc(v_addr + kc * 16 * 128, kN * 128, 1024);
+        Wg<T>::template RS<D>(o, pa[kc], dv);
+      }
+    };
+    // Exponentiates S in place against the new running max; O is rescaled later (after the PV
+    // GEMM that is still accumulating into it has finished).
+    auto softmax = [&](int k0) {
+      if (k0 + kN > L) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (k0 + nt * 8 + 2 * tig + (e & 1) >= L) s_acc[nt * 4 + e] = -INFINITY;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt)
+          mx = fmaxf(mx, fmaxf(s_acc[nt * 4 + 2 * r], s_acc[nt * 4 + 2 * r + 1]));
+        mx = QuadMax(mx) * scale_log2;
+        const float mnew = fmaxf(m[r], mx);
+        alpha[r] = exp2f(m[r] - mnew);
+        m[r] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          s_acc[nt * 4 + 2 * r] = exp2f(s_acc[nt * 4 + 2 * r] * scale_log2 - mnew);
+          s_acc[nt * 4 + 2 * r + 1] = exp2f(s_acc[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
+          sum += s_acc[nt * 4 + 2 * r] + s_acc[nt * 4 + 2 * r + 1];
+        }
+        l[r] = l[r] * alpha[r] + sum;
+      }
+    };
+    auto rescale_and_pack = [&]() {
 #pragma unroll
       for (int nt = 0; nt < D / 8; ++nt) {
-        o[nt * 4 + 2 * r] *= alpha;
-        o[nt * 4 + 2 * r + 1] *= alpha;
+        o[nt * 4 + 0] *= alpha[0];
+        o[nt * 4 + 1] *= alpha[0];
+        o[nt * 4 + 2] *= alpha[1];
+        o[nt * 4 + 3] *= alpha[1];
       }
-    }
-    uint32_t pa[kN / 16][4];
 #pragma unroll
-    for (int kc = 0; kc < kN / 16; ++kc) {
-      pa[kc][0] = MmaOp<T>::Pack(s[(2 * kc) * 4 + 0], s[(2 * kc) * 4 + 1]);
-      pa[kc][1] = MmaOp<T>::Pack(s[(2 * kc) * 4 + 2], s[(2 * kc) * 4 + 3]);
-      pa[kc][2] = MmaOp<T>::Pack(s[(2 * kc + 1) * 4 + 0], s[(2 * kc + 1) * 4 + 1]);
-      pa[kc][3] = MmaOp<T>::Pack(s[(2 * kc + 1) * 4 + 2], s[(2 * kc + 1) * 4 + 3]);
-    }
-    const uint32_t v_addr = SmemAddr(sV + stage * kN * D);
+      for (int kc = 0; kc < kN / 16; ++kc) {
+        pa[kc][0] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 0], s_acc[(2 * kc) * 4 + 1]);
+        pa[kc][1] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 2], s_acc[(2 * kc) * 4 + 3]);
+        pa[kc][2] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 0], s_acc[(2 * kc + 1) * 4 + 1]);
+        pa[kc][3] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 2], s_acc[(2 * kc + 1) * 4 + 3]);
+      }
+    };
+
+    // Turns alternate strictly: consumer 0 takes turn 0 (consumer 1's initial arrival), every turn
+    // ends by arriving on the other's barrier, except consumer 1's last (nobody would wait on it).
+    MbarWait(q_full, 0);
+    int t = next_valid(0);
+    int st = 0, ph = 0;
+    MbarWait(k_full(st), ph);
+    if (cw == 1) NamedBarrierArrive(1, 256);
+    NamedBarrierSync(my_bar, 256);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) s_acc[i] = 0.f;
     WgmmaFence();
-#pragma unroll
-    for (int kc = 0; kc < kN / 16; ++kc) {
-      const uint64_t dv = MakeSmemDesc(v_addr + kc * 16 * 128, kN * 128, 1024);
-      Wg<T>::template RS<D>(o, pa[kc], dv);
-    }
+    issue_s(st);
     WgmmaCommit();
+    NamedBarrierArrive(other_bar, 256);
     WgmmaWait0();
+    softmax(tile_key0(t));
+    rescale_and_pack();
+    for (int i = 1; i < n; ++i) {
+      const int tn = next_valid(t + 1);
+      const int pst = st, pph = ph;
+      if (++st == kWsStages) st = 0, ph ^= 1;
+      MbarWait(k_full(st), ph);
+      MbarWait(v_full(pst), pph);
+      NamedBarrierSync(my_bar, 256);
 #pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] = s_next[i];
-    stage = (stage + 1) % 3;
-    t = tn;
-    tn = tn2;
+      for (int j = 0; j < kN / 2; ++j) s_acc[j] = 0.f;
+      WgmmaFence();
+      issue_s(st);
+      WgmmaCommit();
+      issue_pv(pst);
+      WgmmaCommit();
+      NamedBarrierArrive(other_bar, 256);
+      WgmmaWait1();  // S(i) done; PV(i-1) may still run under the exponentials
+      softmax(tile_key0(tn));
+      WgmmaWait0();
+      if (lane == 0) MbarArrive(empty(pst));
+      rescale_and_pack();
+      t = tn;
+    }
+    MbarWait(v_full(st), ph);
+    NamedBarrierSync(my_bar, 256);
+    WgmmaFence();
+    issue_pv(st);
+    WgmmaCommit();
+    if (cw == 0) NamedBarrierArrive(other_bar, 256);
+    WgmmaWait0();
   }
 
   T* obase = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
@@ -331,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90PipeKernel(FwdParams p) {
   for (int r = 0; r < 2; ++r) {
     const float lsum = QuadSum(l[r]);
     const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    const int row = q0 + wg * 64 + warp * 16 + g + 8 * r;
+    const int row = q0 + cw * 64 + warp * 16 + g + 8 * r;
     if (row < L) {
       T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
 #pragma unroll
@@ -344,14 +421,62 @@ __global__ void __launch_bounds__(kThreads, 1) FwdSm90PipeKernel(FwdParams p) {
   }
 }
 
-template <typename T, int D>
-cudaError_t LaunchPipe(const FwdParams& p, cudaStream_t stream) {
-  constexpr int smem = PipeSmemBytes<D, 128>();
-  auto kernel = FwdSm90PipeKernel<T, D, 128>;
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so nothing links libcuda.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn GetEncodeTiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &status);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status);
+#endif
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) return nullptr;
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// 4-D map over [B, L, H, D] (innermost first: D, L, H, B) with 64-element x box_rows boxes and the
+// 128-byte swizzle the wgmma descriptors expect; rows past L read as zeros.
+bool EncodeBlhd(CUtensorMap* map, const Tensor4& t, const FwdParams& p, int box_rows) {
+  const EncodeTiledFn encode = GetEncodeTiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.seqlen),
+                              static_cast<cuuint64_t>(p.heads), static_cast<cuuint64_t>(p.batch)};
+  // A size-1 dimension may carry any stride (PyTorch views); TMA needs a 16-byte multiple.
+  auto bytes = [](int64_t stride, int64_t size) {
+    const bool valid = stride > 0 && (stride * 2) % 16 == 0;
+    return static_cast<cuuint64_t>(size == 1 && !valid ? 16 : stride * 2);
+  };
+  const cuuint64_t strides[3] = {bytes(t.stride_l, p.seqlen), bytes(t.stride_h, p.heads),
+                                 bytes(t.stride_b, p.batch)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt =
+      p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, dt, 4, t.ptr, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int D, int kN>
+cudaError_t LaunchWs(const FwdParams& p, cudaStream_t stream) {
+  CUtensorMap mq, mk, mv;
+  if (!EncodeBlhd(&mq, p.q, p, kTileQ) || !EncodeBlhd(&mk, p.k, p, kN) || !EncodeBlhd(&mv, p.v, p, kN))
+    return cudaErrorNotSupported;
+  constexpr int smem = WsLayout<D, kN>::kBytes;
+  auto kernel = FwdSm90WsKernel<T, D, kN>;
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, kWsThreads, smem, stream>>>(p, mq, mk, mv);
   return cudaGetLastError();
 }
 
@@ -368,10 +493,11 @@ cudaError_t LaunchN(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t Launch(const FwdParams& p, cudaStream_t stream) {
-  // 128-key tiles where block_k allows (unless tile_n == 64); the pipelined kernel on request
-  // (it measured slower, see kernels/NOTES.md).
-  if (p.block_k % 128 != 0 || p.tile_n == 64) return LaunchN<T, D, 64>(p, stream);
-  return p.pipelined ? LaunchPipe<T, D>(p, stream) : LaunchN<T, D, 128>(p, stream);
+  // 128-key tiles where block_k allows (unless tile_n == 64). FwdParams::pipelined selects the
+  // warp-specialised TMA kernel (an explicit request: it fails rather than falls back).
+  const bool n128 = p.block_k % 128 == 0 && p.tile_n != 64;
+  if (p.pipelined) return n128 ? LaunchWs<T, D, 128>(p, stream) : LaunchWs<T, D, 64>(p, stream);
+  return n128 ? LaunchN<T, D, 128>(p, stream) : LaunchN<T, D, 64>(p, stream);
 }
 
 }  // namespace

@@ -38,7 +38,7 @@ if [[ $stages == *" sanitize "* ]]; then
   for tool in memcheck racecheck; do
     log "compute-sanitizer $tool"
     compute-sanitizer --tool $tool --error-exitcode 9 "$bdir/tests/kernels/sparge_kernels_gpu_test" \
-      --gtest_filter=SpargeKernelsGpu.SanitizerCase > "$OUT/sanitizer_$tool.log" 2>&1
+      --gtest_filter="SpargeKernelsGpu.SanitizerCase*" > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
   done
 fi

@@ -146,6 +146,57 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
   ExpectMaskEqual(gm, cm, "per-head knobs");
 }
 
+// Exact ties on both sides, where only the tie rule (lower key block first) and the top-p count
+// over tied probabilities decide: (a) K the same vector at every token, so every centred pooled
+// block is 0 and the row is uniform; (b) Q = e0 and K = g(block) * e0 with g in {0, 1, 2}, so the
+// key blocks fall into three groups of bit-identical probabilities. Also rows of 313 and 2500 key
+// blocks (the register-resident and the spilling selection paths).
+TEST(SpargeKernelsGpu, MaskMatchesCpuReferenceOnTiesAndWideRows) {
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 4, H = 2;
+  Knobs kb = MixedKnobs(B);
+  // Top-p values away from multiples of the tied probabilities, top-k fractions giving partial groups.
+  kb.topk = at::tensor({0.07f, 0.33f, 0.f, 0.f});
+  kb.topp = at::tensor({0.55f, 0.f, 0.41f, 0.f});
+  int cases = 0;
+  for (int64_t D : {64, 128})
+    for (int64_t bk : {16, 64})
+      for (int64_t L : {1000, 5000}) {
+        const auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        const std::string what = "D=" + std::to_string(D) + " bk=" + std::to_string(bk) + " L=" + std::to_string(L);
+        {  // (a) uniform rows
+          auto [q, k0] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 31 + L + D + bk);
+          Tensor k = k0.select(1, 0).unsqueeze(1).expand({B, L, H, D}).contiguous();
+          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+          BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
+          ExpectMaskEqual(gm, cm, what + " uniform");
+          // All probabilities tie, so top-k keeps the lowest-index blocks.
+          const int n = cm.counts[1][0][0].item<int>();
+          EXPECT_TRUE(cm.indices[1][0][0].slice(0, 0, n).equal(at::arange(n, at::kInt))) << what;
+        }
+        {  // (b) three tied groups
+          Tensor q = at::zeros({B, L, H, D}, opts), k = at::zeros({B, L, H, D}, opts);
+          q.select(3, 0).fill_(1.0);
+          Tensor blk = at::floor_divide(at::arange(L, at::TensorOptions().dtype(at::kLong).device(at::kCUDA)), bk);
+          Tensor g = at::remainder(blk * 7, 3);
+          k.select(3, 0).copy_(g.to(at::kBFloat16).view({1, L, 1}).expand({B, L, H}));
+          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+          BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
+          ExpectMaskEqual(gm, cm, what + " grouped");
+        }
+        ++cases;
+      }
+  EXPECT_EQ(cases, 8);
+  {  // 2500 key blocks: 79 keys per lane, past the register-resident sizes.
+    const int64_t L = 40000, bk = 16;
+    auto [q, k] = testing::StructuredQK(1, L, 1, 64, at::kBFloat16, at::kCUDA, 2500);
+    Knobs k1 = MixedKnobs(1);
+    BlockMask gm = ops::PredictBlockMask(q, k, k1.mode, k1.topk, k1.topp, 128, bk);
+    BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), k1.mode, k1.topk, k1.topp, 128, bk);
+    ExpectMaskEqual(gm, cm, "nk=2500");
+  }
+}
+
 void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool head_major) {
   const int64_t B = 3, H = 2;
   auto [q, k] = testing::StructuredQK(B, L, H, D, dtype, at::kCUDA, 77 + L + D);
@@ -317,6 +368,120 @@ TEST(SpargeKernelsGpu, Wan13BShape) {
 TEST(SpargeKernelsGpu, Wan14BShape) {
   SKIP_WITHOUT_GPU();
   CheckLarge(75600, 40, 4);
+}
+
+// The warp-specialised TMA forward (FwdParams::pipelined) against the float64 reference: 128- and
+// 64-key tiles (64-key tiles also on 128-wide blocks, whose last sub-tile can lie past L), both
+// layouts, partial blocks, batch 3 mixing modes, poisoned outputs.
+void CheckWarpSpecialized(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool head_major) {
+  const int64_t B = 3, H = 2;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, dtype, at::kCUDA, 505 + L + D);
+  Tensor v = at::randn({B, L, H, D}, q.options());
+  if (head_major) {
+    q = q.transpose(1, 2).contiguous().transpose(1, 2);
+    k = k.transpose(1, 2).contiguous().transpose(1, 2);
+    v = v.transpose(1, 2).contiguous().transpose(1, 2);
+  }
+  Knobs kb = MixedKnobs(B);
+  BlockMask m = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+  const double scale = 1.0 / std::sqrt(double(D));
+  auto ref = testing::DenseMaskedReference(q, k, v, Tensor(), m.counts, m.indices, 128, bk, scale);
+  const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
+  for (int tile : {0, 64}) {
+    if (tile == 64 && bk == 64) continue;  // tile 0 already means 64 keys there
+    Outs r = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, /*pipelined=*/true);
+    const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" +
+                             std::to_string(D) + " L=" + std::to_string(L) + " bk=" + std::to_string(bk) +
+                             " tile=" + std::to_string(tile) + (head_major ? " head-major" : " token-major");
+    ASSERT_TRUE(AllFinite(r.o) && AllFinite(r.lse)) << what;
+    const double eo = testing::RelErr(r.o, ref.o), el = testing::RelErr(r.lse, ref.lse);
+    std::printf("ws %s: o %.2e lse %.2e\n", what.c_str(), eo, el);
+    EXPECT_LT(eo, tol) << what;
+    EXPECT_LT(el, 1e-4) << what;
+  }
+}
+
+TEST(SpargeKernelsGpu, WarpSpecializedForwardSmall) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t D : {64, 128})
+    for (int64_t L : {1, 127, 129, 1000})
+      for (int64_t bk : {64, 128}) CheckWarpSpecialized(at::kBFloat16, D, L, bk, (L + bk) % 2 == 1);
+  CheckWarpSpecialized(at::kHalf, 64, 333, 64, true);
+  CheckWarpSpecialized(at::kHalf, 128, 128, 128, false);
+}
+
+// Query blocks that keep nothing: zero rows and -inf LSE; the other rows equal the default kernel's.
+TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 1, L = 700, H = 2, D = 128, bk = 128;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 31);
+  Tensor v = at::randn_like(q);
+  BlockMask m = ops::PredictBlockMask(q, k, at::tensor({ops::kModeTopK}, at::kInt), at::tensor({0.3f}),
+                                      at::tensor({0.f}), 128, bk);
+  m.counts = m.counts.clone();
+  m.counts[0][1][0] = 0;  // head 1, query block 0
+  m.counts[0][0][5] = 0;  // head 0, the partial last query block
+  const double scale = 1.0 / std::sqrt(double(D));
+  Outs ws = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, true);
+  Outs base = RunKernels(q, k, v, Tensor(), m, scale);
+  ASSERT_TRUE(AllFinite(ws.o));
+  EXPECT_EQ(ws.o[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
+  EXPECT_EQ(ws.o[0].select(1, 0).slice(0, 640, L).abs().max().item<float>(), 0.f);
+  EXPECT_TRUE(at::isneginf(ws.lse[0][1].slice(0, 0, 128)).all().item<bool>());
+  EXPECT_TRUE(at::isneginf(ws.lse[0][0].slice(0, 640, L)).all().item<bool>());
+  EXPECT_LT(testing::RelErr(ws.o, base.o), 1e-3);
+  Tensor fin = at::isfinite(base.lse);
+  EXPECT_TRUE(fin.equal(at::isfinite(ws.lse)));
+  EXPECT_LT(testing::RelErr(ws.lse.masked_select(fin), base.lse.masked_select(fin)), 1e-6);
+}
+
+// Wan-1.3B shape (hybrid mask at ~95%, 128- and 64-wide key blocks) and dense mode: the
+// warp-specialised kernel matches the default wgmma kernel everywhere and the float64 reference on
+// sampled query blocks; dense mode matches SDPA.
+TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 1, L = 32760, H = 12, D = 128;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 4242 + L);
+  Tensor v = at::randn_like(q);
+  const double scale = 1.0 / std::sqrt(double(D));
+  for (int64_t bk : {128, 64}) {
+    BlockMask m = ops::PredictBlockMask(q, k, at::tensor({ops::kModeHybrid}, at::kInt), at::tensor({0.05f}),
+                                        at::tensor({0.3f}), 128, bk);
+    Outs ws = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, true);
+    Outs base = RunKernels(q, k, v, Tensor(), m, scale);
+    ASSERT_TRUE(AllFinite(ws.o) && AllFinite(ws.lse)) << "bk=" << bk;
+    const double eo = testing::RelErr(ws.o, base.o), el = testing::RelErr(ws.lse, base.lse);
+    std::printf("ws Wan-1.3B bk=%ld sparsity %.4f: vs default o %.2e lse %.2e\n", long(bk),
+                ops::AchievedSparsity(m, L), eo, el);
+    EXPECT_LT(eo, 1e-3);
+    EXPECT_LT(el, 1e-6);
+    Tensor counts = m.counts.cpu(), indices = m.indices.cpu();
+    const int64_t nq = (L + 127) / 128;
+    for (int64_t h : {int64_t{0}, H - 1})
+      for (int64_t i : {int64_t{0}, nq / 2, nq - 1}) {
+        auto ref = testing::QueryBlockReference(q, k, v, Tensor(), counts, indices, 0, h, i, 128, bk, scale);
+        const int64_t r0 = i * 128, r1 = std::min(L, r0 + 128);
+        EXPECT_LT(testing::RelErr(ws.o[0].select(1, h).slice(0, r0, r1), ref.o), 1e-2) << h << " " << i;
+        EXPECT_LT(testing::RelErr(ws.lse[0][h].slice(0, r0, r1), ref.lse), 1e-4) << h << " " << i;
+      }
+  }
+  const int64_t Ld = 2000;
+  Tensor qd = q.slice(1, 0, Ld).slice(2, 0, 4).contiguous(), kd = k.slice(1, 0, Ld).slice(2, 0, 4).contiguous(),
+         vd = v.slice(1, 0, Ld).slice(2, 0, 4).contiguous();
+  BlockMask md = ops::PredictBlockMask(qd, kd, at::tensor({ops::kModeDense}, at::kInt), at::tensor({0.f}),
+                                       at::tensor({0.f}), 128, 128);
+  Outs wd = RunKernels(qd, kd, vd, Tensor(), md, scale, kn::FwdImpl::kWgmma, 0, true);
+  Tensor od = at::scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2));
+  const double ed = testing::RelErr(wd.o, od.transpose(1, 2));
+  std::printf("ws dense vs SDPA: o %.2e\n", ed);
+  EXPECT_LT(ed, 1e-2);
+}
+
+// Small warp-specialised cases for compute-sanitizer (memcheck, racecheck).
+TEST(SpargeKernelsGpu, SanitizerCaseWs) {
+  SKIP_WITHOUT_GPU();
+  CheckWarpSpecialized(at::kBFloat16, 128, 200, 128, false);
+  CheckWarpSpecialized(at::kHalf, 64, 129, 64, true);
 }
 
 }  // namespace
