@@ -64,10 +64,14 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent> {
     }
     if (entry->handle != nullptr) {
       handle_ = std::move(entry->handle);
-      watcher_ = handle_->events().AddWatcher([this] {
+      const int watcher = handle_->events().AddWatcher([this] {
         absl::MutexLock lock(&mu_);
-        WriteNextLocked();
+        // The listener may run before AddWatcher has returned our id: the constructor's own
+        // WriteNextLocked below picks up what arrived meanwhile.
+        if (watcher_ != 0) WriteNextLocked();
       });
+      absl::MutexLock lock(&mu_);
+      watcher_ = watcher;
     } else {
       const v1::Job& job = entry->job;
       v1::GenerateEvent accepted;
@@ -102,7 +106,14 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent> {
   }
 
   void OnDone() override {
-    if (handle_) handle_->events().RemoveWatcher(watcher_);  // waits out a listener call
+    if (handle_) {
+      int watcher;
+      {
+        absl::MutexLock lock(&mu_);
+        watcher = watcher_;
+      }
+      handle_->events().RemoveWatcher(watcher);  // waits out a listener call in progress
+    }
     delete this;
   }
 
@@ -134,7 +145,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent> {
   }
 
   std::shared_ptr<JobHandle> handle_;  // live jobs; set once in the constructor
-  int watcher_ = 0;
+  int watcher_ ABSL_GUARDED_BY(mu_) = 0;  // 0 until AddWatcher has returned
   std::deque<v1::GenerateEvent> replay_;  // finished jobs
   absl::Status replay_status_;
   absl::Mutex mu_;

@@ -364,24 +364,33 @@ TEST_F(JobApiTest, JobsOutliveTheirWatchersAndGenerateJobsAreListed) {
 }
 
 TEST_F(JobApiTest, CancelJobStopsItWithinOneStep) {
+  // The executor is held inside step 5 until the cancellation has reached the job, so that the
+  // count of steps after it does not depend on how fast the RPC travels.
   auto reached = std::make_shared<absl::Notification>();
-  auto cancel_returned = std::make_shared<std::atomic<bool>>(false);
-  auto steps_at_cancel = std::make_shared<std::atomic<int>>(-1);
+  auto release = std::make_shared<absl::Notification>();
   FakePipelineOptions fake;
-  fake.step_delay = absl::Milliseconds(2);
-  fake.on_step = [reached](const std::vector<std::string>&, int steps_done) {
-    if (steps_done == 5 && !reached->HasBeenNotified()) reached->Notify();
+  fake.on_step = [reached, release](const std::vector<std::string>&, int steps_done) {
+    if (steps_done != 5 || reached->HasBeenNotified()) return;
+    reached->Notify();
+    release->WaitForNotificationWithTimeout(kWait);
   };
   Start(fake);
   absl::StatusOr<v1::Job> job = Submit(SmallRequest("cancel me", 100));
   ASSERT_TRUE(job.ok());
   ASSERT_TRUE(reached->WaitForNotificationWithTimeout(kWait));
-  const int steps_before = counters_->job_steps.load();
-  absl::StatusOr<v1::Job> cancelled = Cancel(job->job_id());
+  absl::StatusOr<v1::Job> cancelled;
+  std::thread canceller([&] { cancelled = Cancel(job->job_id()); });
+  absl::StatusOr<JobStore::Entry> live = server_->server().jobs()->Find(job->job_id());
+  ASSERT_TRUE(live.ok() && live->handle != nullptr);
+  EXPECT_TRUE(Eventually([&] { return live->handle->cancel_reason() != CancelReason::kNone; }));
+  const int steps_before = counters_->job_steps.load();  // step 5 is still running
+  release->Notify();
+  canceller.join();
   ASSERT_TRUE(cancelled.ok()) << cancelled.status();
-  // CancelJob answers once the job has stopped: at most one more step ran.
+  // CancelJob answers once the job has stopped: no step ran after the one in progress.
   EXPECT_EQ(cancelled->state(), v1::JOB_STATE_CANCELLED);
-  EXPECT_LE(counters_->job_steps.load() - steps_before, 1);
+  EXPECT_EQ(counters_->job_steps.load(), steps_before);
+  EXPECT_THAT(cancelled->error().message(), HasSubstr("after step 5/100"));
   EXPECT_EQ(cancelled->error().code_name(), "CANCELLED");
   EXPECT_THAT(cancelled->error().message(), HasSubstr("after step"));
   EXPECT_TRUE(Eventually([&] { return counters_->live_jobs.load() == 0; }));
