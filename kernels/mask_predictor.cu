@@ -1,14 +1,15 @@
 // SpargeAttention2 hybrid Top-k/Top-p block-mask predictor (SPARSE_ATTENTION.md section 2):
-// pool Q and K per block, centre K by its sequence mean, score, row softmax (fp32), stable
-// descending sort (ties: lower key block first), per-row TOPK/TOPP/HYBRID/DENSE counts, the LUT
-// in ascending key-block order and its transpose for the backward pass.
+// pool Q and K per block, centre K by its sequence mean, score, row softmax (fp32), and per row
+// the blocks a stable descending sort (ties: lower key block first) would keep under
+// TOPK/TOPP/HYBRID/DENSE, found by threshold selection instead of sorting; the LUT in ascending
+// key-block order and its transpose for the backward pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/launch_utils.h"
 #include "kernels/device_utils.cuh"
 #include "kernels/sparge_kernels.h"
 
@@ -18,8 +19,12 @@ namespace {
 using namespace detail;
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerCta = 4;  // query blocks scored per CTA: pooled K is read once for these
 constexpr int kMaxNk = 4096;
+constexpr int kScoreTile = 64;   // query blocks and key blocks per ScoreKernel CTA
+constexpr int kScoreChunk = 32;  // channels per shared-memory stage of ScoreKernel
+// Scores are staged in global memory for a chunk of (b, h) at a time: 32 MB keeps a chunk
+// L2-resident between the score and selection kernels and bounds the workspace for long inputs.
+constexpr int64_t kScoreBudgetBytes = int64_t{32} << 20;
 
 size_t Align256(size_t x) { return (x + 255) / 256 * 256; }
 
@@ -28,6 +33,8 @@ struct Workspace {
   float* kpool;     // [B][H][Nk][D]
   float* kmean;     // [B][H][D]
   uint32_t* tbits;  // [B][H][Nk][words(Nq)]
+  float* scores;    // [chunk_bh][Nq][Nk]
+  int64_t chunk_bh;  // (b, h) pairs scored per ScoreKernel/SelectKernel launch pair
   size_t bytes;
 };
 
@@ -47,6 +54,10 @@ Workspace Carve(const MaskParams& p, void* base) {
   w.kpool = reinterpret_cast<float*>(take(bh * nk * p.head_dim * 4));
   w.kmean = reinterpret_cast<float*>(take(bh * p.head_dim * 4));
   w.tbits = reinterpret_cast<uint32_t*>(take(bh * nk * words * 4));
+  const int64_t per_bh = static_cast<int64_t>(nq) * nk * 4;
+  w.chunk_bh = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(bh), kScoreBudgetBytes / per_bh, int64_t{65535}}));
+  w.scores = reinterpret_cast<float*>(take(w.chunk_bh * per_bh));
   w.bytes = off;
   return w;
 }
@@ -100,211 +111,268 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
   }
 }
 
-__device__ __forceinline__ float BlockReduceMax(float v, float* scratch) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = scratch[0];
-  for (int i = 1; i < kThreads / 32; ++i) r = fmaxf(r, scratch[i]);
-  return r;
+// scores[c][i][j] = <qpool[i], kpool[j] - kmean> * (1/sqrt(D)) for (b, h) = bh0 + c: fp32, one
+// sequential fma chain over d per output (deterministic). A CTA computes 64 query blocks x 64 key
+// blocks, 4x4 per thread, from d-major shared tiles of 32 channels: two 16-byte shared loads feed
+// 16 fmas, so the FMA pipe, not shared memory, bounds it.
+template <int D>
+__global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
+                                                        const float* kmean, int nq, int nk, int64_t bh0,
+                                                        float* scores) {
+  constexpr int kT = kScoreTile, kC = kScoreChunk;
+  __shared__ __align__(16) float sq[kC][kT];
+  __shared__ __align__(16) float sk[kC][kT];
+  const int i0 = blockIdx.x * kT, j0 = blockIdx.y * kT;
+  const int64_t c = blockIdx.z, bh = bh0 + c;
+  const int tid = threadIdx.x, tr = tid / 16, tk = tid % 16;
+  const float* qp = qpool + bh * nq * D;
+  const float* kp = kpool + bh * nk * D;
+  const float* km = kmean + bh * D;
+  float acc[4][4] = {};
+  for (int d0 = 0; d0 < D; d0 += kC) {
+    // 64 rows x 32 channels = 512 float4 per operand, two per thread. Lanes walk rows, so the
+    // transposing stores hit consecutive banks.
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int x = tid + it * kThreads, r = x % kT, c4 = x / kT;
+      const int d = d0 + c4 * 4;
+      float4 qv = make_float4(0.f, 0.f, 0.f, 0.f), kv = qv;
+      if (i0 + r < nq) qv = *reinterpret_cast<const float4*>(qp + static_cast<int64_t>(i0 + r) * D + d);
+      if (j0 + r < nk) {
+        const float4 raw = *reinterpret_cast<const float4*>(kp + static_cast<int64_t>(j0 + r) * D + d);
+        const float4 m = *reinterpret_cast<const float4*>(km + d);
+        kv = make_float4(raw.x - m.x, raw.y - m.y, raw.z - m.z, raw.w - m.w);
+      }
+      sq[c4 * 4 + 0][r] = qv.x;
+      sq[c4 * 4 + 1][r] = qv.y;
+      sq[c4 * 4 + 2][r] = qv.z;
+      sq[c4 * 4 + 3][r] = qv.w;
+      sk[c4 * 4 + 0][r] = kv.x;
+      sk[c4 * 4 + 1][r] = kv.y;
+      sk[c4 * 4 + 2][r] = kv.z;
+      sk[c4 * 4 + 3][r] = kv.w;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int dd = 0; dd < kC; ++dd) {
+      const float4 a = *reinterpret_cast<const float4*>(&sq[dd][tr * 4]);
+      const float4 b = *reinterpret_cast<const float4*>(&sk[dd][tk * 4]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) acc[r][cc] = fmaf(av[r], bv[cc], acc[r][cc]);
+      }
+    }
+    __syncthreads();
+  }
+  // Multiplying by the reciprocal, as ATen does for a division by a CPU scalar (the reference).
+  const float inv_sqrt_d = 1.f / sqrtf(static_cast<float>(D));
+  float* out = scores + c * nq * nk;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = i0 + tr * 4 + r;
+    if (i >= nq) continue;
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) {
+      const int j = j0 + tk * 4 + cc;
+      if (j < nk) out[static_cast<int64_t>(i) * nk + j] = acc[r][cc] * inv_sqrt_d;
+    }
+  }
 }
 
-__device__ __forceinline__ float BlockReduceSum(float v, float* scratch) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = 0.f;
-  for (int i = 0; i < kThreads / 32; ++i) r += scratch[i];
-  return r;
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
 }
 
-// One CTA scores kRowsPerCta query blocks of one (b, h) and selects their kept key blocks.
-// Shared memory: q[kRows][D], kmean[D], scores[kRows][np], keys[np] (u64), scan[kThreads] (f64).
-__global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace w, int np) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int D = p.head_dim;
+// Butterfly sums: every lane ends with bit-identical totals (IEEE addition is commutative), and the
+// order is fixed, so results are deterministic.
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ double WarpSum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// A row's probabilities live in registers as keys: the bit pattern of a non-negative float orders
+// like the float, so "p >= x" is "key >= bits(x)"; padding (j >= nk) is -1, below every threshold.
+// Lane l holds key blocks l, l + 32, ..., so walking e then lanes is ascending index order.
+template <int kE>
+__device__ __forceinline__ int CountGE(const int (&key)[kE], int u) {
+  unsigned c = 0;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) c += key[e] >= u ? 1u : 0u;
+  return static_cast<int>(__reduce_add_sync(0xffffffffu, c));
+}
+
+// Probability mass of the keys >= u, in double. Depends only on that set (excluded keys add
+// nothing), so any two calls selecting the same keys agree bit for bit.
+template <int kE>
+__device__ __forceinline__ double MassGE(const int (&key)[kE], int u) {
+  double m = 0.0;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    if (key[e] >= u) m += static_cast<double>(__int_as_float(key[e]));
+  }
+  return WarpSum(m);
+}
+
+// The largest u with CountGE(u) >= n (1 <= n <= real keys): the n-th largest probability. Bit by
+// bit from the top; probabilities are <= 1.0f = 0x3F800000, so bit 30 is always clear.
+template <int kE>
+__device__ __forceinline__ int RankThreshold(const int (&key)[kE], int n) {
+  int u = 0;
+#pragma unroll 1
+  for (int bit = 29; bit >= 0; --bit) {
+    const int cand = u | (1 << bit);
+    if (CountGE(key, cand) >= n) u = cand;
+  }
+  return u;
+}
+
+// The largest u with MassGE(u) >= topp (needs MassGE(0) >= topp > 0): the probability at which the
+// descending cumulative sum first reaches topp.
+template <int kE>
+__device__ __forceinline__ int MassThreshold(const int (&key)[kE], double topp) {
+  int u = 0;
+#pragma unroll 1
+  for (int bit = 29; bit >= 0; --bit) {
+    const int cand = u | (1 << bit);
+    if (MassGE(key, cand) >= topp) u = cand;
+  }
+  return u;
+}
+
+// Warp per (b, h, query block) row of the current chunk: fp32 softmax of the row's scores, the
+// kept count, and the LUT row plus transpose bits. The kept set of "stable descending sort, first
+// n" is found without sorting: every key above a threshold u plus the first r keys equal to u in
+// index order (the stable sort's tie rule). For top-p, the descending cumulative sum matters only
+// up to the cut, so a bisection on the threshold's mass finds it; the sums are in double like the
+// reference's cumsum, so only their order of addition differs (effects far below fp32 rounding).
+template <int kE>
+__global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace w, int64_t bh0,
+                                                         int64_t rows) {
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int words = CeilDiv(nq, 32);
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int i0 = blockIdx.x * kRowsPerCta;
-  const int nrows = min(kRowsPerCta, nq - i0);
-  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps only
+  const int64_t bh = bh0 + row / nq;
+  const int i = static_cast<int>(row % nq);
+  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
 
-  uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);           // [np]
-  double* scan = reinterpret_cast<double*>(keys + np);               // [kThreads]
-  float* sq = reinterpret_cast<float*>(scan + kThreads);             // [kRows][D]
-  float* skm = sq + kRowsPerCta * D;                                 // [D]
-  float* ss = skm + D;                                               // [kRows][np]
-  __shared__ float red[kThreads / 32];
-  __shared__ int s_n;
-  __shared__ int s_np_count;
-
-  for (int x = tid; x < kRowsPerCta * D; x += kThreads) {
-    const int r = x / D;
-    sq[x] = r < nrows ? w.qpool[((bh * nq) + i0 + r) * D + (x % D)] : 0.f;
+  const float* srow = w.scores + row * nk;
+  int key[kE];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    const int j = lane + 32 * e;
+    const float s = j < nk ? srow[j] : -INFINITY;
+    key[e] = __float_as_int(s);
+    mx = fmaxf(mx, s);
   }
-  for (int x = tid; x < D; x += kThreads) skm[x] = w.kmean[bh * D + x];
-  __syncthreads();
-
-  // Scores: warp per key block, lanes over D; fixed shuffle order keeps results deterministic.
-  const float inv_sqrt_d = 1.f / sqrtf(static_cast<float>(D));
-  const float* kp = w.kpool + bh * nk * D;
-  // Four key blocks per warp iteration keep 4x more independent loads in flight (the loop is
-  // L2-latency bound); per-lane order over d and the shuffle tree are unchanged.
-  constexpr int kKeysPerWarp = 4;
-  for (int j0 = warp * kKeysPerWarp; j0 < nk; j0 += (kThreads / 32) * kKeysPerWarp) {
-    float acc[kKeysPerWarp][kRowsPerCta] = {};
-    for (int d = lane; d < D; d += 32) {
-      float kv[kKeysPerWarp];
+  mx = WarpMax(mx);
+  float sum = 0.f;
 #pragma unroll
-      for (int jj = 0; jj < kKeysPerWarp; ++jj)
-        kv[jj] = j0 + jj < nk ? kp[static_cast<int64_t>(j0 + jj) * D + d] - skm[d] : 0.f;
-#pragma unroll
-      for (int r = 0; r < kRowsPerCta; ++r) {
-        const float qv = sq[r * D + d];
-#pragma unroll
-        for (int jj = 0; jj < kKeysPerWarp; ++jj) acc[jj][r] += qv * kv[jj];
-      }
-    }
-#pragma unroll
-    for (int jj = 0; jj < kKeysPerWarp; ++jj) {
-#pragma unroll
-      for (int r = 0; r < kRowsPerCta; ++r) {
-        float v = acc[jj][r];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (lane == 0 && j0 + jj < nk) ss[r * np + j0 + jj] = v * inv_sqrt_d;
-      }
+  for (int e = 0; e < kE; ++e) {
+    if (lane + 32 * e < nk) {
+      const float ex = expf(__int_as_float(key[e]) - mx);
+      key[e] = __float_as_int(ex);
+      sum += ex;
     }
   }
-  __syncthreads();
+  sum = WarpSum(sum);
+#pragma unroll
+  for (int e = 0; e < kE; ++e)
+    key[e] = lane + 32 * e < nk ? __float_as_int(__int_as_float(key[e]) / sum) : -1;
 
   const int64_t knob = b * p.knob_stride_b + h * p.knob_stride_h;
   const int mode = p.mode[knob];
   const double topk = p.topk[knob], topp = p.topp[knob];
-  for (int r = 0; r < nrows; ++r) {
-    const int i = i0 + r;
-    float* srow = ss + r * np;
-    float mx = -INFINITY;
-    for (int j = tid; j < nk; j += kThreads) mx = fmaxf(mx, srow[j]);
-    mx = BlockReduceMax(mx, red);
-    float sum = 0.f;
-    for (int j = tid; j < nk; j += kThreads) {
-      const float e = expf(srow[j] - mx);
-      srow[j] = e;
-      sum += e;
+  const double nk_real = ceil(topk * nk - 1e-6);
+  const int n_k = nk_real > nk ? nk + 1 : (nk_real >= 1.0 ? static_cast<int>(nk_real) : 0);
+
+  // (su, sr, sn): a selection already known to keep the sn largest (keys > su, first sr == su).
+  int su = 0, sr = 0, sn = -1;
+  int n;
+  if (mode == kModeTopK) {
+    n = n_k;
+  } else if (mode == kModeTopP || mode == kModeHybrid) {
+    const int lo = mode == kModeHybrid ? n_k : 0;  // n = max(lo, n_p)
+    // topp <= 0 (or NaN): cum[0] >= topp already, so n_p = 1.
+    bool need_p = topp > 0.0;
+    if (need_p && lo >= 1 && lo < nk) {
+      // n_p <= n_k exactly when the mass of the n_k largest reaches topp.
+      su = RankThreshold(key, lo);
+      sr = lo - CountGE(key, su + 1);
+      sn = lo;
+      double cum = MassGE(key, su + 1);
+      const double x = static_cast<double>(__int_as_float(su));
+      for (int t = 0; t < sr; ++t) cum += x;
+      need_p = cum < topp;
     }
-    sum = BlockReduceSum(sum, red);
-    // Sort key: descending probability (bit pattern of a non-negative float is monotone), then
-    // ascending index. Padding sorts last.
-    for (int j = tid; j < np; j += kThreads) {
-      if (j < nk) {
-        const float pr = srow[j] / sum;
-        srow[j] = pr;
-        keys[j] = (static_cast<uint64_t>(~__float_as_uint(pr)) << 32) | static_cast<uint32_t>(j);
+    if (need_p && lo < nk) {
+      if (MassGE(key, 0) < topp) {
+        n = nk;  // the cumulative sum never reaches topp: n_p = nk + 1
       } else {
-        keys[j] = ~0ull;
-      }
-    }
-    __syncthreads();
-    for (int size = 2; size <= np; size <<= 1) {
-      for (int stride = size >> 1; stride > 0; stride >>= 1) {
-        for (int x = tid; x < np / 2; x += kThreads) {
-          const int lo = 2 * x - (x & (stride - 1));
-          const int hi = lo + stride;
-          const bool asc = (lo & size) == 0;
-          const uint64_t a = keys[lo], c = keys[hi];
-          if ((a > c) == asc) {
-            keys[lo] = c;
-            keys[hi] = a;
-          }
+        const int u = MassThreshold(key, topp);
+        const int gt = CountGE(key, u + 1), ties = CountGE(key, u) - gt;
+        double cum = MassGE(key, u + 1);
+        const double x = static_cast<double>(__int_as_float(u));
+        int t = 0;
+        do {
+          cum += x;
+          ++t;
+        } while (cum < topp && t < ties);
+        const int n_p = gt + t;
+        n = max(lo, n_p);
+        if (n == n_p) {
+          su = u;
+          sr = t;
+          sn = n_p;
         }
-        __syncthreads();
       }
+    } else {
+      n = max(lo, 1);
     }
-    // Top-p count: 1 + #{t : cumsum(sorted P)[t] < p}, cumsum in double (order-insensitive to
-    // far below fp32 rounding, so every implementation agrees).
-    const int per = np / kThreads > 0 ? np / kThreads : 1;
-    double local = 0.0;
-    const int beg = tid * per;
-    for (int t = beg; t < min(beg + per, nk); ++t)
-      local += static_cast<double>(__uint_as_float(~static_cast<uint32_t>(keys[t] >> 32)));
-    scan[tid] = local;
-    if (tid == 0) s_np_count = 0;
-    __syncthreads();
-    if (warp == 0) {  // exclusive scan: 8 partials per lane, then a shuffle scan over lanes
-      constexpr int kPer = kThreads / 32;
-      double vals[kPer];
-      double run = 0.0;
-#pragma unroll
-      for (int x = 0; x < kPer; ++x) {
-        vals[x] = run;
-        run += scan[lane * kPer + x];
-      }
-      double incl = run;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const double o = __shfl_up_sync(0xffffffff, incl, off);
-        if (lane >= off) incl += o;
-      }
-      const double base = incl - run;
-#pragma unroll
-      for (int x = 0; x < kPer; ++x) scan[lane * kPer + x] = base + vals[x];
-    }
-    __syncthreads();
-    {
-      double c = scan[tid];
-      int below = 0;
-      for (int t = beg; t < min(beg + per, nk); ++t) {
-        c += static_cast<double>(__uint_as_float(~static_cast<uint32_t>(keys[t] >> 32)));
-        below += c < topp ? 1 : 0;
-      }
-      if (below) atomicAdd(&s_np_count, below);
-    }
-    __syncthreads();
-    if (tid == 0) {
-      const int n_p = s_np_count + 1;
-      const int n_k = static_cast<int>(ceil(topk * nk - 1e-6));
-      int n;
-      switch (mode) {
-        case kModeTopK: n = n_k; break;
-        case kModeTopP: n = n_p; break;
-        case kModeHybrid: n = max(n_k, n_p); break;
-        default: n = nk; break;
-      }
-      s_n = min(max(n, 1), nk);
-      p.counts[bh * nq + i] = s_n;
-    }
-    __syncthreads();
-    const int n = s_n;
-    // Mark kept blocks (reuse the score row as flags), then compact in ascending index order.
-    for (int t = tid; t < nk; t += kThreads) srow[t] = 0.f;
-    __syncthreads();
-    for (int t = tid; t < n; t += kThreads) {
-      const int j = static_cast<int>(keys[t] & 0xffffffffu);
-      srow[j] = 1.f;
-      atomicOr(&w.tbits[(bh * nk + j) * words + (i >> 5)], 1u << (i & 31));
-    }
-    __syncthreads();
-    int32_t* out = p.indices + (bh * nq + i) * nk;
-    if (warp == 0) {
-      int base = 0;
-      for (int j0 = 0; j0 < nk; j0 += 32) {
-        const int j = j0 + lane;
-        const bool kept = j < nk && srow[j] != 0.f;
-        const uint32_t ballot = __ballot_sync(0xffffffff, kept);
-        if (kept) out[base + __popc(ballot & ((1u << lane) - 1))] = j;
-        base += __popc(ballot);
-      }
-    }
-    for (int t = n + tid; t < nk; t += kThreads) out[t] = -1;
-    __syncthreads();
+  } else {
+    n = nk;
   }
+  n = min(max(n, 1), nk);
+  if (n == nk) {
+    su = 0;
+    sr = nk;
+  } else if (sn != n) {
+    su = RankThreshold(key, n);
+    sr = n - CountGE(key, su + 1);
+  }
+
+  const int64_t orow = bh * nq + i;
+  if (lane == 0) p.counts[orow] = n;
+  int32_t* out = p.indices + orow * nk;
+  uint32_t* tcol = w.tbits + bh * nk * words + (i >> 5);
+  const uint32_t bit = 1u << (i & 31), lt = (1u << lane) - 1u;
+  int base = 0, seen = 0;
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    const int j = lane + 32 * e;
+    const bool tie = key[e] == su;
+    const unsigned tb = __ballot_sync(0xffffffffu, tie);
+    const bool kept = key[e] > su || (tie && seen + __popc(tb & lt) < sr);
+    seen += __popc(tb);
+    const unsigned kb = __ballot_sync(0xffffffffu, kept);
+    if (kept) {
+      out[base + __popc(kb & lt)] = j;
+      atomicOr(tcol + static_cast<int64_t>(j) * words, bit);
+    }
+    base += __popc(kb);
+  }
+  for (int t = base + lane; t < nk; t += 32) out[t] = -1;
 }
 
 // Warp per (b, h, key block): emits the query blocks whose bit is set, ascending, then -1s.
@@ -328,16 +396,6 @@ __global__ void TransposeKernel(MaskParams p, Workspace w) {
   if (lane == 0) p.t_counts[row] = base;
 }
 
-int NextPow2(int x) {
-  int r = 1;
-  while (r < x) r <<= 1;
-  return r;
-}
-
-size_t SelectSmemBytes(int np, int D) {
-  return np * 8 + kThreads * 8 + (kRowsPerCta * D + D + kRowsPerCta * np) * 4;
-}
-
 template <typename T>
 cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStream_t s) {
   dim3 grid(CeilDiv(p.seqlen, block), p.heads, p.batch);
@@ -347,6 +405,31 @@ cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStre
     PoolKernel<T, 64><<<grid, kThreads, 0, s>>>(x, p.seqlen, p.heads, block, out);
   }
   return cudaGetLastError();
+}
+
+template <int kE>
+cudaError_t SelectE(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
+  constexpr int kRowsPerCta = kThreads / 32;
+  SelectKernel<kE><<<static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta), kThreads, 0, s>>>(
+      p, w, bh0, rows);
+  return cudaGetLastError();
+}
+
+// Keys per lane rounded up to an instantiated size: registers hold the row (up to 1024 key
+// blocks without spilling; 4096 spill to local memory but stay correct).
+cudaError_t Select(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
+  const int e = CeilDiv(CeilDiv(p.seqlen, p.block_k), 32);
+  if (e <= 1) return SelectE<1>(p, w, bh0, rows, s);
+  if (e <= 2) return SelectE<2>(p, w, bh0, rows, s);
+  if (e <= 4) return SelectE<4>(p, w, bh0, rows, s);
+  if (e <= 8) return SelectE<8>(p, w, bh0, rows, s);
+  if (e <= 12) return SelectE<12>(p, w, bh0, rows, s);
+  if (e <= 16) return SelectE<16>(p, w, bh0, rows, s);
+  if (e <= 20) return SelectE<20>(p, w, bh0, rows, s);
+  if (e <= 24) return SelectE<24>(p, w, bh0, rows, s);
+  if (e <= 32) return SelectE<32>(p, w, bh0, rows, s);
+  if (e <= 64) return SelectE<64>(p, w, bh0, rows, s);
+  return SelectE<128>(p, w, bh0, rows, s);
 }
 
 }  // namespace
@@ -391,13 +474,17 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   KMeanKernel<<<dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream>>>(
       w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  const int np = NextPow2(nk < 2 ? 2 : nk);
-  const size_t smem = SelectSmemBytes(np, p.head_dim);
-  err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(SelectKernel), static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  dim3 grid(CeilDiv(nq, kRowsPerCta), p.heads, p.batch);
-  SelectKernel<<<grid, kThreads, smem, stream>>>(p, w, np);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
+    const int64_t cbh = std::min(w.chunk_bh, bh - c0);
+    const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
+    if (p.head_dim == 128) {
+      ScoreKernel<128><<<sgrid, kThreads, 0, stream>>>(w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
+    } else {
+      ScoreKernel<64><<<sgrid, kThreads, 0, stream>>>(w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
+    }
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
+  }
   const int64_t rows = bh * nk;
   TransposeKernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, w);
   return cudaGetLastError();
