@@ -194,8 +194,8 @@ absl::StatusOr<std::vector<MixEntry>> LoadMixYaml(const std::string& path) {
   std::vector<MixEntry> mix;
   for (const YAML::Node& node : root) {
     if (!node.IsMap()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", node.Mark().line + 1,
-                                                     ": a mix entry must be a map"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", node.Mark().line + 1, ": a mix entry must be a map"));
     }
     MixEntry entry;
     for (const auto& kv : node) {
@@ -285,7 +285,7 @@ struct Record {
   std::string job_id;
   std::optional<double> step_calls_after_cancel;  // step calls the executor made meanwhile
   std::optional<double> job_steps_after_cancel;   // the job's steps after the last one seen
-  std::optional<double> step_seconds;            // mean step call time (server) at the cancel
+  std::optional<double> step_seconds;             // mean step call time (server) at the cancel
 };
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
@@ -364,9 +364,9 @@ class LoadRunner {
     const Clock::time_point t0 = Clock::now();
     r.start_seconds = Seconds(t0 - start_);
     if (options_.deadline_seconds > 0) {
-      context.set_deadline(std::chrono::system_clock::now() +
-                           std::chrono::microseconds(
-                               static_cast<int64_t>(options_.deadline_seconds * 1e6)));
+      context.set_deadline(
+          std::chrono::system_clock::now() +
+          std::chrono::microseconds(static_cast<int64_t>(options_.deadline_seconds * 1e6)));
     }
     std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
         stubs_[client]->Generate(&context, request);
@@ -391,9 +391,8 @@ class LoadRunner {
             if (cancel && !r.cancelled && p.step() >= options_.cancel_after_steps &&
                 p.step() < p.total_steps()) {
               if (options_.cancel_delay_seconds > 0) {
-                std::this_thread::sleep_for(
-                    std::chrono::microseconds(
-                        static_cast<int64_t>(options_.cancel_delay_seconds * 1e6)));
+                std::this_thread::sleep_for(std::chrono::microseconds(
+                    static_cast<int64_t>(options_.cancel_delay_seconds * 1e6)));
               }
               CancelAndMeasure(client, &context, &r, step_times, p.step());
             }
@@ -542,9 +541,8 @@ std::string CardName(const std::string& device) {
   }
   std::string out;
   for (char c : name) {
-    out.push_back(absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-'
-                      ? c
-                      : '_');
+    out.push_back(absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ? c
+                                                                                             : '_');
   }
   return out.empty() ? "unknown" : out;
 }
@@ -632,8 +630,8 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
   results["per_entry"] = per_entry;
   if (options.cancel_fraction > 0) {
     json c;
-    c["cancelled"] = std::count_if(records.begin(), records.end(),
-                                   [](const Record& r) { return r.cancelled; });
+    c["cancelled"] =
+        std::count_if(records.begin(), records.end(), [](const Record& r) { return r.cancelled; });
     c["measured"] = cancel_latency.size();
     c["skipped_while_another_was_measured"] =
         std::count_if(records.begin(), records.end(),
@@ -657,12 +655,13 @@ json Summarize(const Options& options, const std::vector<Record>& records, doubl
       if (count > 0) h[BoundName(bound)] = count;
     }
     server["batch_size_histogram"] = h;  // upper bound of the bucket -> denoising step calls
-    const double calls = after->Get("sparge_batch_size_count") - before->Get("sparge_batch_size_count");
+    const double calls =
+        after->Get("sparge_batch_size_count") - before->Get("sparge_batch_size_count");
     const double jobs = after->Get("sparge_batch_size_sum") - before->Get("sparge_batch_size_sum");
     server["denoise_step_calls"] = calls;
     server["mean_batch_size"] = calls > 0 ? jobs / calls : 0.0;
-    const double step_seconds =
-        after->Get("sparge_denoise_step_seconds_sum") - before->Get("sparge_denoise_step_seconds_sum");
+    const double step_seconds = after->Get("sparge_denoise_step_seconds_sum") -
+                                before->Get("sparge_denoise_step_seconds_sum");
     server["denoise_step_seconds_mean"] = calls > 0 ? step_seconds / calls : 0.0;
     server["job_denoise_steps"] = jobs;
     // Jobs' denoising steps per second spent in step calls: what batching buys in the DiT alone,
@@ -701,10 +700,10 @@ void PrintSummary(const json& report) {
   std::printf("  %-13s %8s %8s %8s %8s  (ms)\n", "", "p50", "p95", "p99", "max");
   for (const char* key : {"latency_seconds", "queue_wait_seconds"}) {
     const json& d = r[key];
-    std::printf("  %-13s %s %s %s %s  (n=%d)\n",
-                key == std::string("latency_seconds") ? "latency:" : "queue wait:",
-                ms(d, "p50").c_str(), ms(d, "p95").c_str(), ms(d, "p99").c_str(),
-                ms(d, "max").c_str(), d["count"].get<int>());
+    std::printf(
+        "  %-13s %s %s %s %s  (n=%d)\n",
+        key == std::string("latency_seconds") ? "latency:" : "queue wait:", ms(d, "p50").c_str(),
+        ms(d, "p95").c_str(), ms(d, "p99").c_str(), ms(d, "max").c_str(), d["count"].get<int>());
   }
   std::printf("  sparsity:     %.3f mean achieved\n", r["mean_achieved_sparsity"].get<double>());
   if (r.contains("server_metrics")) {
@@ -720,15 +719,15 @@ void PrintSummary(const json& report) {
   if (r.contains("cancellation")) {
     const json& c = r["cancellation"];
     const json& job_steps = c["job_steps_after_cancel"];
-    std::printf("  cancel:       %d cancelled, %d measured; latency%s ms; job steps after cancel "
-                "max %s\n",
-                c["cancelled"].get<int>(), c["measured"].get<int>(),
-                absl::StrCat(" p50 ", ms(c["latency_seconds"], "p50"), " max ",
-                             ms(c["latency_seconds"], "max"))
-                    .c_str(),
-                job_steps.contains("max")
-                    ? absl::StrFormat("%.0f", job_steps["max"].get<double>()).c_str()
-                    : "-");
+    std::printf(
+        "  cancel:       %d cancelled, %d measured; latency%s ms; job steps after cancel "
+        "max %s\n",
+        c["cancelled"].get<int>(), c["measured"].get<int>(),
+        absl::StrCat(" p50 ", ms(c["latency_seconds"], "p50"), " max ",
+                     ms(c["latency_seconds"], "max"))
+            .c_str(),
+        job_steps.contains("max") ? absl::StrFormat("%.0f", job_steps["max"].get<double>()).c_str()
+                                  : "-");
   }
 }
 
@@ -805,7 +804,8 @@ json Pool(const std::vector<json>& runs) {
 absl::Status Compare(const std::string& baseline_paths, const std::string& batched_paths,
                      const std::string& out_path) {
   std::vector<json> base, batched;
-  for (auto [paths, runs] : {std::pair{&baseline_paths, &base}, std::pair{&batched_paths, &batched}}) {
+  for (auto [paths, runs] :
+       {std::pair{&baseline_paths, &base}, std::pair{&batched_paths, &batched}}) {
     for (absl::string_view path : absl::StrSplit(*paths, ',', absl::SkipEmpty())) {
       absl::StatusOr<json> j = ReadJson(std::string(path));
       if (!j.ok()) return j.status();
@@ -815,7 +815,8 @@ absl::Status Compare(const std::string& baseline_paths, const std::string& batch
   if (base.empty() || base.size() != batched.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--compare-baseline and --compare-batched need the same number of reports, "
-                     "got ", base.size(), " and ", batched.size()));
+                     "got ",
+                     base.size(), " and ", batched.size()));
   }
   json c;
   c["tool"] = "sparge-load --compare";
@@ -845,16 +846,16 @@ absl::Status Compare(const std::string& baseline_paths, const std::string& batch
   c["batched_over_baseline"] = ratio;
   c["baseline"] = pooled_base;
   c["batched"] = pooled_batched;
-  std::printf("batched / batch-size-1 throughput: %.3fx videos/s pooled over %zu run pair(s) "
-              "(%.3f vs %.3f videos/s; per pair %s); DiT step calls alone: %.3fx job steps/s\n",
-              vps_ratio, base.size(), pooled_batched["videos_per_second"].get<double>(),
-              pooled_base["videos_per_second"].get<double>(),
-              absl::StrJoin(pair_ratios, ", ",
-                            [](std::string* out, double r) {
-                              absl::StrAppend(out, absl::StrFormat("%.2fx", r));
-                            })
-                  .c_str(),
-              ratio["job_steps_per_step_second"].get<double>());
+  std::printf(
+      "batched / batch-size-1 throughput: %.3fx videos/s pooled over %zu run pair(s) "
+      "(%.3f vs %.3f videos/s; per pair %s); DiT step calls alone: %.3fx job steps/s\n",
+      vps_ratio, base.size(), pooled_batched["videos_per_second"].get<double>(),
+      pooled_base["videos_per_second"].get<double>(),
+      absl::StrJoin(
+          pair_ratios, ", ",
+          [](std::string* out, double r) { absl::StrAppend(out, absl::StrFormat("%.2fx", r)); })
+          .c_str(),
+      ratio["job_steps_per_step_second"].get<double>());
   return WriteJson(c, out_path);
 }
 
@@ -962,9 +963,9 @@ int Run(int argc, char** argv) {
         server::CheckHealth(channel, "", absl::Seconds(2));
     if (health.ok() && *health == server::HealthStatus::kServing) break;
     if (absl::Now() > ready_by) {
-      return fail(absl::StrCat(options.target, " not SERVING after ", wait_ready, " s: ",
-                               health.ok() ? server::ToString(*health)
-                                           : health.status().ToString()));
+      return fail(absl::StrCat(
+          options.target, " not SERVING after ", wait_ready,
+          " s: ", health.ok() ? server::ToString(*health) : health.status().ToString()));
     }
     absl::SleepFor(absl::Milliseconds(200));
   }

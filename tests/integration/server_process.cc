@@ -65,9 +65,9 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   const std::string log_path = p->dir_ + "/server.log";
   const std::string port_text = std::to_string(*port);
   const std::string metrics_text = std::to_string(*metrics_port);
-  std::vector<std::string> args = {server_binary,   "--config",         config_path,
-                                   "--port",        port_text,          "--metrics-port",
-                                   metrics_text,    "--listen-address", "127.0.0.1"};
+  std::vector<std::string> args = {server_binary, "--config",         config_path,
+                                   "--port",      port_text,          "--metrics-port",
+                                   metrics_text,  "--listen-address", "127.0.0.1"};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -102,9 +102,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     if (health.ok() && *health == server::HealthStatus::kServing) return p;
     absl::SleepFor(absl::Milliseconds(100));
   }
-  return absl::DeadlineExceededError(absl::StrCat("sparge-server not SERVING after ",
-                                                  absl::FormatDuration(ready_timeout), ":\n",
-                                                  p->log()));
+  return absl::DeadlineExceededError(absl::StrCat(
+      "sparge-server not SERVING after ", absl::FormatDuration(ready_timeout), ":\n", p->log()));
 }
 
 ServerProcess::~ServerProcess() {
@@ -156,9 +155,8 @@ absl::StatusOr<int> ServerProcess::SignalAndWait(int signal, absl::Duration time
   const absl::Time give_up = absl::Now() + timeout;
   while (running()) {
     if (absl::Now() > give_up) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("sparge-server still running ", absl::FormatDuration(timeout),
-                       " after signal ", signal));
+      return absl::DeadlineExceededError(absl::StrCat(
+          "sparge-server still running ", absl::FormatDuration(timeout), " after signal ", signal));
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
@@ -166,16 +164,15 @@ absl::StatusOr<int> ServerProcess::SignalAndWait(int signal, absl::Duration time
 }
 
 StreamResult RunGenerate(const std::shared_ptr<grpc::Channel>& channel,
-                         const v1::GenerateRequest& request,
-                         std::optional<absl::Duration> deadline, EventHook hook) {
+                         const v1::GenerateRequest& request, std::optional<absl::Duration> deadline,
+                         EventHook hook) {
   StreamResult result;
   std::unique_ptr<v1::VideoService::Stub> stub = v1::VideoService::NewStub(channel);
   grpc::ClientContext context;
   if (deadline.has_value()) {
     context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMicroseconds(*deadline));
   }
-  std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
-      stub->Generate(&context, request);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader = stub->Generate(&context, request);
   v1::GenerateEvent event;
   while (reader->Read(&event)) {
     if (event.has_chunk()) {
@@ -240,10 +237,10 @@ std::optional<std::string> FfprobeSummary(const std::string& file_bytes) {
   if (!HaveCommand("ffprobe")) return std::nullopt;
   TempFile file(file_bytes);
   if (!file.ok()) return std::string("cannot write a temporary file");
-  const std::string out = RunCommand(absl::StrCat(
-      "ffprobe -v error -count_frames -select_streams v:0 -show_entries "
-      "stream=width,height,nb_read_frames,codec_name -of csv=p=0 ",
-      file.path(), " 2>&1"));
+  const std::string out =
+      RunCommand(absl::StrCat("ffprobe -v error -count_frames -select_streams v:0 -show_entries "
+                              "stream=width,height,nb_read_frames,codec_name -of csv=p=0 ",
+                              file.path(), " 2>&1"));
   return std::string(absl::StripTrailingAsciiWhitespace(out));
 }
 

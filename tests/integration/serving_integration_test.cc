@@ -8,9 +8,9 @@
 
 #include <atomic>
 #include <chrono>
-#include <map>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -95,14 +95,15 @@ double CancellationCount(const ServerProcess& server, const std::string& reason)
 }
 
 absl::StatusOr<v1::Job> GetJob(const std::shared_ptr<grpc::Channel>& channel,
-                                const std::string& job_id) {
+                               const std::string& job_id) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::GetJobRequest request;
   request.set_job_id(job_id);
   v1::Job job;
   grpc::Status s = v1::VideoService::NewStub(channel)->GetJob(&context, request, &job);
-  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  if (!s.ok())
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
   return job;
 }
 
@@ -123,8 +124,7 @@ absl::StatusOr<v1::Job> WaitForFinalState(const std::shared_ptr<grpc::Channel>& 
 }
 
 // The stored video of a job, as GetJobResult streams it (checked like a Generate stream).
-StreamResult FetchJobResult(const std::shared_ptr<grpc::Channel>& channel,
-                            const v1::Job& job) {
+StreamResult FetchJobResult(const std::shared_ptr<grpc::Channel>& channel, const v1::Job& job) {
   StreamResult result;
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -243,20 +243,20 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
     other_a = RunGenerate(server_->NewChannel(), Shaped(SmallRequest(21, 4)), absl::Seconds(120));
   });
   std::thread t_victim([&] {
-    victim = RunGenerate(
-        server_->NewChannel(), Shaped(SmallRequest(22, 40)), absl::Seconds(120),
-        [&](const v1::GenerateEvent& e, grpc::ClientContext* context) {
-          if (e.has_accepted()) victim_id = e.accepted().job_id();
-          if (e.has_progress() && e.progress().stage() == v1::STAGE_DENOISE &&
-              e.progress().step() >= 1 && !cancelled.HasBeenNotified()) {
-            step_seen = e.progress().step();
-            absl::StatusOr<bench::MetricsSnapshot> m = server_->Scrape();
-            steps_before_cancel = m.ok() ? m->Get("sparge_denoise_step_seconds_count") : 0;
-            cancel_time = std::chrono::steady_clock::now();
-            context->TryCancel();
-            cancelled.Notify();
-          }
-        });
+    victim = RunGenerate(server_->NewChannel(), Shaped(SmallRequest(22, 40)), absl::Seconds(120),
+                         [&](const v1::GenerateEvent& e, grpc::ClientContext* context) {
+                           if (e.has_accepted()) victim_id = e.accepted().job_id();
+                           if (e.has_progress() && e.progress().stage() == v1::STAGE_DENOISE &&
+                               e.progress().step() >= 1 && !cancelled.HasBeenNotified()) {
+                             step_seen = e.progress().step();
+                             absl::StatusOr<bench::MetricsSnapshot> m = server_->Scrape();
+                             steps_before_cancel =
+                                 m.ok() ? m->Get("sparge_denoise_step_seconds_count") : 0;
+                             cancel_time = std::chrono::steady_clock::now();
+                             context->TryCancel();
+                             cancelled.Notify();
+                           }
+                         });
   });
   std::thread t_b([&] {
     other_b = RunGenerate(server_->NewChannel(), Shaped(SmallRequest(23, 4)), absl::Seconds(120));
@@ -268,8 +268,8 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
   while (std::chrono::steady_clock::now() - cancel_time < std::chrono::seconds(60)) {
     absl::StatusOr<bench::MetricsSnapshot> m = server_->Scrape();
     if (m.ok() && m->Get("sparge_cancellations_total", {{"reason", "client"}}) > cancels_before) {
-      latency = std::chrono::duration<double>(std::chrono::steady_clock::now() - cancel_time)
-                    .count();
+      latency =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - cancel_time).count();
       steps_after_cancel = m->Get("sparge_denoise_step_seconds_count") - steps_before_cancel;
       break;
     }
@@ -287,9 +287,10 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
   EXPECT_EQ(job->state(), v1::JOB_STATE_CANCELLED) << v1::JobState_Name(job->state());
   const int job_steps_after = job->progress().step() - step_seen;
   const double step_seconds = MeanStepSeconds() > 0 ? MeanStepSeconds() : step_seconds_hint;
-  std::printf("cancel latency: %.1f ms; the job ran %d step(s) after the last one seen, the "
-              "executor %.0f step call(s); mean step %.1f ms\n",
-              latency * 1000, job_steps_after, steps_after_cancel, step_seconds * 1000);
+  std::printf(
+      "cancel latency: %.1f ms; the job ran %d step(s) after the last one seen, the "
+      "executor %.0f step call(s); mean step %.1f ms\n",
+      latency * 1000, job_steps_after, steps_after_cancel, step_seconds * 1000);
   // The step in flight when the cancel arrived finishes, then the job stops: one step, two when
   // a step ended while the cancel was on its way.
   EXPECT_GE(job_steps_after, 0);
@@ -305,9 +306,8 @@ TEST_F(ServingIntegrationTest, DeadlineExpiryEndsOnlyThatJob) {
   const double stopped_before =
       CancellationCount(*server_, "deadline") + CancellationCount(*server_, "client");
   StreamResult late, fine;
-  std::thread t_fine([&] {
-    fine = RunGenerate(server_->NewChannel(), SmallRequest(31, 3), absl::Seconds(120));
-  });
+  std::thread t_fine(
+      [&] { fine = RunGenerate(server_->NewChannel(), SmallRequest(31, 3), absl::Seconds(120)); });
   // The deadline passes mid-denoise.
   late = RunGenerate(server_->NewChannel(), LongRequest(32), absl::Milliseconds(1500));
   t_fine.join();
@@ -322,8 +322,8 @@ TEST_F(ServingIntegrationTest, DeadlineExpiryEndsOnlyThatJob) {
   absl::StatusOr<v1::Job> job = WaitForFinalState(
       server_->NewChannel(), late.events.front().accepted().job_id(), absl::Seconds(10));
   ASSERT_TRUE(job.ok()) << job.status();
-  EXPECT_THAT(job->state(), ::testing::AnyOf(v1::JOB_STATE_DEADLINE_EXCEEDED,
-                                             v1::JOB_STATE_CANCELLED))
+  EXPECT_THAT(job->state(),
+              ::testing::AnyOf(v1::JOB_STATE_DEADLINE_EXCEEDED, v1::JOB_STATE_CANCELLED))
       << v1::JobState_Name(job->state());
   std::printf("Generate past its deadline: server state %s (%s)\n",
               v1::JobState_Name(job->state()).c_str(), job->error().message().c_str());
@@ -424,8 +424,7 @@ TEST_F(ServingIntegrationTest, BadInputsAreInvalidArgumentAndTheServerKeepsServi
     EXPECT_THAT(r.status.error_message(), HasSubstr(c.field));
     EXPECT_TRUE(r.events.empty()) << c.field << ": rejected before a job was accepted";
   }
-  absl::StatusOr<server::HealthStatus> health =
-      server::CheckHealth(channel, "", absl::Seconds(5));
+  absl::StatusOr<server::HealthStatus> health = server::CheckHealth(channel, "", absl::Seconds(5));
   ASSERT_TRUE(health.ok()) << health.status();
   EXPECT_EQ(*health, server::HealthStatus::kServing);
   ExpectValidVideo(RunGenerate(channel, SmallRequest(61, 2), absl::Seconds(60)));
@@ -523,8 +522,8 @@ TEST_F(ServingIntegrationTest, LoadToolReportAddsUp) {
   ASSERT_GE(fd, 0);
   close(fd);
   const std::string command = absl::StrCat(
-      SPARGE_LOAD_PATH, " --target ", server_->target(), " --metrics-url ",
-      server_->metrics_url(), " --clients 3 --requests 6 --seed 5 --cancel-fraction 1",
+      SPARGE_LOAD_PATH, " --target ", server_->target(), " --metrics-url ", server_->metrics_url(),
+      " --clients 3 --requests 6 --seed 5 --cancel-fraction 1",
       " --cancel-after-steps 2 --mix 'width=128,height=128,frames=17,steps=6,guidance=1,",
       "mode=topk,topk=0.5' --out ", path, " 2>&1");
   std::string output;
@@ -572,11 +571,13 @@ TEST(ServingShutdownTest, SigtermWhileBusyDrainsAndExitsZero) {
       ServerProcess::Start(SPARGE_SERVER_PATH, kConfig, absl::Seconds(180));
   ASSERT_TRUE(started.ok()) << started.status();
   ServerProcess& server = **started;
-  // A short job that finishes within the 3 s grace, and one far too long to.
+  // A short job that finishes within the 3 s grace, and one far too long to. Same shape, so they
+  // share each step: the executor steps the oldest job's batch first, and a job of another
+  // shape would wait for the long one to end.
   absl::Notification short_running, long_running;
   StreamResult short_job, long_job;
   std::thread t_short([&] {
-    short_job = RunGenerate(server.NewChannel(), SmallRequest(71, 4), absl::Seconds(120),
+    short_job = RunGenerate(server.NewChannel(), Shaped(SmallRequest(71, 4)), absl::Seconds(120),
                             [&](const v1::GenerateEvent& e, grpc::ClientContext*) {
                               if (e.has_progress() && e.progress().stage() == v1::STAGE_DENOISE &&
                                   !short_running.HasBeenNotified()) {
@@ -624,7 +625,7 @@ TEST(ServingShutdownTest, SigtermWhileBusyDrainsAndExitsZero) {
   EXPECT_EQ(*exit_code, 0) << server.log();
   // Grace (3 s) + the step in flight + model teardown.
   EXPECT_LT(exit_after, 3.0 + 5.0);
-  ExpectValidVideo(short_job);
+  ExpectValidVideo(short_job, 128, 128, 17);
   EXPECT_FALSE(long_job.status.ok());
   EXPECT_THAT(long_job.status.error_code(),
               ::testing::AnyOf(grpc::StatusCode::CANCELLED, grpc::StatusCode::UNAVAILABLE))
