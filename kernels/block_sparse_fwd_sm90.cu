@@ -1,8 +1,9 @@
-// Hopper (sm_90a) block-sparse attention forward: warpgroup MMA (wgmma) on 128B-swizzled shared
-// tiles filled by cp.async double buffering. One CTA per (128 query rows, head, batch); two
-// warpgroups of 64 rows each share the K/V tiles. S = Q K^T uses shared-memory operands; O += P V
-// takes P straight from registers (same fragment layout as the S accumulator) and V as an
-// MN-major (transposed) operand, so neither P nor V^T is ever written to shared memory.
+// Hopper (sm_90a) block-sparse attention forward, two kernels on the same math: one CTA per
+// (128 query rows, head, batch), two warpgroups of 64 rows sharing the K/V tiles of the kept key
+// blocks; S = Q K^T from 128B-swizzled shared tiles, O += P V with P straight from registers (same
+// fragment layout as the S accumulator) and V as an MN-major operand, so neither P nor V^T is ever
+// written to shared memory. Default: the warp-specialised kernel (TMA producer warp, mbarrier ring,
+// ping-pong consumers). FwdParams::pipelined: the cp.async double-buffered kernel it replaced.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -466,6 +467,19 @@ bool EncodeBlhd(CUtensorMap* map, const Tensor4& t, const FwdParams& p, int box_
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Strides TMA accepts: positive multiples of 16 bytes below 2^40 (size-1 dimensions get a valid
+// stride in EncodeBlhd). CanImplementFwd already requires multiples of 8 elements.
+bool TmaCompatible(const FwdParams& p) {
+  const Tensor4* ts[] = {&p.q, &p.k, &p.v};
+  for (const Tensor4* t : ts) {
+    const int64_t st[3] = {t->stride_l, t->stride_h, t->stride_b};
+    const int64_t sz[3] = {p.seqlen, p.heads, p.batch};
+    for (int i = 0; i < 3; ++i)
+      if (sz[i] > 1 && (st[i] <= 0 || st[i] * 2 >= (int64_t{1} << 40))) return false;
+  }
+  return true;
+}
+
 template <typename T, int D, int kN>
 cudaError_t LaunchWs(const FwdParams& p, cudaStream_t stream) {
   CUtensorMap mq, mk, mv;
@@ -493,10 +507,13 @@ cudaError_t LaunchN(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t Launch(const FwdParams& p, cudaStream_t stream) {
-  // 128-key tiles where block_k allows (unless tile_n == 64). FwdParams::pipelined selects the
-  // warp-specialised TMA kernel (an explicit request: it fails rather than falls back).
+  // 128-key tiles where block_k allows (unless tile_n == 64). Default: the warp-specialised TMA
+  // kernel (1.32x the cp.async kernel in dense mode, 1.37x at 95% sparsity, H200; NOTES.md v7).
+  // FwdParams::pipelined selects the previous cp.async double-buffered kernel (A/B), as do
+  // strides a tensor map cannot express (zero strides of broadcast views).
   const bool n128 = p.block_k % 128 == 0 && p.tile_n != 64;
-  if (p.pipelined) return n128 ? LaunchWs<T, D, 128>(p, stream) : LaunchWs<T, D, 64>(p, stream);
+  if (!p.pipelined && TmaCompatible(p))
+    return n128 ? LaunchWs<T, D, 128>(p, stream) : LaunchWs<T, D, 64>(p, stream);
   return n128 ? LaunchN<T, D, 128>(p, stream) : LaunchN<T, D, 64>(p, stream);
 }
 

@@ -237,7 +237,7 @@ void CheckSmall(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool hea
   EXPECT_LT(testing::RelErr(rm.dk, ref.dk), 2.5 * tol) << what << " (mma.sync)";
   EXPECT_LT(testing::RelErr(rm.dv, ref.dv), 2.5 * tol) << what << " (mma.sync)";
   if (bk % 128 == 0) {  // the other wgmma forward variants on 128-wide blocks
-    for (int tile : {64, 128}) {  // 128 here = the pipelined kernel
+    for (int tile : {64, 128}) {  // 128 here = the cp.async kernel (pipelined flag), 64 = TMA
       Outs rt = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, tile == 128);
       ASSERT_TRUE(AllFinite(rt.o) && AllFinite(rt.lse)) << what << " tile " << tile;
       EXPECT_LT(testing::RelErr(rt.o, ref.o), tol) << what << " (wgmma tile " << tile << ")";
@@ -370,7 +370,7 @@ TEST(SpargeKernelsGpu, Wan14BShape) {
   CheckLarge(75600, 40, 4);
 }
 
-// The warp-specialised TMA forward (FwdParams::pipelined) against the float64 reference: 128- and
+// The warp-specialised TMA forward (the default) against the float64 reference: 128- and
 // 64-key tiles (64-key tiles also on 128-wide blocks, whose last sub-tile can lie past L), both
 // layouts, partial blocks, batch 3 mixing modes, poisoned outputs.
 void CheckWarpSpecialized(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk, bool head_major) {
@@ -389,7 +389,7 @@ void CheckWarpSpecialized(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk
   const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
   for (int tile : {0, 64}) {
     if (tile == 64 && bk == 64) continue;  // tile 0 already means 64 keys there
-    Outs r = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, /*pipelined=*/true);
+    Outs r = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" +
                              std::to_string(D) + " L=" + std::to_string(L) + " bk=" + std::to_string(bk) +
                              " tile=" + std::to_string(tile) + (head_major ? " head-major" : " token-major");
@@ -410,7 +410,7 @@ TEST(SpargeKernelsGpu, WarpSpecializedForwardSmall) {
   CheckWarpSpecialized(at::kHalf, 128, 128, 128, false);
 }
 
-// Query blocks that keep nothing: zero rows and -inf LSE; the other rows equal the default kernel's.
+// Query blocks that keep nothing: zero rows and -inf LSE; the other rows equal the cp.async kernel's.
 TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
   SKIP_WITHOUT_GPU();
   const int64_t B = 1, L = 700, H = 2, D = 128, bk = 128;
@@ -422,8 +422,8 @@ TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
   m.counts[0][1][0] = 0;  // head 1, query block 0
   m.counts[0][0][5] = 0;  // head 0, the partial last query block
   const double scale = 1.0 / std::sqrt(double(D));
-  Outs ws = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, true);
-  Outs base = RunKernels(q, k, v, Tensor(), m, scale);
+  Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
+  Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
   ASSERT_TRUE(AllFinite(ws.o));
   EXPECT_EQ(ws.o[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
   EXPECT_EQ(ws.o[0].select(1, 0).slice(0, 640, L).abs().max().item<float>(), 0.f);
@@ -436,8 +436,8 @@ TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
 }
 
 // Wan-1.3B shape (hybrid mask at ~95%, 128- and 64-wide key blocks) and dense mode: the
-// warp-specialised kernel matches the default wgmma kernel everywhere and the float64 reference on
-// sampled query blocks; dense mode matches SDPA.
+// warp-specialised kernel matches the cp.async wgmma kernel everywhere and the float64 reference
+// on sampled query blocks; dense mode matches SDPA.
 TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
   SKIP_WITHOUT_GPU();
   const int64_t B = 1, L = 32760, H = 12, D = 128;
@@ -447,11 +447,11 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
   for (int64_t bk : {128, 64}) {
     BlockMask m = ops::PredictBlockMask(q, k, at::tensor({ops::kModeHybrid}, at::kInt), at::tensor({0.05f}),
                                         at::tensor({0.3f}), 128, bk);
-    Outs ws = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, true);
-    Outs base = RunKernels(q, k, v, Tensor(), m, scale);
+    Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
+    Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
     ASSERT_TRUE(AllFinite(ws.o) && AllFinite(ws.lse)) << "bk=" << bk;
     const double eo = testing::RelErr(ws.o, base.o), el = testing::RelErr(ws.lse, base.lse);
-    std::printf("ws Wan-1.3B bk=%ld sparsity %.4f: vs default o %.2e lse %.2e\n", long(bk),
+    std::printf("ws Wan-1.3B bk=%ld sparsity %.4f: vs cp.async kernel o %.2e lse %.2e\n", long(bk),
                 ops::AchievedSparsity(m, L), eo, el);
     EXPECT_LT(eo, 1e-3);
     EXPECT_LT(el, 1e-6);
@@ -470,7 +470,7 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
          vd = v.slice(1, 0, Ld).slice(2, 0, 4).contiguous();
   BlockMask md = ops::PredictBlockMask(qd, kd, at::tensor({ops::kModeDense}, at::kInt), at::tensor({0.f}),
                                        at::tensor({0.f}), 128, 128);
-  Outs wd = RunKernels(qd, kd, vd, Tensor(), md, scale, kn::FwdImpl::kWgmma, 0, true);
+  Outs wd = RunKernels(qd, kd, vd, Tensor(), md, scale);
   Tensor od = at::scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2));
   const double ed = testing::RelErr(wd.o, od.transpose(1, 2));
   std::printf("ws dense vs SDPA: o %.2e\n", ed);
