@@ -113,11 +113,14 @@ def main():
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
     card = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 (the GPU machine's copy has no .git)
-        commit = os.environ.get("SPARGE_COMMIT", "unknown")
+    # SPARGE_COMMIT first: the GPU machine's copy may carry no .git or a stale one.
+    commit = os.environ.get("SPARGE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except Exception:  # noqa: BLE001
+            commit = "unknown"
     print(f"torch {torch.__version__} {card} commit {commit}", flush=True)
     shapes = {"wan1.3B-480p": (12, 32760), "wan14B-720p": (40, 75600)}
     B, D, bq, bk = 1, 128, 128, args.block_k
