@@ -564,25 +564,27 @@ int Run(int argc, char** argv) {
                  "for info, 5 for health, 30 for the other job commands");
   flags.AddString("prompt", &o.prompt, "generate / submit: what to generate (required)");
   flags.AddString("negative-prompt", &o.negative_prompt,
-                  "generate: what to steer away from; unset: the server's default");
+                  "generate / submit: what to steer away from; unset: the server's default");
   flags.AddString("out", &o.out,
                   "generate / result: output file; empty: out.mp4 (out.tar for --format png) for "
                   "generate, JOB_ID.mp4 (.tar) for result");
-  flags.AddInt("width", &o.width, "generate: width in pixels, a multiple of 16");
-  flags.AddInt("height", &o.height, "generate: height in pixels, a multiple of 16");
-  flags.AddInt("frames", &o.frames, "generate: number of frames, 4k+1");
-  flags.AddInt("fps", &o.fps, "generate: frames per second of the MP4");
-  flags.AddInt("steps", &o.steps, "generate: denoising steps");
-  flags.AddUint64("seed", &o.seed, "generate: noise seed; unset: random (printed)");
-  flags.AddFloat("guidance", &o.guidance, "generate: classifier-free guidance scale (<= 1: off)");
-  flags.AddString("sampler", &o.sampler, "generate: euler | unipc");
-  flags.AddFloat("shift", &o.shift, "generate: flow-matching timestep shift");
-  flags.AddString("format", &o.format, "generate: mp4 | png (a tar of PNG frames)");
-  flags.AddString("mode", &o.mode, "generate: attention sparsity, dense | topk | topp | hybrid");
-  flags.AddFloat("topk", &o.topk, "generate: fraction of key blocks kept, (0, 1]");
-  flags.AddFloat("topp", &o.topp, "generate: attention mass kept, (0, 1]");
-  flags.AddInt("dense-steps", &o.dense_steps, "generate: first steps that run dense");
-  flags.AddString("priority", &o.priority, "generate: low | normal | high");
+  flags.AddInt("width", &o.width, "generate / submit: width in pixels, a multiple of 16");
+  flags.AddInt("height", &o.height, "generate / submit: height in pixels, a multiple of 16");
+  flags.AddInt("frames", &o.frames, "generate / submit: number of frames, 4k+1");
+  flags.AddInt("fps", &o.fps, "generate / submit: frames per second of the MP4");
+  flags.AddInt("steps", &o.steps, "generate / submit: denoising steps");
+  flags.AddUint64("seed", &o.seed, "generate / submit: noise seed; unset: random (printed)");
+  flags.AddFloat("guidance", &o.guidance,
+                 "generate / submit: classifier-free guidance scale (<= 1: off)");
+  flags.AddString("sampler", &o.sampler, "generate / submit: euler | unipc");
+  flags.AddFloat("shift", &o.shift, "generate / submit: flow-matching timestep shift");
+  flags.AddString("format", &o.format, "generate / submit: mp4 | png (a tar of PNG frames)");
+  flags.AddString("mode", &o.mode,
+                  "generate / submit: attention sparsity, dense | topk | topp | hybrid");
+  flags.AddFloat("topk", &o.topk, "generate / submit: fraction of key blocks kept, (0, 1]");
+  flags.AddFloat("topp", &o.topp, "generate / submit: attention mass kept, (0, 1]");
+  flags.AddInt("dense-steps", &o.dense_steps, "generate / submit: first steps that run dense");
+  flags.AddString("priority", &o.priority, "generate / submit: low | normal | high");
   flags.AddBool("quiet", &o.quiet, "generate / watch: no progress output");
   flags.AddString("idempotency-key", &o.idempotency_key,
                   "submit: a retry with the same key returns the first job instead of a new one");

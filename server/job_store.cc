@@ -312,7 +312,9 @@ void JobStore::Persist(const v1::Job& job) const {
   const auto printed = google::protobuf::util::MessageToJsonString(job, &text, json);
   absl::Status s = printed.ok() ? WriteFileAtomically(MetadataPath(job.job_id()), text)
                                 : absl::InternalError(printed.ToString());
-  if (!s.ok()) LogWarning(absl::StrCat("cannot store metadata of ", job.job_id(), ": ", s.ToString()));
+  if (!s.ok()) {
+    LogWarning(absl::StrCat("cannot store metadata of ", job.job_id(), ": ", s.ToString()));
+  }
 }
 
 void JobStore::Track(const std::shared_ptr<JobHandle>& handle, v1::JobOrigin origin,

@@ -97,7 +97,8 @@ class JobStore {
 
   // ListJobs: newest first, filtered by state, paged (INVALID_ARGUMENT for a bad page_size or
   // page_token).
-  absl::StatusOr<sparge::v1::ListJobsResponse> List(const sparge::v1::ListJobsRequest& request) const;
+  absl::StatusOr<sparge::v1::ListJobsResponse> List(
+      const sparge::v1::ListJobsRequest& request) const;
 
   // The stored video of a SUCCEEDED job. FAILED_PRECONDITION "job <id> is <STATE>, ..." for other
   // states, NOT_FOUND for unknown ids or a result removed meanwhile.

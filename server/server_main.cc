@@ -33,7 +33,8 @@ constexpr char kUsage[] =
     "NOT_SERVING until the model is loaded and warmed up, then SERVING; server reflection is on.\n"
     "SIGINT / SIGTERM: stop accepting calls, give in-flight calls shutdown_grace_seconds, exit.\n"
     "Finished jobs (SubmitJob / Generate results and metadata) are kept in jobs.output_dir and\n"
-    "served again after a restart; jobs unfinished at exit are then reported FAILED \"interrupted\".\n"
+    "served again after a restart; jobs unfinished at exit are then reported FAILED\n"
+    "\"interrupted\".\n"
     "\n"
     "Flags:\n";
 

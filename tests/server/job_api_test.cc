@@ -1,7 +1,7 @@
 // The job API end to end: the server in process (FakePipeline, fake encoder, a temporary job
 // directory) with real gRPC clients: submit -> watch -> result bytes, several watchers, clients
-// going away, CancelJob within one step, errors, ListJobs paging, restart recovery, and sparge-cli's
-// job commands run as a subprocess.
+// going away, CancelJob within one step, errors, ListJobs paging, restart recovery, and the job
+// commands of sparge-cli run as a subprocess.
 #include <stdlib.h>
 #include <sys/wait.h>
 

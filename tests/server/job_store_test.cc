@@ -98,10 +98,11 @@ std::vector<std::string> Kinds(JobEventChannel& channel, int watcher) {
       if (item.final_status.has_value()) kinds.push_back(item.final_status->ok() ? "OK" : "ERR");
       return kinds;
     }
-    kinds.push_back(item.event->has_accepted()   ? "accepted"
-                    : item.event->has_progress() ? absl::StrCat("progress", item.event->progress().step())
-                    : item.event->has_chunk()    ? "chunk"
-                                                 : "completed");
+    const v1::GenerateEvent& e = *item.event;
+    kinds.push_back(e.has_accepted()   ? "accepted"
+                    : e.has_progress() ? absl::StrCat("progress", e.progress().step())
+                    : e.has_chunk()    ? "chunk"
+                                       : "completed");
   }
 }
 
