@@ -281,6 +281,11 @@ TEST_F(JobApiTest, SubmitWatchAndFetchTheResult) {
   EXPECT_TRUE(again.events[1].has_progress());
   EXPECT_EQ(again.events[2].completed().file_size_bytes(), completed.file_size_bytes());
   EXPECT_EQ(counters_->live_jobs.load(), 0);
+  // Counted once each: the Generate call when it ended, the server-owned job when it finished.
+  EXPECT_TRUE(Eventually([&] {
+    return absl::StrContains(server_->server().metrics().SerializeText(),
+                             "sparge_requests_total{status=\"OK\"} 2");
+  })) << server_->server().metrics().SerializeText();
 }
 
 TEST_F(JobApiTest, TwoWatchersSeeTheSameJob) {
