@@ -189,6 +189,14 @@ __global__ void __launch_bounds__(kThreads, kN == 64 ? 2 : 1) FwdSm90Kernel(FwdP
 // and runs the softmax of S(i) while the other warpgroup's GEMMs (and its own PV) run. No block
 // barrier inside the loop: slots are released per warp through the empty mbarriers.
 constexpr int kWsThreads = 384;
+
+// One MUFU.EX2: exp2f() adds denormal range fix-ups per element; P values below 2^-126 only
+// matter against a row sum >= 1, so flushing them to zero changes nothing measurable.
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 constexpr int kProducerRegs = 40;   // 128 x 40 + 256 x 232 = 64512 = 384 x 168 (the launch cap)
 constexpr int kConsumerRegs = 232;
 constexpr int kWsStages = 3;        // two stages expose the load latency: a slot is freed only
@@ -228,14 +236,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int count = p.counts[bh * nq + qb];
   const int32_t* lut = p.indices + (bh * nq + qb) * nk;
   const int subs = p.block_k / kN;
-  const int ntiles = count * subs;
   auto tile_key0 = [&](int t) { return lut[t / subs] * p.block_k + (t % subs) * kN; };
-  auto next_valid = [&](int t) {
-    while (t < ntiles && tile_key0(t) >= L) ++t;
-    return t;
+  // The LUT is ascending, so tiles starting at or past L (sub-tiles of the last key block) trail
+  // the list and only the last valid tile can be partial: the valid-tile count n and the last
+  // tile's first key come from one LUT read, issued by each role where its latency is hidden.
+  auto valid_tiles = [&](int last_blk, int* last_key0) {
+    const int in_last = min(subs, CeilDiv(L - last_blk * p.block_k, kN));
+    *last_key0 = last_blk * p.block_k + (in_last - 1) * kN;
+    return (count - 1) * subs + in_last;
   };
-  int n = 0;  // tiles with at least one key inside the sequence: the loop trip count of all roles
-  for (int t = 0; t < ntiles; ++t) n += tile_key0(t) < L;
 
   if (tid == 0) {
     MbarInit(q_full, 1);
@@ -250,15 +259,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   if (wg == 0) {  // producer
     SetMaxNRegDecWarpgroup<kProducerRegs>();
-    if (tid == 0 && n > 0) {
-      PrefetchTensorMap(&tm_k);
-      PrefetchTensorMap(&tm_v);
+    if (tid == 0 && count > 0) {  // count > 0 <=> n > 0: a kept block's first tile starts below L
+      const int last_blk = lut[count - 1];
+      int k0_next = tile_key0(0);
       MbarArriveExpectTx(q_full, Lay::kQBytes);
 #pragma unroll
       for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ + c * kTileQ * 128, &tm_q, q_full, c * 64, q0, h, b);
+      int last_key0;
+      const int n = valid_tiles(last_blk, &last_key0);
       int s = 0, phase = 0;
-      for (int t = next_valid(0); t < ntiles; t = next_valid(t + 1)) {
-        const int k0 = tile_key0(t);
+      for (int i = 0; i < n; ++i) {
+        const int k0 = k0_next;
+        if (i + 1 < n) k0_next = tile_key0(i + 1);  // in flight while this slot is awaited
         MbarWait(empty(s), phase ^ 1);
         MbarArriveExpectTx(k_full(s), Lay::kKvBytes);
 #pragma unroll
@@ -285,7 +297,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const float scale_log2 = p.scale * kLog2e;
   const int tig = lane & 3;
 
-  if (n > 0) {
+  if (count > 0) {
+    const int last_blk = lut[count - 1];  // read before the first wait: its latency hides there
+    int last_key0 = 0, n = 0;
     const uint32_t q_addr = sQ + cw * 64 * 128;  // this warpgroup's 64 rows
     float s_acc[kN / 2];
     uint32_t pa[kN / 16][4];
@@ -310,8 +324,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     };
     // Exponentiates S in place against the new running max; O is rescaled later (after the PV
     // GEMM that is still accumulating into it has finished).
-    auto softmax = [&](int k0) {
-      if (k0 + kN > L) {
+    auto softmax = [&](bool last) {
+      const int k0 = last_key0;
+      if (last && k0 + kN > L) {
 #pragma unroll
         for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
@@ -326,13 +341,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           mx = fmaxf(mx, fmaxf(s_acc[nt * 4 + 2 * r], s_acc[nt * 4 + 2 * r + 1]));
         mx = QuadMax(mx) * scale_log2;
         const float mnew = fmaxf(m[r], mx);
-        alpha[r] = exp2f(m[r] - mnew);
+        alpha[r] = Exp2Ftz(m[r] - mnew);
         m[r] = mnew;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kN / 8; ++nt) {
-          s_acc[nt * 4 + 2 * r] = exp2f(s_acc[nt * 4 + 2 * r] * scale_log2 - mnew);
-          s_acc[nt * 4 + 2 * r + 1] = exp2f(s_acc[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
+          s_acc[nt * 4 + 2 * r] = Exp2Ftz(s_acc[nt * 4 + 2 * r] * scale_log2 - mnew);
+          s_acc[nt * 4 + 2 * r + 1] = Exp2Ftz(s_acc[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
           sum += s_acc[nt * 4 + 2 * r] + s_acc[nt * 4 + 2 * r + 1];
         }
         l[r] = l[r] * alpha[r] + sum;
@@ -358,7 +373,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // Turns alternate strictly: consumer 0 takes turn 0 (consumer 1's initial arrival), every turn
     // ends by arriving on the other's barrier, except consumer 1's last (nobody would wait on it).
     MbarWait(q_full, 0);
-    int t = next_valid(0);
+    n = valid_tiles(last_blk, &last_key0);
     int st = 0, ph = 0;
     MbarWait(k_full(st), ph);
     if (cw == 1) NamedBarrierArrive(1, 256);
@@ -370,10 +385,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaCommit();
     NamedBarrierArrive(other_bar, 256);
     WgmmaWait0();
-    softmax(tile_key0(t));
+    softmax(n == 1);
     rescale_and_pack();
     for (int i = 1; i < n; ++i) {
-      const int tn = next_valid(t + 1);
       const int pst = st, pph = ph;
       if (++st == kWsStages) st = 0, ph ^= 1;
       MbarWait(k_full(st), ph);
@@ -388,11 +402,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       WgmmaCommit();
       NamedBarrierArrive(other_bar, 256);
       WgmmaWait1();  // S(i) done; PV(i-1) may still run under the exponentials
-      softmax(tile_key0(tn));
+      softmax(i == n - 1);
       WgmmaWait0();
       if (lane == 0) MbarArrive(empty(pst));
       rescale_and_pack();
-      t = tn;
     }
     MbarWait(v_full(st), ph);
     NamedBarrierSync(my_bar, 256);
