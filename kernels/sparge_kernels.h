@@ -63,7 +63,7 @@ struct FwdParams {
   float* lse = nullptr;              // [B][H][L]
   FwdImpl impl = FwdImpl::kWgmma;
   // wgmma key tile: 0 = auto (128 keys when block_k allows, else 64), 64 = 64-key tiles at two
-  // CTAs per SM. pipelined: the 3-stage kernel issuing the next S during the softmax (128 only).
+  // CTAs per SM. pipelined: selects the cp.async wgmma kernel (the default up to v6), for A/B.
   int tile_n = 0;
   bool pipelined = false;
 };
