@@ -204,6 +204,14 @@ def build(name, c, out, tokenizer_model, gen):
     ref["t5.ids"], ref["t5.mask"] = ids, mask
     hidden = t5(input_ids=ids, attention_mask=mask).last_hidden_state
     ref["t5.out"] = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+    # The same in bfloat16 as transformers runs it: bf16 parameters except _keep_in_fp32_modules.
+    t5_keep = getattr(UMT5EncoderModel, "_keep_in_fp32_modules", None) or []
+    t5_bf16 = copy.deepcopy(t5)
+    for pname, p in t5_bf16.named_parameters():
+        if not any(k in pname.split(".") for k in t5_keep):
+            p.data = p.data.to(torch.bfloat16)
+    hidden = t5_bf16(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    ref["t5.out_bf16"] = hidden * mask.unsqueeze(-1).to(hidden.dtype)
     # VAE decode of normalized latents, de-normalized as WanPipeline does.
     z = torch.randn((1,) + lat_shape, generator=gen)
     ref["vae.latents"] = z
@@ -222,6 +230,15 @@ def build(name, c, out, tokenizer_model, gen):
         ref[f"run.{run}.latents"] = latents
         ref[f"run.{run}.video"] = vae.decode(latents / inv_std + mean_t, return_dict=False)[0]
         ref[f"run.{run}.params"] = torch.tensor([steps, guidance, c["shift"]])
+    # The UniPC run with the transformer in bfloat16, as WanPipeline runs it: latents fp32, the
+    # DiT input and prompt embeddings cast to bf16, CFG in bf16, the scheduler on fp32 latents.
+    latents = denoise(
+        lambda hidden_states, encoder_hidden_states, **kw: dit_bf16(
+            hidden_states=hidden_states.to(torch.bfloat16),
+            encoder_hidden_states=encoder_hidden_states.to(torch.bfloat16), **kw),
+        runs["unipc"][0], ref["run.noise"], ref["run.cond"], ref["run.uncond"],
+        runs["unipc"][1], runs["unipc"][2])
+    ref["run.unipc.latents_bf16"] = latents.float()
     save_file({k: v.detach().contiguous() for k, v in ref.items()},
               os.path.join(root, "reference.safetensors"))
 
