@@ -36,10 +36,15 @@ struct CliRun {
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    // ctest runs tests in parallel processes: each gets its own directory (also for job results).
+    std::string pattern = ::testing::TempDir() + "/sparge_cli_test_XXXXXX";
+    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+    dir_ = pattern;
     ServerConfig config;
     config.listen_address = "127.0.0.1";
     config.port = 0;
     config.metrics_port = 0;
+    config.jobs.output_dir = dir_ + "/jobs";
     ServerDeps deps;
     deps.create_pipeline = testing::FakePipelineFactory({}, counters_);
     deps.encode_video = testing::FakeVideoEncoder();
@@ -50,10 +55,6 @@ class CliTest : public ::testing::Test {
     ASSERT_TRUE(port.ok()) << port.status();
     ASSERT_TRUE(server_->WaitUntilReady(absl::Seconds(30)).ok());
     address_ = absl::StrCat("127.0.0.1:", *port);
-    // ctest runs tests in parallel processes: each gets its own directory.
-    std::string pattern = ::testing::TempDir() + "/sparge_cli_test_XXXXXX";
-    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
   }
 
   void TearDown() override { std::system(("rm -rf '" + dir_ + "'").c_str()); }

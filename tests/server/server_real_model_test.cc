@@ -2,6 +2,7 @@
 // encoder, driven by a real gRPC client on a loopback port. Checks the streamed MP4 and PNG tar
 // against the request, and that the server keeps serving after a bad request.
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,6 +50,10 @@ class RealModelServerTest : public ::testing::Test {
     config.port = 0;
     config.metrics_port = 0;
     config.warmup = false;  // keeps the test short; warm-up is exercised by sparge-server
+    // Job results go to a directory of this process, not the working directory.
+    std::string pattern = ::testing::TempDir() + "/sparge_real_model_test_XXXXXX";
+    if (mkdtemp(pattern.data()) == nullptr) return absl::InternalError("mkdtemp failed");
+    config.jobs.output_dir = pattern + "/jobs";
     absl::StatusOr<std::unique_ptr<SpargeServer>> server = SpargeServer::Create(
         config, ServerDeps{EnginePipelineFactory(config.model), EngineVideoEncoder()});
     if (!server.ok()) return server.status();
