@@ -364,10 +364,16 @@ void JobStore::OnProgress(const std::string& id, const v1::JobProgress& progress
       ++r.sparsity_count;
       r.job.set_mean_achieved_sparsity(static_cast<float>(r.sparsity_sum / r.sparsity_count));
     }
+    if (progress.stage() == v1::STAGE_QUEUED && r.job.state() == v1::JOB_STATE_RUNNING) {
+      // Preempted at a step boundary: waiting again (its start time stays).
+      r.job.set_state(v1::JOB_STATE_QUEUED);
+    }
     if (progress.stage() != v1::STAGE_QUEUED && r.job.state() == v1::JOB_STATE_QUEUED) {
       r.job.set_state(v1::JOB_STATE_RUNNING);
-      *r.job.mutable_start_time() = ToTimestamp(options_.clock->Now());
-      started = r.job;
+      if (!r.job.has_start_time()) {
+        *r.job.mutable_start_time() = ToTimestamp(options_.clock->Now());
+        started = r.job;
+      }
     }
   }
   // Once per job: a restart must know it was running (it is then reported interrupted).

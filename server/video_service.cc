@@ -62,9 +62,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>
     absl::MutexLock lock(&mu_);
     writing_ = false;
     if (!ok) {
-      // The stream is broken (client gone): stop the job and end the call.
-      if (handle_) handle_->Cancel(CancelReason::kClient);
-      FinishLocked(absl::CancelledError("the client stopped reading the stream"));
+      // The stream is broken (client gone or its deadline passed): stop the job, end the call.
+      const bool deadline = DeadlineReached();
+      if (handle_) handle_->Cancel(deadline ? CancelReason::kDeadline : CancelReason::kClient);
+      FinishLocked(deadline ? absl::DeadlineExceededError("the call's deadline passed")
+                            : absl::CancelledError("the client stopped reading the stream"));
       return;
     }
     WriteNextLocked();
@@ -73,8 +75,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>
   void OnCancel() override {
     // The executor notices at the next step boundary and closes the channel, which finishes us.
     if (handle_) {
-      const bool deadline_passed = context_->deadline() <= std::chrono::system_clock::now();
-      handle_->Cancel(deadline_passed ? CancelReason::kDeadline : CancelReason::kClient);
+      handle_->Cancel(DeadlineReached() ? CancelReason::kDeadline : CancelReason::kClient);
     }
   }
 
@@ -88,6 +89,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>
   }
 
  private:
+  // gRPC sends the deadline as a timeout, so the server's copy ends a little after the client's,
+  // whose expiry reaches us as a cancellation: one within kDeadlineSlack of our copy is the
+  // deadline, not the client.
+  bool DeadlineReached() const {
+    constexpr auto kDeadlineSlack = std::chrono::milliseconds(250);
+    return context_->deadline() - kDeadlineSlack <= std::chrono::system_clock::now();
+  }
+
   // The call's deadline mapped onto the service clock (tests may inject a fake one).
   absl::Time DeadlineOnServiceClock() const {
     const auto deadline = context_->deadline();

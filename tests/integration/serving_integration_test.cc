@@ -303,8 +303,7 @@ TEST_F(ServingIntegrationTest, ClientCancelStopsTheJobWithinOneStep) {
 }
 
 TEST_F(ServingIntegrationTest, DeadlineExpiryEndsOnlyThatJob) {
-  const double stopped_before =
-      CancellationCount(*server_, "deadline") + CancellationCount(*server_, "client");
+  const double deadline_stopped_before = CancellationCount(*server_, "deadline");
   StreamResult late, fine;
   std::thread t_fine(
       [&] { fine = RunGenerate(server_->NewChannel(), SmallRequest(31, 3), absl::Seconds(120)); });
@@ -314,21 +313,17 @@ TEST_F(ServingIntegrationTest, DeadlineExpiryEndsOnlyThatJob) {
   EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
       << late.status.error_message();
   ExpectValidVideo(fine);
-  // The server stops the job too. Its final state should be DEADLINE_EXCEEDED, but when the
-  // client's deadline timer fires (and its RST_STREAM arrives) before the server's own copy of
-  // the deadline has passed, the server takes it for a client cancel: CANCELLED, counted as
-  // reason "client". Either way the job must end, once.
+  // The server stops the job too, as DEADLINE_EXCEEDED: the client's deadline timer can fire (and
+  // its RST_STREAM arrive) a little before the server's own copy of the deadline passes, which the
+  // server allows for (video_service.cc, kDeadlineSlack) instead of taking it for a client cancel.
   ASSERT_FALSE(late.events.empty());
   absl::StatusOr<v1::Job> job = WaitForFinalState(
       server_->NewChannel(), late.events.front().accepted().job_id(), absl::Seconds(10));
   ASSERT_TRUE(job.ok()) << job.status();
-  EXPECT_THAT(job->state(),
-              ::testing::AnyOf(v1::JOB_STATE_DEADLINE_EXCEEDED, v1::JOB_STATE_CANCELLED))
-      << v1::JobState_Name(job->state());
+  EXPECT_EQ(job->state(), v1::JOB_STATE_DEADLINE_EXCEEDED) << v1::JobState_Name(job->state());
   std::printf("Generate past its deadline: server state %s (%s)\n",
               v1::JobState_Name(job->state()).c_str(), job->error().message().c_str());
-  EXPECT_EQ(CancellationCount(*server_, "deadline") + CancellationCount(*server_, "client"),
-            stopped_before + 1);
+  EXPECT_EQ(CancellationCount(*server_, "deadline"), deadline_stopped_before + 1);
 }
 
 TEST_F(ServingIntegrationTest, SubmittedJobTimeoutIsDeadlineExceeded) {

@@ -249,6 +249,27 @@ TEST_F(JobStoreTest, StoresTheResultAndMetadataAtomically) {
   EXPECT_EQ(*(*reader)->ReadAt(0, 4), "FAKE");
 }
 
+// A job preempted at a step boundary (a STAGE_QUEUED event while running) is QUEUED again, keeps
+// its first start time, and is RUNNING again when it resumes.
+TEST_F(JobStoreTest, PreemptedJobIsQueuedUntilItResumes) {
+  store_ = OpenStore(dir_);
+  auto handle = Track(*store_, "job-2-bb");
+  handle->set_state(JobState::kRunning);  // as the executor does
+  handle->events().Push(Progress(v1::STAGE_DENOISE, 1));
+  ASSERT_EQ(store_->Find("job-2-bb")->job.state(), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(ReadMetadata(dir_, "job-2-bb").state(), v1::JOB_STATE_RUNNING);
+  const auto started = store_->Find("job-2-bb")->job.start_time();
+  clock_.Advance(absl::Seconds(5));
+  handle->set_state(JobState::kQueued);
+  handle->events().Push(Progress(v1::STAGE_QUEUED, 1));
+  EXPECT_EQ(store_->Find("job-2-bb")->job.state(), v1::JOB_STATE_QUEUED);
+  handle->set_state(JobState::kRunning);
+  handle->events().Push(Progress(v1::STAGE_DENOISE, 2));
+  EXPECT_EQ(store_->Find("job-2-bb")->job.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(store_->Find("job-2-bb")->job.start_time().seconds(), started.seconds());
+  handle->events().Close(absl::CancelledError("test over"));
+}
+
 TEST_F(JobStoreTest, FinalStatesAndErrors) {
   store_ = OpenStore(dir_);
   auto failed = Track(*store_, "failed");
