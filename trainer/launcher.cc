@@ -243,6 +243,20 @@ absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv,
   pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
 
   if (!spawn_error.ok()) return spawn_error;
+  if (forwarded_signal) {
+    // A stop the launcher passed on: workers that exit 0 or with 128 + the signal (sparge-train
+    // saves a checkpoint first) stopped as asked.
+    bool all_stopped = true;
+    for (const Worker& w : workers) {
+      all_stopped =
+          all_stopped && WIFEXITED(w.status) &&
+          (WEXITSTATUS(w.status) == 0 || WEXITSTATUS(w.status) == 128 + *forwarded_signal);
+    }
+    if (all_stopped && first_failure) {
+      return absl::CancelledError(absl::StrCat("stopped by ", strsignal(*forwarded_signal),
+                                               ": every worker exited after it"));
+    }
+  }
   if (first_failure) {
     const Worker& w = workers[*first_failure];
     std::string others;

@@ -38,8 +38,10 @@ struct LaunchOptions {
 // then 0. MASTER_ADDR/MASTER_PORT come from the environment; on one node they default to
 // 127.0.0.1 and a free port, on several nodes MASTER_ADDR is required and the port defaults to
 // 29500. SIGINT and SIGTERM are forwarded to the workers; when one worker fails the others are
-// terminated. OK only if every worker exits 0; otherwise the error names the first worker that
-// failed (rank, local rank, pid) and its exit status or signal.
+// terminated. OK only if every worker exits 0. CANCELLED when the launcher forwarded SIGINT/SIGTERM
+// and every worker then exited 0 or with 128 + that signal (stopped as asked; sparge-train exits
+// 143 after saving a checkpoint). Otherwise the error names the first worker that failed (rank,
+// local rank, pid) and its exit status or signal.
 absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv, const LaunchOptions& options);
 absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv);
 

@@ -203,10 +203,14 @@ int RunWorker(const WorkerArgs& args) {
     WORKER_CHECK(!s.ok());
     return 0;
   }
-  if (args.scenario == "graceful_sigterm") {
-    // Workers that save and exit 0 on SIGTERM; rank 1 sends SIGTERM to the launcher, which
-    // forwards it to every worker.
-    signal(SIGTERM, [](int) { _exit(0); });
+  if (args.scenario == "graceful_sigterm" || args.scenario == "stop_sigterm") {
+    // Workers that exit 0 (graceful) or 143 (stopped, as sparge-train after its checkpoint) on
+    // SIGTERM; rank 1 sends SIGTERM to the launcher, which forwards it to every worker.
+    if (args.scenario == "graceful_sigterm") {
+      signal(SIGTERM, [](int) { _exit(0); });
+    } else {
+      signal(SIGTERM, [](int) { _exit(128 + SIGTERM); });
+    }
     WORKER_CHECK_OK(comm.Barrier());  // every handler is installed
     if (comm.rank() == 1) kill(getppid(), SIGTERM);
     sleep(60);
@@ -466,6 +470,13 @@ TEST(LauncherTest, ForwardsSigtermAndSucceedsWhenWorkersExitCleanly) {
   const absl::Status s = LaunchScenario(2, "graceful_sigterm");
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_LT(absl::Now() - start, absl::Seconds(20));
+}
+
+TEST(LauncherTest, WorkersStoppingWith143AfterAForwardedSigtermAreCancelled) {
+  ScopedEnv env = CleanJobEnv();
+  const absl::Status s = LaunchScenario(2, "stop_sigterm");
+  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("every worker exited after it"));
 }
 
 TEST(LauncherTest, MultiNodeRanksFromJobCompletionIndex) {
