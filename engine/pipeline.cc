@@ -459,6 +459,29 @@ class TinyWanPipeline : public Pipeline {
 
 }  // namespace
 
+namespace {
+
+// A replacement transformer must have the model's architecture (its weights are the only change).
+absl::Status CheckSameDiT(const WanDiTConfig& model, const WanDiTConfig& replacement,
+                          const std::string& dir) {
+  const bool same = model.dim == replacement.dim && model.ffn_dim == replacement.ffn_dim &&
+                    model.num_heads == replacement.num_heads &&
+                    model.num_layers == replacement.num_layers &&
+                    model.patch_size == replacement.patch_size &&
+                    model.in_channels == replacement.in_channels &&
+                    model.out_channels == replacement.out_channels &&
+                    model.text_dim == replacement.text_dim &&
+                    model.freq_dim == replacement.freq_dim;
+  if (same) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "model.transformer: ", dir, " is a DiT of dim ", replacement.dim, ", ", replacement.num_layers,
+      " layers, ", replacement.num_heads, " heads, text_dim ", replacement.text_dim,
+      "; the model's is dim ", model.dim, ", ", model.num_layers, " layers, ", model.num_heads,
+      " heads, text_dim ", model.text_dim));
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig& config) {
   SPARGE_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(config.device));
   SPARGE_ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDtype(config.dtype));
@@ -487,6 +510,15 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
       SPARGE_ASSIGN_OR_RETURN(
           LoadedWanModel loaded,
           LoadModelDirectory(config.model, device, dtype, config.block_q, config.block_k));
+      if (!config.transformer.empty()) {
+        SPARGE_ASSIGN_OR_RETURN(WanDiTConfig replacement,
+                                ReadDiTConfig(config.transformer + "/config.json"));
+        SPARGE_RETURN_IF_ERROR(
+            CheckSameDiT(loaded.config.model.dit, replacement, config.transformer));
+        loaded.dit = WanDiT(nullptr);  // free the base weights before loading the replacement
+        SPARGE_ASSIGN_OR_RETURN(loaded.dit, LoadDiT(config.transformer, device, dtype,
+                                                    config.block_q, config.block_k));
+      }
       pipeline = std::make_unique<TinyWanPipeline>(
           config, loaded.config.model, device, dtype, std::move(loaded.text_encoder),
           std::move(loaded.dit), std::move(loaded.vae));
@@ -496,6 +528,11 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
   }
   WanModelConfig model_config =
       config.model == "tiny" ? TinyWanConfig() : Wan13BRandomConfig();
+  if (!config.transformer.empty()) {
+    SPARGE_ASSIGN_OR_RETURN(WanDiTConfig replacement,
+                            ReadDiTConfig(config.transformer + "/config.json"));
+    SPARGE_RETURN_IF_ERROR(CheckSameDiT(model_config.dit, replacement, config.transformer));
+  }
   SPARGE_RETURN_IF_ERROR(model_config.dit.Validate());
 
   SPARGE_RETURN_IF_ERROR(GuardTorch("Pipeline::Create", [&]() -> absl::Status {
@@ -510,6 +547,11 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
     dit->InitializeWeights(config.weight_seed + 1);
     dit->ToInference(device, dtype);
     dit->eval();
+    if (!config.transformer.empty()) {
+      SPARGE_ASSIGN_OR_RETURN(dit, LoadDiT(config.transformer, device, dtype, config.block_q,
+                                           config.block_k));
+      dit->eval();
+    }
     SPARGE_ASSIGN_OR_RETURN(std::unique_ptr<VaeDecoder> vae,
                             VaeDecoder::Create(model_config.vae, config.weight_seed + 2, device));
     pipeline =

@@ -102,6 +102,10 @@ struct PipelineConfig {
   int block_q = 64;  // sparse attention query block, tokens
   int block_k = 64;  // sparse attention key block, tokens
   int num_threads = 0;  // CPU intra-op threads; 0 keeps Torch's default
+  // Optional: a transformer directory (config.json + safetensors, e.g. a sparge-train checkpoint's
+  // transformer/) whose weights replace the model's DiT weights; its config must equal the
+  // model's DiT config.
+  std::string transformer;
 };
 
 // Opaque per-request state: text embeddings, latents, sampler history.

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/base/status_macros.h"
 #include "server/internal/range_checks.h"
+#include "server/internal/yaml_config.h"
 #include "yaml-cpp/yaml.h"
 
 namespace sparge::server {
@@ -22,155 +23,13 @@ using internal::CheckFloatInRange;
 using internal::CheckFourKPlusOne;
 using internal::CheckIntInRange;
 using internal::CheckMultipleInRange;
+using ParseContext = internal::YamlParseContext;
+using Section = internal::YamlSection;
 
 absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
   if (status.ok()) return status;
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
-
-// Shared state of one parse: the first error, and where each key was (1-based line, column) so
-// that Validate() errors can point at the offending line too.
-struct ParseContext {
-  std::string source;
-  absl::Status status;
-  std::map<std::string, std::pair<int, int>> positions;
-
-  void Fail(const YAML::Mark& mark, absl::string_view path, absl::string_view problem) {
-    if (!status.ok()) return;
-    std::string where = source;
-    if (!mark.is_null()) absl::StrAppend(&where, ":", mark.line + 1, ":", mark.column + 1);
-    status = absl::InvalidArgumentError(absl::StrCat(where, ": ", path, ": ", problem));
-  }
-};
-
-std::string Describe(const YAML::Node& node) {
-  if (!node.IsDefined() || node.IsNull()) return "null";
-  if (node.IsScalar()) return absl::StrCat("'", node.Scalar(), "'");
-  if (node.IsSequence()) return "a list";
-  return "a mapping";
-}
-
-// One YAML mapping being read into a struct. Each Read() consumes a key; Finish() reports any key
-// that no Read() asked for, so that typos do not silently fall back to defaults.
-class Section {
- public:
-  Section(YAML::Node node, std::string path, ParseContext* ctx)
-      : node_(std::move(node)), path_(std::move(path)), ctx_(ctx) {
-    if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
-      ctx_->Fail(node_.Mark(), path_.empty() ? "(top level)" : path_,
-                 absl::StrCat("expected a mapping, got ", Describe(node_)));
-    }
-  }
-
-  void Read(const char* key, int* out) {
-    ReadScalar(key, "an integer", [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
-  }
-  void Read(const char* key, int64_t* out) {
-    ReadScalar(key, "an integer", [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
-  }
-  void Read(const char* key, uint64_t* out) {
-    ReadScalar(key, "a non-negative integer",
-               [out](const std::string& s) { return absl::SimpleAtoi(s, out); });
-  }
-  void Read(const char* key, float* out) {
-    ReadScalar(key, "a number", [out](const std::string& s) { return absl::SimpleAtof(s, out); });
-  }
-  void Read(const char* key, double* out) {
-    ReadScalar(key, "a number", [out](const std::string& s) { return absl::SimpleAtod(s, out); });
-  }
-  void Read(const char* key, bool* out) {
-    ReadScalar(key, "true or false",
-               [out](const std::string& s) { return absl::SimpleAtob(s, out); });
-  }
-  void Read(const char* key, std::string* out) {
-    ReadScalar(key, "a string", [out](const std::string& s) {
-      *out = s;
-      return true;
-    });
-  }
-  // Enums spelled as lower-case names; parse returns INVALID_ARGUMENT listing the choices.
-  template <typename T, typename ParseFn>
-  void ReadEnum(const char* key, T* out, ParseFn parse) {
-    YAML::Node value = Lookup(key);
-    if (!value.IsDefined()) return;
-    if (!value.IsScalar()) {
-      ctx_->Fail(value.Mark(), Path(key), absl::StrCat("expected a name, got ", Describe(value)));
-      return;
-    }
-    absl::StatusOr<T> parsed = parse(value.Scalar());
-    if (!parsed.ok()) {
-      // The parser names its field ("sampler: must be ..."); the path here names it already.
-      absl::string_view message = parsed.status().message();
-      const size_t colon = message.find(": ");
-      if (colon != absl::string_view::npos) message.remove_prefix(colon + 2);
-      ctx_->Fail(value.Mark(), Path(key), message);
-      return;
-    }
-    *out = *parsed;
-  }
-
-  Section Sub(const char* key) {
-    YAML::Node value = Lookup(key);
-    return Section(value.IsDefined() ? value : YAML::Node(), Path(key), ctx_);
-  }
-
-  // Unknown or repeated keys are errors.
-  void Finish() {
-    if (!node_.IsMap()) return;
-    std::set<std::string> seen;
-    for (auto it = node_.begin(); it != node_.end(); ++it) {
-      const std::string key = it->first.Scalar();
-      if (!seen.insert(key).second) {
-        ctx_->Fail(it->first.Mark(), Path(key.c_str()), "duplicate key");
-        return;
-      }
-      if (consumed_.count(key) == 0) {
-        ctx_->Fail(it->first.Mark(), Path(key.c_str()),
-                   absl::StrCat("unknown key '", key, "' (known keys here: ",
-                                absl::StrJoin(asked_, ", "), ")"));
-        return;
-      }
-    }
-  }
-
- private:
-  std::string Path(const char* key) const {
-    return path_.empty() ? std::string(key) : absl::StrCat(path_, ".", key);
-  }
-
-  // The value under key (undefined node if absent); records the key as known and its position.
-  YAML::Node Lookup(const char* key) {
-    asked_.push_back(key);
-    if (!node_.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
-    for (auto it = node_.begin(); it != node_.end(); ++it) {
-      if (it->first.Scalar() == key) {
-        consumed_.insert(key);
-        const YAML::Mark mark = it->first.Mark();
-        if (!mark.is_null()) ctx_->positions[Path(key)] = {mark.line + 1, mark.column + 1};
-        return it->second;
-      }
-    }
-    consumed_.insert(key);
-    return YAML::Node(YAML::NodeType::Undefined);
-  }
-
-  template <typename ParseFn>
-  void ReadScalar(const char* key, const char* expected, ParseFn parse) {
-    YAML::Node value = Lookup(key);
-    if (!value.IsDefined()) return;
-    if (!value.IsScalar() ||
-        !parse(std::string(absl::StripAsciiWhitespace(value.Scalar())))) {
-      ctx_->Fail(value.Mark(), Path(key), absl::StrCat("expected ", expected, ", got ",
-                                                       Describe(value)));
-    }
-  }
-
-  YAML::Node node_;
-  std::string path_;
-  ParseContext* ctx_;
-  std::set<std::string> consumed_;
-  std::vector<std::string> asked_;
-};
 
 void ReadConfig(const YAML::Node& root, ParseContext* ctx, ServerConfig* c) {
   Section top(root, "", ctx);
@@ -190,6 +49,7 @@ void ReadConfig(const YAML::Node& root, ParseContext* ctx, ServerConfig* c) {
   model.Read("block_q", &c->model.block_q);
   model.Read("block_k", &c->model.block_k);
   model.Read("threads", &c->model.num_threads);
+  model.Read("transformer", &c->model.transformer);
   model.Finish();
 
   Section scheduler = top.Sub("scheduler");
@@ -406,40 +266,11 @@ absl::Status ServerConfig::Validate() const {
 
 absl::StatusOr<ServerConfig> ParseServerConfig(absl::string_view yaml_text,
                                                absl::string_view source_name) {
-  ParseContext ctx;
-  ctx.source = std::string(source_name);
-  YAML::Node root;
-  try {
-    root = YAML::Load(std::string(yaml_text));
-  } catch (const YAML::Exception& e) {
-    ctx.Fail(e.mark, "(syntax)", e.msg);
-    return ctx.status;
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source_name, ": ", e.what()));
-  }
   ServerConfig config;
-  try {
-    ReadConfig(root, &ctx, &config);
-  } catch (const std::exception& e) {
-    // yaml-cpp throws only on malformed trees (e.g. non-scalar keys); report rather than crash.
-    ctx.Fail(YAML::Mark::null_mark(), "(structure)", e.what());
-  }
-  if (!ctx.status.ok()) return ctx.status;
-
-  absl::Status valid = config.Validate();
-  if (!valid.ok()) {
-    // Point at the line of the offending key when the file set it.
-    absl::string_view message = valid.message();
-    std::string location(source_name);
-    const size_t colon = message.find(": ");
-    if (colon != absl::string_view::npos) {
-      auto it = ctx.positions.find(std::string(message.substr(0, colon)));
-      if (it != ctx.positions.end()) {
-        absl::StrAppend(&location, ":", it->second.first, ":", it->second.second);
-      }
-    }
-    return absl::InvalidArgumentError(absl::StrCat(location, ": ", message));
-  }
+  SPARGE_RETURN_IF_ERROR(internal::ParseYamlConfig(
+      yaml_text, source_name,
+      [&config](const YAML::Node& root, ParseContext* ctx) { ReadConfig(root, ctx, &config); },
+      [&config] { return config.Validate(); }));
   return config;
 }
 

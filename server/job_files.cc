@@ -116,6 +116,29 @@ absl::Status RemoveFile(const std::string& path) {
   return absl::OkStatus();
 }
 
+absl::Status RemoveTree(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) {
+    return errno == ENOENT ? absl::OkStatus() : ErrnoStatus(errno, "cannot stat", path);
+  }
+  if (S_ISDIR(st.st_mode)) {
+    absl::StatusOr<std::vector<std::string>> entries = ListDirectory(path);
+    if (!entries.ok()) return entries.status();
+    for (const std::string& name : *entries) {
+      absl::Status s = RemoveTree(absl::StrCat(path, "/", name));
+      if (!s.ok()) return s;
+    }
+    if (::rmdir(path.c_str()) != 0) return ErrnoStatus(errno, "cannot remove", path);
+    return absl::OkStatus();
+  }
+  return RemoveFile(path);
+}
+
+bool PathExists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
 absl::StatusOr<int64_t> FileSize(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "cannot stat", path);

@@ -34,6 +34,13 @@ absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir);
 // Unlinks `path`; OK if it does not exist.
 absl::Status RemoveFile(const std::string& path);
 
+// Removes `path` and, for a directory, everything below it (symbolic links are removed, not
+// followed); OK if it does not exist.
+absl::Status RemoveTree(const std::string& path);
+
+// Whether `path` exists (following symbolic links).
+bool PathExists(const std::string& path);
+
 // Size in bytes of a regular file.
 absl::StatusOr<int64_t> FileSize(const std::string& path);
 

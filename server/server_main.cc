@@ -44,6 +44,7 @@ int Run(int argc, char** argv) {
   int metrics_port = -1;
   std::string device;
   std::string model;
+  std::string transformer;
   std::string listen_address;
   std::string output_dir;
   bool help = false;
@@ -62,6 +63,10 @@ int Run(int argc, char** argv) {
   flags.AddString("model", &model,
                   "model to serve, overriding `model.name` (config default \"tiny\": the embedded "
                   "tiny Wan2.1-architecture model); empty keeps the config's value");
+  flags.AddString("transformer", &transformer,
+                  "DiT weights replacing the model's, overriding `model.transformer`: a "
+                  "transformer directory such as a sparge-train checkpoint's "
+                  "<output_dir>/step-N/transformer; empty keeps the config's value");
   flags.AddString("listen-address", &listen_address,
                   "address to bind, overriding `listen_address` (config default 0.0.0.0); empty "
                   "keeps the config's value");
@@ -98,6 +103,7 @@ int Run(int argc, char** argv) {
   if (metrics_port >= 0 || flags.IsSet("metrics-port")) config.metrics_port = metrics_port;
   if (!device.empty()) config.model.device = device;
   if (!model.empty()) config.model.model = model;
+  if (!transformer.empty()) config.model.transformer = transformer;
   if (!listen_address.empty()) config.listen_address = listen_address;
   if (!output_dir.empty()) config.jobs.output_dir = output_dir;
   if (absl::Status s = config.Validate(); !s.ok()) {
@@ -114,6 +120,9 @@ int Run(int argc, char** argv) {
 
   LogInfo(absl::StrCat("SpargeServe ", ServerVersion(), " starting: model ", config.model.model,
                        " (", config.model.dtype, ", weight seed ", config.model.weight_seed,
+                       config.model.transformer.empty()
+                           ? std::string()
+                           : absl::StrCat(", transformer ", config.model.transformer),
                        "), device ", config.model.device, ", jobs in ", config.jobs.output_dir,
                        ", config ",
                        config_path.empty() ? "built-in defaults" : config_path));

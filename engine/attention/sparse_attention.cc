@@ -68,6 +68,8 @@ bool FindBackend(c10::DeviceType device_type, SparseAttentionBackend* backend) {
 struct SpargeOps {
   c10::OperatorHandle predict;
   c10::OperatorHandle forward;
+  // The autograd op (forward + backward kernels), for training; absent in an old library.
+  std::optional<c10::OperatorHandle> trainable;
 };
 
 std::optional<SpargeOps> FindSpargeOps(c10::DeviceType device_type) {
@@ -82,7 +84,8 @@ std::optional<SpargeOps> FindSpargeOps(c10::DeviceType device_type) {
   if (!predict->hasKernelForDispatchKey(key) || !forward->hasKernelForDispatchKey(key)) {
     return std::nullopt;
   }
-  return SpargeOps{*predict, *forward};
+  return SpargeOps{*predict, *forward,
+                   dispatcher.findSchema({"sparge::block_sparse_attention", ""})};
 }
 
 }  // namespace
@@ -117,11 +120,25 @@ SparseAttentionBackend SpargeOpsBackend() {
     auto forward = ops->forward.typed<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, int64_t, int64_t, double)>();
+    // The mask is stop-gradient (SPARSE_ATTENTION.md section 3): predicted from detached q, k.
     auto [counts, indices, t_counts, t_indices] =
-        predict.call(q, k, at::tensor(mode, at::kInt).to(q.device()),
+        predict.call(q.detach(), k.detach(), at::tensor(mode, at::kInt).to(q.device()),
                      at::tensor(topk, at::kFloat).to(q.device()),
                      at::tensor(topp, at::kFloat).to(q.device()), block_q, block_k);
-    auto [out, lse] = forward.call(q, k, v, counts, indices, block_q, block_k, 0.0);
+    at::Tensor out;
+    const bool needs_grad =
+        at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+    if (needs_grad) {
+      TORCH_CHECK(ops->trainable.has_value(),
+                  "the loaded sparge op library has no sparge::block_sparse_attention (autograd)");
+      auto trainable = ops->trainable->typed<std::tuple<at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>();
+      out = std::get<0>(
+          trainable.call(q, k, v, counts, indices, t_counts, t_indices, block_q, block_k, 0.0));
+    } else {
+      out = std::get<0>(forward.call(q, k, v, counts, indices, block_q, block_k, 0.0));
+    }
     BlockSparseMask mask;
     mask.seq_len = q.size(1);
     mask.block_q = block_q;
@@ -141,6 +158,7 @@ BlockSparseMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k,
                                  int64_t block_k) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes(), "q, k must be [B, L, H, D] alike");
   TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  at::NoGradGuard no_grad;  // the mask is stop-gradient
   const int64_t batch = q.size(0), seq_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
   TORCH_CHECK(seq_len > 0, "empty sequence");
   TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",

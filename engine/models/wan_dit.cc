@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "engine/models/activation_checkpoint.h"
 #include "engine/models/dit_fused.h"
 #include "engine/models/deferred_init.h"
 
@@ -362,9 +363,28 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
   DiTOutput output;
   output.sparsity.assign(batch, 0.0f);
   std::vector<float> layer_sparsity;
+  const bool checkpoint = activation_checkpointing_ && at::GradMode::is_enabled() &&
+                          (x.requires_grad() || ctx.requires_grad() || temb6.requires_grad());
   for (const auto& module : *blocks) {
-    x = module->as<WanBlockImpl>()->forward(x, ctx, temb6, rope_cos, rope_sin, knobs, block_q_,
-                                            block_k_, &layer_sparsity);
+    if (!checkpoint) {
+      x = module->as<WanBlockImpl>()->forward(x, ctx, temb6, rope_cos, rope_sin, knobs, block_q_,
+                                              block_k_, &layer_sparsity);
+    } else {
+      // Everything the recomputation needs is owned by the closure: it runs again during the
+      // backward pass, after this frame is gone.
+      auto block = std::dynamic_pointer_cast<WanBlockImpl>(module);
+      auto sparsity = std::make_shared<std::vector<float>>();
+      std::vector<AttentionKnobs> knob_copy(knobs.begin(), knobs.end());
+      const int64_t bq = block_q_, bk = block_k_;
+      x = CheckpointedCall(
+          [block, sparsity, knob_copy, rope_cos, rope_sin, bq, bk](
+              const std::vector<at::Tensor>& in) {
+            return block->forward(in[0], in[1], in[2], rope_cos, rope_sin, knob_copy, bq, bk,
+                                  sparsity.get());
+          },
+          {x, ctx, temb6});
+      layer_sparsity = *sparsity;
+    }
     for (int64_t b = 0; b < batch; ++b) output.sparsity[b] += layer_sparsity[b];
   }
   for (float& s : output.sparsity) s /= static_cast<float>(config_.num_layers);

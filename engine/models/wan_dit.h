@@ -148,6 +148,14 @@ class WanDiTImpl : public torch::nn::Module {
   DiTOutput Forward(const at::Tensor& latents, const at::Tensor& timesteps,
                     const at::Tensor& context, absl::Span<const AttentionKnobs> knobs);
 
+  // Training: recompute each block in the backward pass instead of keeping its activations
+  // (engine/models/activation_checkpoint.h). Only matters with grad mode on. Default off.
+  void SetActivationCheckpointing(bool enabled) { activation_checkpointing_ = enabled; }
+  bool activation_checkpointing() const { return activation_checkpointing_; }
+  // For a trainer that moved the parameters itself (e.g. every parameter fp32 or bf16).
+  int64_t block_q() const { return block_q_; }
+  int64_t block_k() const { return block_k_; }
+
   const WanDiTConfig& config() const { return config_; }
   int64_t num_parameters() const;
   torch::ScalarType dtype() const { return dtype_; }
@@ -164,6 +172,7 @@ class WanDiTImpl : public torch::nn::Module {
   WanDiTConfig config_;
   int64_t block_q_, block_k_;
   torch::ScalarType dtype_ = torch::kFloat;
+  bool activation_checkpointing_ = false;
   // RoPE tables of the last token grid, on its device: every step of a job (and every job of one
   // size) reuses them instead of recomputing on the host.
   std::array<int64_t, 3> rope_grid_ = {-1, -1, -1};

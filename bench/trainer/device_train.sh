@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: build sparge-train and trainer_test (CUDA, no FFmpeg), run the
+# trainer tests (the GPU one checks sparse self-attention gradients through the CUDA kernels
+# against the fp32 reference), then time distillation steps of the Wan2.1-1.3B DiT
+# ("wan1.3b-random": real 1.3B DiT shapes, seeded weights, tiny text encoder) in bf16 with
+# activation checkpointing at 480x832x81 (32760 tokens): a SpargeAttention2 student (hybrid,
+# top-k 0.05 / top-p 0.9, blocks 128x64) against a dense student as the baseline, same run.
+# Writes bench/results-style JSON to $OUT. Carry .gpudeps (../shared/tools/device-deps).
+#   OUT=/tmp/o BENCH_COMMIT=<sha> bash bench/trainer/device_train.sh [steps]
+set -uo pipefail
+OUT=${OUT:-/tmp/sparge-out}
+mkdir -p "$OUT"
+repo=$(pwd)
+steps=${1:-8}
+t0=$(date +%s)
+log() { echo "[$(date +%T) +$(( $(date +%s) - t0 ))s] $*"; }
+source "$repo/.gpudeps/device-deps" unpack > /dev/null
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "$card" > "$OUT/gpu.txt"
+torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
+log "configure"
+cmake -S "$repo" -B "$repo/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DSPARGE_REQUIRE_FFMPEG=OFF -DSPARGE_PYTHON=python3 \
+  -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH;$torch_prefix" > "$OUT/configure.log" 2>&1 \
+  || { tail -40 "$OUT/configure.log"; exit 1; }
+log "build"
+ninja -C "$repo/build-gpu" -j16 sparge-train trainer_test trainer_distributed_test \
+  > "$OUT/build.log" 2>&1 || { grep -B2 -A12 -m3 "error" "$OUT/build.log" | head -60; exit 1; }
+log "built"
+SPARGE_SOURCE_DIR=$repo "$repo/build-gpu/tests/trainer/trainer_test" > "$OUT/trainer_test.log" 2>&1
+echo "trainer_test rc=$?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|max abs" "$OUT/trainer_test.log" | head -30
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  "$repo/build-gpu/tests/trainer/trainer_distributed_test" > "$OUT/dist_test.log" 2>&1
+  echo "trainer_distributed_test rc=$?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure" "$OUT/dist_test.log" | head
+fi
+
+work=$repo/train-bench; rm -rf "$work"; mkdir -p "$work"
+printf 'a red fox running through fresh snow\nwaves breaking on a rocky beach at sunset\n' > "$work/prompts.txt"
+run() {  # name mode [extra sed]
+  local name=$1 mode=$2
+  sed -e "s|prompts: \"\"|prompts: $work/prompts.txt|" -e "s|^model: tiny|model: wan1.3b-random|" \
+      -e "s|^device: cpu|device: cuda|" -e "s|^dtype: float32|dtype: bfloat16|" \
+      -e "s|teacher_steps: 30|teacher_steps: 2|" -e "s|  mode: hybrid|  mode: $mode|" \
+      -e "s|every_steps: 200|every_steps: 0|" -e "s|  every_steps: 10|  every_steps: 1|" \
+      "$repo/config/trainer.yaml" > "$work/$name.yaml"
+  log "train $name"
+  "$repo/build-gpu/trainer/sparge-train" --config "$work/$name.yaml" --output-dir "$work/$name" \
+    --max-steps "$steps" > "$OUT/train_$name.log" 2>&1
+  echo "$name rc=$?"; grep -E "step [0-9]+/|error|Error" "$OUT/train_$name.log" | tail -4
+}
+run sparse hybrid
+# The dense run reuses the sparse run's teacher latents.
+mkdir -p "$work/dense"; cp -r "$work/sparse/cache" "$work/dense/"
+run dense dense
+python3 - "$work" "$OUT" "$card" "${BENCH_COMMIT:-unknown}" "$steps" <<'PY'
+import json, sys, datetime, statistics
+work, out, card, commit, steps = sys.argv[1:6]
+res = {"card": card, "commit": commit, "date": datetime.datetime.utcnow().isoformat() + "Z",
+       "model": "wan1.3b-random (Wan2.1-1.3B DiT shapes)", "dtype": "bfloat16",
+       "video": "480x832x81 (32760 tokens)", "batch": 1, "activation_checkpointing": True,
+       "sparsity_knobs": "hybrid topk 0.05 topp 0.9, blocks 128x64", "runs": {}}
+for name in ("sparse", "dense"):
+    try:
+        rows = [json.loads(l) for l in open(f"{work}/{name}/train_log.jsonl")]
+    except OSError:
+        continue
+    timed = rows[2:] if len(rows) > 3 else rows  # first steps warm up (cuDNN/cuBLAS plans)
+    res["runs"][name] = {
+        "steps": len(rows), "seconds_per_step_median": statistics.median(r["seconds_per_step"] for r in timed),
+        "peak_memory_gb": max(r["peak_memory_bytes"] for r in rows) / 1e9,
+        "loss": [r["loss"] for r in rows], "sparsity": statistics.mean(r["sparsity"] for r in rows)}
+if "sparse" in res["runs"] and "dense" in res["runs"]:
+    res["speedup_step_sparse_vs_dense"] = (res["runs"]["dense"]["seconds_per_step_median"] /
+                                          res["runs"]["sparse"]["seconds_per_step_median"])
+name = f"{out}/train_step_{card.replace(' ', '_')}_{datetime.date.today()}.json"
+json.dump(res, open(name, "w"), indent=1)
+print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+for k, v in res["runs"].items():
+    print(k, {kk: vv for kk, vv in v.items() if kk != "loss"})
+PY
+log "done"
