@@ -23,7 +23,6 @@
 #include <regex>
 #include <sstream>
 
-#include "absl/hash/hash.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -73,6 +72,13 @@ uint64_t MixSeed(uint64_t seed, uint64_t stream, uint64_t index) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
+}
+
+// FNV-1a: a hash that is the same in every process and run (absl::Hash is salted per process).
+uint64_t StableHash(const std::string& text) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : text) h = (h ^ c) * 0x100000001b3ull;
+  return h;
 }
 
 at::Generator CpuGenerator(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
@@ -288,7 +294,7 @@ std::string Distiller::CachePath(int index) const {
       "x", d.height, "x", d.num_frames, "|", d.teacher_steps, "|", d.guidance_scale, "|", d.shift,
       "|", d.negative_prompt, "|", prompts_[index]);
   return absl::StrFormat("%s/cache/x0-%016x-%06d.safetensors", config_.output_dir,
-                         absl::HashOf(key), index);
+                         StableHash(key), index);
 }
 
 absl::StatusOr<at::Tensor> Distiller::CleanLatent(int index) const {

@@ -96,9 +96,10 @@ int Run(int argc, char** argv) {
     return 2;
   }
 
-  // The launcher process only supervises its workers.
-  if (nproc_per_node > 1 && std::getenv("RANK") == nullptr) {
+  // The launcher process only supervises its workers (one per GPU; NNODES > 1 for several nodes).
+  if (ShouldLaunchWorkers(nproc_per_node)) {
     absl::Status s = LaunchWorkers(nproc_per_node, argc, argv);
+    if (absl::IsCancelled(s)) return 143;  // stopped by a signal after the workers saved
     if (!s.ok()) {
       server::LogError(absl::StrCat("sparge-train: ", s.message()));
       return 1;
