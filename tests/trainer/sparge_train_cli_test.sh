@@ -43,6 +43,18 @@ grep -q "step 3/3 loss" "$work/run1.log" || { cat "$work/run1.log"; fail "no ste
 grep -q "resumed from .*step-0000003 at step 3" "$work/run2.log" || { cat "$work/run2.log"; fail "did not resume"; }
 [ -d "$work/out/step-0000004" ] || fail "no step-4 checkpoint"
 
+# SIGTERM: the run saves a checkpoint at the step it reached and exits 143; a restart resumes.
+"$train" --config "$work/train.yaml" --output-dir "$work/term" --max-steps 100000 \
+  2> "$work/term.log" &
+tpid=$!
+for _ in $(seq 1 200); do grep -q "step 10/" "$work/term.log" 2>/dev/null && break; sleep 0.1; done
+kill -TERM $tpid
+set +e; wait $tpid; rc=$?; set -e
+[ $rc = 143 ] || { cat "$work/term.log"; fail "SIGTERM: exit $rc, want 143"; }
+saved=$(ls -d "$work"/term/step-* 2>/dev/null | tail -1)
+[ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] || { cat "$work/term.log"; fail "no checkpoint after SIGTERM"; }
+grep -q "stop requested at step" "$work/term.log" || fail "no stop message"
+
 # Data parallelism: 2 worker processes with 1 sample each train exactly what 1 process with 2
 # samples trains (same samples by global number, mean gradient), up to float summation order
 # (measured 4.5e-6 against 4e-4 between batch sizes 1 and 2).
