@@ -1,16 +1,34 @@
 // Hopper (sm_90a) block-sparse attention backward with warpgroup MMA: the same recomputation as
 // the mma.sync kernels (block_sparse_bwd_dq.cu, block_sparse_bwd_dkv.cu), on 128B-swizzled shared
-// tiles. dK/dV: one CTA per 64 or 128 keys (one warpgroup per 64 keys) walking the query blocks
-// that keep them; S^T = K Q^T and dP^T = V dO^T from shared operands, dV += P^T dO and
-// dK += dS^T Q with P^T / dS^T taken from registers. dQ: one CTA per 128 query rows (two
-// warpgroups) walking the kept key blocks; dQ += dS K. Deterministic (no atomics).
+// tiles. Two implementations, chosen by env SPARGE_BWD_IMPL (read per launch):
+//  * fused (default for 128-wide key blocks, v9): one pass per 128-key tile, FlashAttention-3
+//    structure. A producer warp prefetches the Q, dO, LSE and delta tiles of the query blocks that
+//    keep the key tile (transposed LUT) through a 2-stage mbarrier ring; two consumer warpgroups
+//    (64 keys each) compute S^T, dP^T, dV += P^T dO, dK += dS^T Q, write dS^T to shared memory
+//    and compute dQ_partial = dS K, which is added to an fp32 accumulator in global memory with
+//    one bulk reduction (cp.reduce.async.bulk .add.f32) per warpgroup and tile; a small kernel
+//    converts the accumulator to dQ. 5 GEMMs per tile pair instead of 7. dQ is not bitwise
+//    deterministic (the order of the fp32 additions varies); dK and dV are.
+//  * split (SPARGE_BWD_IMPL=split, and 64-wide key blocks): dK/dV: one CTA per 64 or 128 keys
+//    (one warpgroup per 64 keys) walking the query blocks that keep them; S^T = K Q^T and
+//    dP^T = V dO^T from shared operands, dV += P^T dO and dK += dS^T Q with P^T / dS^T taken from
+//    registers. dQ: one CTA per 128 query rows (two warpgroups) walking the kept key blocks;
+//    dQ += dS K recomputing S and dP. Deterministic (no atomics).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+
+#include <cub/block/block_scan.cuh>
 
 #include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
+#include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
 
 namespace sparge::kernels::detail {
@@ -37,6 +55,49 @@ __device__ __forceinline__ void PackA(uint32_t (*a)[4], const float* s) {
     a[kc][2] = MmaOp<T>::Pack(s[(2 * kc + 1) * 4 + 0], s[(2 * kc + 1) * 4 + 1]);
     a[kc][3] = MmaOp<T>::Pack(s[(2 * kc + 1) * 4 + 2], s[(2 * kc + 1) * 4 + 3]);
   }
+}
+
+// Writes a warp's 16 rows (from row0) of the dK (times the softmax scale) and dV accumulators of
+// an m64nD wgmma fragment; rows at or past L are skipped.
+template <typename T, int D>
+__device__ __forceinline__ void StoreDkDv(const BwdParams& p, int b, int h, int row0, int lane,
+                                          const float* dk, const float* dv) {
+  const int g = lane >> 2, tig = lane & 3;
+  T* dkbase = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
+  T* dvbase = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row < p.seqlen) {
+      T* krow = dkbase + static_cast<int64_t>(row) * p.dk.stride_l;
+      T* vrow = dvbase + static_cast<int64_t>(row) * p.dv.stride_l;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        *reinterpret_cast<uint32_t*>(krow + nt * 8 + 2 * tig) =
+            MmaOp<T>::Pack(dk[nt * 4 + 2 * r] * p.scale, dk[nt * 4 + 2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(vrow + nt * 8 + 2 * tig) =
+            MmaOp<T>::Pack(dv[nt * 4 + 2 * r], dv[nt * 4 + 2 * r + 1]);
+      }
+    }
+  }
+}
+
+// S^T = K Q^T and dP^T = V dO^T for one warpgroup's 64 keys (rows row0.. of the kKeys-row K and
+// V tiles) against a kM-row Q/dO tile, into st / dpt (m64n64 fragments); waits for both.
+template <typename T, int D, int kKeys>
+__device__ __forceinline__ void StDpT(float* st, float* dpt, uint32_t k_addr, uint32_t v_addr, int row0,
+                                      uint32_t q_addr, uint32_t do_addr) {
+#pragma unroll
+  for (int i = 0; i < kM / 2; ++i) st[i] = dpt[i] = 0.f;
+  WgmmaFence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    Wg<T>::template SS<kM>(st, KMajorDesc(k_addr, kKeys, row0, ks), KMajorDesc(q_addr, kM, 0, ks));
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    Wg<T>::template SS<kM>(dpt, KMajorDesc(v_addr, kKeys, row0, ks), KMajorDesc(do_addr, kM, 0, ks));
+  WgmmaCommit();
+  WgmmaWait0();
 }
 
 template <typename T, int D, int kWG>
@@ -94,7 +155,7 @@ __global__ void __launch_bounds__(128 * kWG, 1) DkvSm90Kernel(BwdParams p) {
   __syncthreads();
 
   const uint32_t k_addr = SmemAddr(sK), v_addr = SmemAddr(sV);
-  const int tig = lane & 3, g = lane >> 2;
+  const int tig = lane & 3;
   const float scale_log2 = p.scale * kLog2e;
   float dk[D / 2], dv[D / 2];
 #pragma unroll
@@ -110,17 +171,7 @@ __global__ void __launch_bounds__(128 * kWG, 1) DkvSm90Kernel(BwdParams p) {
     const float* cD = sDelta + stage * kM;
 
     float s[kM / 2], dp[kM / 2];
-#pragma unroll
-    for (int i = 0; i < kM / 2; ++i) s[i] = dp[i] = 0.f;
-    WgmmaFence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-      Wg<T>::template SS<kM>(s, KMajorDesc(k_addr, kKeys, wg * 64, ks), KMajorDesc(q_addr, kM, 0, ks));
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-      Wg<T>::template SS<kM>(dp, KMajorDesc(v_addr, kKeys, wg * 64, ks), KMajorDesc(do_addr, kM, 0, ks));
-    WgmmaCommit();
-    WgmmaWait0();
+    StDpT<T, D, kKeys>(s, dp, k_addr, v_addr, wg * 64, q_addr, do_addr);
 #pragma unroll
     for (int nt = 0; nt < kM / 8; ++nt) {
 #pragma unroll
@@ -149,23 +200,7 @@ __global__ void __launch_bounds__(128 * kWG, 1) DkvSm90Kernel(BwdParams p) {
     t = tn;
   }
 
-  T* dkbase = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
-  T* dvbase = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = k0 + wg * 64 + warp * 16 + g + 8 * r;
-    if (row < L) {
-      T* krow = dkbase + static_cast<int64_t>(row) * p.dk.stride_l;
-      T* vrow = dvbase + static_cast<int64_t>(row) * p.dv.stride_l;
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        *reinterpret_cast<uint32_t*>(krow + nt * 8 + 2 * tig) =
-            MmaOp<T>::Pack(dk[nt * 4 + 2 * r] * p.scale, dk[nt * 4 + 2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(vrow + nt * 8 + 2 * tig) =
-            MmaOp<T>::Pack(dv[nt * 4 + 2 * r], dv[nt * 4 + 2 * r + 1]);
-      }
-    }
-  }
+  StoreDkDv<T, D>(p, b, h, k0 + wg * 64 + warp * 16, lane, dk, dv);
 }
 
 template <typename T, int D>
@@ -291,6 +326,432 @@ __global__ void __launch_bounds__(256, 1) DqSm90Kernel(BwdParams p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused backward (v9): two warpgroups, 64 keys each of the CTA's 128, all threads loading the
+// next query tile (cp.async, double buffer) while the current one is computed; one CTA barrier
+// per tile (data ready, previous tile finished) and, for D = 128, a one-way barrier per
+// warpgroup for the dS^T exchange (the first to finish its softmax starts its dV/dK wgmmas). No producer
+// warpgroup: at 384 threads the consumers' 240 registers (setmaxnreg) were not enough for ptxas
+// to keep the wgmmas asynchronous (it serialised all of them); at 256 threads they get 255.
+constexpr int kFThreads = 256;
+constexpr int kFKeys = 128;
+constexpr int kFStages = 2;
+constexpr int kDqTileFloats = kM * 64;  // one warpgroup's dQ partial: 64 rows x 64 columns
+
+// Work list of the persistent fused kernel, in the workspace after the dQ accumulator.
+struct FusedSchedule {
+  int next;   // next position to take (zeroed with the accumulator)
+  int items;
+  int pad[2];
+  int order[1];  // [items]
+};
+
+// Shared layout (bytes from a 1024-aligned base): K, V [D/64][128][64]; per stage Q, dO
+// [D/64][64][64]; dS^T double buffer [128 keys][64 queries]; dQ partial per consumer warpgroup
+// (fp32, fragment order); LSE and delta per stage.
+template <int D>
+struct FusedLayout {
+  static constexpr int kKvBytes = kFKeys * D * 2;
+  static constexpr int kQBytes = kM * D * 2;
+  static constexpr int kK = 0;
+  static constexpr int kV = kKvBytes;
+  static constexpr int kQ = 2 * kKvBytes;
+  static constexpr int kDO = kQ + kFStages * kQBytes;
+  static constexpr int kDsBytes = kFKeys * kM * 2;
+  static constexpr int kDs = kDO + kFStages * kQBytes;
+  static constexpr int kDq = kDs + 2 * kDsBytes;
+  static constexpr int kLse = kDq + 2 * kDqTileFloats * 4;
+  static constexpr int kDelta = kLse + kFStages * kM * 4;
+  static constexpr int kItem = kDelta + kFStages * kM * 4;
+  static constexpr int kBytes = kItem + 16 + 1024;  // + alignment slack
+};
+
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// Adds `bytes` of fp32 from shared memory to global memory (one bulk asynchronous reduction).
+__device__ __forceinline__ void BulkReduceAddF32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void BulkWaitRead0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// m64n64k16 with both operands MN-major (transposed) in 128B-swizzled shared memory: A = dS from
+// the dS^T tile, B = K with the head dimension contiguous.
+template <typename T>
+__device__ __forceinline__ void WgmmaSSTT_N64(float* d, uint64_t desc_a, uint64_t desc_b) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+#define SPARGE_WGMMA_TT(TYPE)                                                                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                           \
+               " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+               "%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 1, 1;\n}\n"                  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),  \
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),           \
+                 "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),        \
+                 "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
+                 "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),        \
+                 "+f"(d[31])                                                                          \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+  if constexpr (kBf16) SPARGE_WGMMA_TT("bf16"); else SPARGE_WGMMA_TT("f16");
+#undef SPARGE_WGMMA_TT
+}
+
+// Query tiles of 64 rows that a key tile visits: kM-row halves of the kept 128-row query blocks,
+// ascending, so only the last block's second half can start at or past L.
+__device__ __forceinline__ int FusedValidTiles(int count, int last_qblk, int L) {
+  const int subs = kTileQ / kM;
+  return (count - 1) * subs + min(subs, CeilDiv(L - last_qblk * kTileQ, kM));
+}
+
+// Persistent: each CTA takes work items (one 128-key tile of one head) from `sched` in the
+// order FusedScheduleKernel wrote them: heavy items first (a key block that every query keeps,
+// like an attention sink, costs ~20x the average one and would otherwise start late and end
+// last), then head by head. dq_acc: fp32 [B*H][2*Nq query tiles][D/64][64 x 64 in
+// wgmma fragment order], zeroed before the launch, like sched->next.
+template <typename T, int D>
+__global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, float* dq_acc,
+                                                                   FusedSchedule* sched) {
+  using Lay = FusedLayout<D>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t base = SmemAddr(smem);
+  const uint32_t sK = base + Lay::kK, sV = base + Lay::kV;
+  auto sQ = [&](int s) { return base + Lay::kQ + s * Lay::kQBytes; };
+  auto sDO = [&](int s) { return base + Lay::kDO + s * Lay::kQBytes; };
+  float* sLse = reinterpret_cast<float*>(smem + Lay::kLse);
+  float* sDelta = reinterpret_cast<float*>(smem + Lay::kDelta);
+  int* sItem = reinterpret_cast<int*>(smem + Lay::kItem);
+
+  const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+  const int tig = lane & 3;
+  const int L = p.seqlen;
+  const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k);
+  const int nkt = CeilDiv(L, kFKeys);
+  for (;;) {
+    __syncthreads();  // the previous item's shared-memory reads are done
+    if (tid == 0) {
+      const int w = atomicAdd(&sched->next, 1);
+      *sItem = w < sched->items ? sched->order[w] : -1;
+    }
+    __syncthreads();
+    const int item = *sItem;
+    if (item < 0) break;
+    const int kt = item % nkt;
+    const int64_t bh = item / nkt;
+    const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+    const int k0 = kt * kFKeys;
+    const int kb = k0 / p.block_k;
+    const int count = p.t_counts[bh * nk + kb];
+    const int32_t* tlut = p.t_indices + (bh * nk + kb) * nq;
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    if (count > 0) {
+      const T* qbase = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+      const T* dobase = static_cast<const T*>(p.d_o.ptr) + b * p.d_o.stride_b + h * p.d_o.stride_h;
+      const float* lse = p.lse + bh * L;
+      const float* delta = p.delta + bh * L;
+      // Q, dO, LSE and delta of query tile i into stage s (rows past L read as zeros, which makes
+      // their P^T dO and dS zero).
+      auto load_tile = [&](int i, int s) {
+        const int q0 = tlut[i / 2] * kTileQ + (i % 2) * kM;
+        LoadTileSw128<T, kM, D, kFThreads>(reinterpret_cast<T*>(smem + Lay::kQ + s * Lay::kQBytes), qbase,
+                                           p.q.stride_l, q0, L, tid);
+        LoadTileSw128<T, kM, D, kFThreads>(reinterpret_cast<T*>(smem + Lay::kDO + s * Lay::kQBytes), dobase,
+                                           p.d_o.stride_l, q0, L, tid);
+        if (tid < 2 * kM) {
+          const int r = tid % kM;
+          const bool ok = q0 + r < L;
+          const float* src = tid < kM ? lse : delta;
+          float* dst = (tid < kM ? sLse : sDelta) + s * kM + r;
+          CpAsync4(SmemAddr(dst), ok ? src + q0 + r : src, ok ? 4 : 0);
+        }
+      };
+      const T* kbase = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+      const T* vbase = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+      LoadTileSw128<T, kFKeys, D, kFThreads>(reinterpret_cast<T*>(smem + Lay::kK), kbase, p.k.stride_l,
+                                             k0, L, tid);
+      LoadTileSw128<T, kFKeys, D, kFThreads>(reinterpret_cast<T*>(smem + Lay::kV), vbase, p.v.stride_l,
+                                             k0, L, tid);
+      load_tile(0, 0);
+      CpAsyncCommit();
+      const int n = FusedValidTiles(count, tlut[count - 1], L);
+
+      const float scale_log2 = p.scale * kLog2e;
+      // dQ = dS K: with D = 128 each warpgroup takes 64 of the head dimension's columns over all
+      // 128 keys (both warpgroups' dS^T rows); with D = 64 each takes its own 64 keys and the whole
+      // head dimension, and both add into the same accumulator tile.
+      constexpr int kDqSteps = D == 128 ? kFKeys / 16 : 64 / 16;
+      const uint32_t ds_row0 = D == 128 ? 0 : cw * 64 * 128;
+      const uint32_t kb_addr = D == 128 ? sK + cw * kFKeys * 128 : sK + cw * 64 * 128;
+      const int dq_block = D == 128 ? cw : 0;
+      const uint32_t dq_smem = base + Lay::kDq + cw * kDqTileFloats * 4;
+      float4* dq_stage = reinterpret_cast<float4*>(smem + Lay::kDq) + cw * (kDqTileFloats / 4);
+      // dQ partial -> shared (fragment order, conflict-free float4 stores) -> one bulk reduction.
+      float dq[32];
+      auto reduce_dq = [&](int qtile) {
+        if (wtid == 0) BulkWaitRead0();  // the previous tile's reduction has read the buffer
+        NamedBarrierSync(3 + cw, 128);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          dq_stage[nt * 128 + wtid] = make_float4(dq[nt * 4], dq[nt * 4 + 1], dq[nt * 4 + 2], dq[nt * 4 + 3]);
+        FenceProxyAsync();
+        NamedBarrierSync(3 + cw, 128);
+        if (wtid == 0) {
+          float* dst = dq_acc + ((bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
+          BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
+          BulkCommit();
+        }
+      };
+      for (int i = 0; i < n; ++i) {
+        const int s = i & 1;
+        const int qtile = tlut[i / 2] * 2 + (i % 2);  // used at the end of the tile: latency hidden
+        // Tile i has landed (every thread's own copies, then the barrier); past the barrier no
+        // thread still reads stage s ^ 1 (tile i - 1), so tile i + 1 is prefetched into it.
+        CpAsyncWaitAll();
+        FenceProxyAsync();
+        NamedBarrierSync(1, kFThreads);
+        if (i + 1 < n) load_tile(i + 1, s ^ 1);
+        CpAsyncCommit();
+        float st[kM / 2], dpt[kM / 2];
+        StDpT<T, D, kFKeys>(st, dpt, sK, sV, cw * 64, sQ(s), sDO(s));
+        const float* cL = sLse + s * kM;
+        const float* cD = sDelta + s * kM;
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * tig + (e & 1);
+            const float pr = FastExp2(fmaf(st[nt * 4 + e], scale_log2, -cL[col] * kLog2e));
+            st[nt * 4 + e] = pr;
+            dpt[nt * 4 + e] = pr * (dpt[nt * 4 + e] - cD[col]);
+          }
+        }
+        // dS^T (this warpgroup's 64 key rows) into the [128 keys][64 queries] swizzled tile.
+        const uint32_t ds_addr = base + Lay::kDs + s * Lay::kDsBytes;
+        T* ds = reinterpret_cast<T*>(smem + Lay::kDs + s * Lay::kDsBytes);
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = cw * 64 + warp * 16 + (lane >> 2) + 8 * r;
+            *reinterpret_cast<uint32_t*>(ds + Sw128<kFKeys>(row, nt) + 2 * tig) =
+                MmaOp<T>::Pack(dpt[nt * 4 + 2 * r], dpt[nt * 4 + 2 * r + 1]);
+          }
+        uint32_t pa[kM / 16][4], da[kM / 16][4];
+        PackA<T>(pa, st);
+        PackA<T>(da, dpt);
+        FenceProxyAsync();
+        // D = 128: announce this half of dS^T (named barrier 5 + cw: this warpgroup arrives, the
+        // other one syncs) and run dV/dK while the other warpgroup may still be in its softmax.
+        if constexpr (D == 128) NamedBarrierArrive(5 + cw, kFThreads);
+        WgmmaFence();
+#pragma unroll
+        for (int kc = 0; kc < kM / 16; ++kc) {
+          Wg<T>::template RS<D>(dv, pa[kc], MNMajorDesc(sDO(s), kM, kc));
+          Wg<T>::template RS<D>(dk, da[kc], MNMajorDesc(sQ(s), kM, kc));
+        }
+        WgmmaCommit();
+        WgmmaWait0();
+        if constexpr (D == 128) NamedBarrierSync(6 - cw, kFThreads); else NamedBarrierSync(3 + cw, 128);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) dq[j] = 0.f;
+        WgmmaFence();
+#pragma unroll
+        for (int kc = 0; kc < kDqSteps; ++kc)
+          WgmmaSSTT_N64<T>(dq, MakeSmemDesc(ds_addr + ds_row0 + kc * 16 * 128, kFKeys * 128, 1024),
+                           MakeSmemDesc(kb_addr + kc * 16 * 128, kFKeys * 128, 1024));
+        WgmmaCommit();
+        WgmmaWait0();
+        reduce_dq(qtile);
+      }
+    }
+    StoreDkDv<T, D>(p, b, h, k0 + cw * 64 + warp * 16, lane, dk, dv);
+  }
+  if (wtid == 0) BulkWait0();
+}
+
+// Writes the work order of the persistent fused kernel: first the heavy items (key tiles kept
+// by more than 4x the mean count of query blocks + 8, e.g. attention sinks) by descending count
+// (a counting sort; the order inside one count is arbitrary and changes nothing but timing),
+// then all others in item order (b * H + h) * nkt + kt, head by head, so that concurrently
+// running CTAs share one head's Q/dO tiles and dQ accumulator in L2. One CTA; hist holds nq + 1
+// ints of dynamic shared memory.
+constexpr int kSchedThreads = 1024;
+__global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched) {
+  using Scan = cub::BlockScan<int, kSchedThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ long long total;
+  __shared__ int heavy_total;
+  extern __shared__ int hist[];
+  const int tid = threadIdx.x;
+  const int L = p.seqlen;
+  const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
+  const int items = p.batch * p.heads * nkt;
+  auto count_of = [&](int w) {
+    const int64_t bh = w / nkt;
+    return p.t_counts[bh * nk + (w % nkt) * kFKeys / p.block_k];
+  };
+  if (tid == 0) total = 0;
+  for (int c = tid; c <= nq; c += kSchedThreads) hist[c] = 0;
+  __syncthreads();
+  const int chunk = CeilDiv(items, kSchedThreads), w0 = tid * chunk, w1 = min(items, w0 + chunk);
+  long long sum = 0;
+  for (int w = w0; w < w1; ++w) sum += count_of(w);
+  atomicAdd(reinterpret_cast<unsigned long long*>(&total), static_cast<unsigned long long>(sum));
+  __syncthreads();
+  const long long heavy_above = 4 * total / max(items, 1) + 8;
+  int light = 0;
+  for (int w = w0; w < w1; ++w) {
+    const int c = count_of(w);
+    if (c > heavy_above) atomicAdd(&hist[c], 1); else ++light;
+  }
+  int light_before = 0;
+  Scan(scan_tmp).ExclusiveSum(light, light_before);
+  __syncthreads();
+  if (tid == 0) {  // exclusive offsets of the heavy counts, largest first
+    int acc = 0;
+    for (int c = nq; c > heavy_above && c >= 0; --c) {
+      const int n = hist[c];
+      hist[c] = acc;
+      acc += n;
+    }
+    heavy_total = acc;
+    sched->items = items;
+  }
+  __syncthreads();
+  for (int w = w0; w < w1; ++w) {
+    const int c = count_of(w);
+    sched->order[c > heavy_above ? atomicAdd(&hist[c], 1) : heavy_total + light_before++] = w;
+  }
+}
+
+// dQ = scale * accumulator, into the [B, L, H, D] strides. One CTA of 256 threads per 64 x 64
+// accumulator tile, which holds the m64n64 fragment of thread t (row warp*16 + g (+8), columns
+// nt*8 + 2*tig (+1)) at float4 index nt*128 + t: coalesced float4 reads, rows reassembled in
+// shared memory, then 16-byte row-contiguous writes.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc) {
+  __shared__ uint32_t rows[kM][33];  // 64 rows x 32 bf16 pairs, padded against bank conflicts
+  const int64_t tile = blockIdx.x;  // (bh, query tile, column block)
+  const int cb = tile % (D / 64);
+  const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
+  const int qt = (tile / (D / 64)) % nq2;
+  const int64_t bhi = tile / (D / 64) / nq2;
+  const int b = bhi / p.heads, h = bhi % p.heads;
+  const float4* src = acc + tile * (kDqTileFloats / 4);
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int f = threadIdx.x + it * 256, nt = f / 128, t = f % 128, lane = t & 31;
+    const int row = (t >> 5) * 16 + (lane >> 2), pair = nt * 4 + (lane & 3);
+    const float4 v = src[f];
+    rows[row][pair] = MmaOp<T>::Pack(v.x * p.scale, v.y * p.scale);
+    rows[row + 8][pair] = MmaOp<T>::Pack(v.z * p.scale, v.w * p.scale);
+  }
+  __syncthreads();
+  T* base = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64;
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * 256, r = c / 8, q = c % 8;  // 8 chunks of 8 values per row
+    const int row = qt * kM + r;
+    if (row < p.seqlen) {
+      const uint4 w = make_uint4(rows[r][4 * q], rows[r][4 * q + 1], rows[r][4 * q + 2], rows[r][4 * q + 3]);
+      *reinterpret_cast<uint4*>(base + static_cast<int64_t>(row) * p.dq.stride_l + q * 8) = w;
+    }
+  }
+}
+
+// Stream-ordered workspace (fp32 dQ accumulator) from a per-device memory pool that keeps its memory (like a
+// caching allocator): after the first backward of a shape, allocation costs no driver mapping.
+cudaError_t AllocDqAccumulator(size_t bytes, cudaStream_t stream, void** out) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static std::mutex mu;
+  static cudaMemPool_t pools[64] = {};
+  if (dev >= 64) return cudaErrorInvalidDevice;
+  cudaMemPool_t pool;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (pools[dev] == nullptr) {
+      cudaMemPoolProps props = {};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = dev;
+      err = cudaMemPoolCreate(&pools[dev], &props);
+      if (err != cudaSuccess) return err;
+      uint64_t keep = UINT64_MAX;
+      err = cudaMemPoolSetAttribute(pools[dev], cudaMemPoolAttrReleaseThreshold, &keep);
+      if (err != cudaSuccess) return err;
+    }
+    pool = pools[dev];
+  }
+  return cudaMallocFromPoolAsync(out, bytes, pool, stream);
+}
+
+int SmCount() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return n;
+}
+
+// Workspace (one stream-ordered allocation): the fp32 dQ accumulator, then the work list. The
+// accumulator and the list's counter are zeroed; the schedule kernel writes the list; the
+// persistent fused kernel runs one CTA per SM; the convert kernel writes dQ.
+template <typename T, int D>
+cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
+  const int nq = CeilDiv(p.seqlen, kTileQ);
+  const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
+  const int64_t floats = static_cast<int64_t>(p.batch) * p.heads * (2 * nq) * (D / 64) * kDqTileFloats;
+  const size_t acc_bytes = floats * 4;
+  const size_t bytes = acc_bytes + sizeof(FusedSchedule) + static_cast<size_t>(items) * 4;
+  void* ws = nullptr;
+  cudaError_t err = AllocDqAccumulator(bytes, stream, &ws);
+  if (err != cudaSuccess) return err;
+  float* acc = static_cast<float*>(ws);
+  FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes);
+  err = cudaMemsetAsync(ws, 0, acc_bytes + sizeof(FusedSchedule), stream);
+  if (err == cudaSuccess) {
+    const int hist_bytes = (nq + 1) * 4;
+    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
+    if (err == cudaSuccess) {
+      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched);
+      err = cudaGetLastError();
+    }
+  }
+  if (err == cudaSuccess) {
+    constexpr int smem = FusedLayout<D>::kBytes;
+    auto kernel = BwdFusedSm90Kernel<T, D>;
+    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
+    if (err == cudaSuccess) {
+      kernel<<<std::min(items, SmCount()), kFThreads, smem, stream>>>(p, acc, sched);
+      err = cudaGetLastError();
+    }
+  }
+  if (err == cudaSuccess) {
+    DqConvertKernel<T, D><<<static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream>>>(
+        p, reinterpret_cast<const float4*>(acc));
+    err = cudaGetLastError();
+  }
+  const cudaError_t free_err = cudaFreeAsync(ws, stream);
+  return err != cudaSuccess ? err : free_err;
+}
+
 template <typename T, int D, int kWG>
 cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = (2 * 64 * kWG * D + 4 * kM * D) * 2 + 4 * kM * 4 + 1024;
@@ -313,8 +774,16 @@ cudaError_t LaunchDq(const BwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// SPARGE_BWD_IMPL=split selects the deterministic two-kernel path; the fused kernel needs
+// 128-wide key blocks (its CTA walks one transposed-LUT row for all 128 keys).
+bool UseFusedBwd(const BwdParams& p) {
+  const char* env = std::getenv("SPARGE_BWD_IMPL");
+  return p.block_k % kFKeys == 0 && !(env != nullptr && std::strcmp(env, "split") == 0);
+}
+
 template <typename T, int D>
 cudaError_t Launch(const BwdParams& p, cudaStream_t stream) {
+  if (UseFusedBwd(p)) return LaunchFused<T, D>(p, stream);
   cudaError_t err = p.block_k % 128 == 0 ? LaunchDkv<T, D, 2>(p, stream) : LaunchDkv<T, D, 1>(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchDq<T, D>(p, stream);

@@ -110,6 +110,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
+    ap.add_argument("--no-alt", action="store_true",
+                    help="skip the A/B forward kernels (mma.sync, cp.async) and the mma.sync backward")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
     card = torch.cuda.get_device_name()
@@ -154,11 +156,13 @@ def main():
         # Our dense mode (all blocks kept) against cuDNN.
         cD, iD, tcD, tiD = predict(q, k, MODE_DENSE, 0.0, 0.0, bq, bk)
         ours_dense_fwd = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
-        os.environ["SPARGE_FWD_IMPL"] = "mma"
-        ours_dense_fwd_mma = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
-        del os.environ["SPARGE_FWD_IMPL"]
-        print(f"{name} ours dense-mode fwd mma.sync {ours_dense_fwd_mma:.2f} ms", flush=True)
-        alt_tile = "1"  # FwdParams::pipelined: the cp.async kernel (default up to v6), for A/B
+        ours_dense_fwd_mma = None
+        if not args.no_alt:
+            os.environ["SPARGE_FWD_IMPL"] = "mma"
+            ours_dense_fwd_mma = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
+            del os.environ["SPARGE_FWD_IMPL"]
+            print(f"{name} ours dense-mode fwd mma.sync {ours_dense_fwd_mma:.2f} ms", flush=True)
+        alt_tile = "" if args.no_alt else "1"  # FwdParams::pipelined: the cp.async kernel, for A/B
         ours_dense_fwd_alt = None
         if alt_tile:
             os.environ["SPARGE_FWD_PIPELINED"] = alt_tile
@@ -173,9 +177,11 @@ def main():
             c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)
             mask_ms = timed(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk))
             attn_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
-            os.environ["SPARGE_FWD_IMPL"] = "mma"
-            attn_mma_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
-            del os.environ["SPARGE_FWD_IMPL"]
+            attn_mma_ms = bwd_mma_ms = None
+            if not args.no_alt:
+                os.environ["SPARGE_FWD_IMPL"] = "mma"
+                attn_mma_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale))
+                del os.environ["SPARGE_FWD_IMPL"]
             attn_alt_ms = None
             if alt_tile:
                 os.environ["SPARGE_FWD_PIPELINED"] = alt_tile
@@ -188,10 +194,25 @@ def main():
 
             fwd_ms = timed(ours_fwd)
             o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
-            bwd_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale))
-            os.environ["SPARGE_FWD_IMPL"] = "mma"
-            bwd_mma_ms = timed(lambda: torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale))
-            del os.environ["SPARGE_FWD_IMPL"]
+            def ours_bwd():
+                return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
+
+            bwd_ms = timed(ours_bwd)  # default: the fused backward (v9) on 128-wide key blocks
+            # A/B in the same process: the deterministic two-kernel backward (v4..v8 default).
+            os.environ["SPARGE_BWD_IMPL"] = "split"
+            bwd_split_ms = timed(ours_bwd)
+            grads_split = ours_bwd()
+            del os.environ["SPARGE_BWD_IMPL"]
+            grads = ours_bwd()
+            bwd_split_relerr = {n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
+                                for n_, a_, b_ in zip(("dq", "dk", "dv"), grads, grads_split)}
+            del grads, grads_split
+            print(f"{name} {target:.2f} bwd fused {bwd_ms:.3f} ms, split {bwd_split_ms:.3f} ms "
+                  f"({bwd_split_ms / bwd_ms:.2f}x); fused vs split rel. diff {bwd_split_relerr}", flush=True)
+            if not args.no_alt:
+                os.environ["SPARGE_FWD_IMPL"] = "mma"
+                bwd_mma_ms = timed(ours_bwd)
+                del os.environ["SPARGE_FWD_IMPL"]
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -202,7 +223,7 @@ def main():
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
-                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
+                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_split_ms=bwd_split_ms, bwd_fused_vs_split_relerr=bwd_split_relerr, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
                        ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_pipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
             row.update(dense)
             if flex is not None:
@@ -223,6 +244,10 @@ def main():
                     row[f"speedup_{kind}_vs_cudnn"] = row[f"cudnn_{kind}_ms"] / row[f"ours_{kind}_ms"]
                 if f"flex_{kind}_ms" in row:
                     row[f"speedup_{kind}_vs_flex"] = row[f"flex_{kind}_ms"] / row[f"ours_{kind}_ms"]
+            if "cudnn_bwd_ms" in row:
+                row["split_bwd_speedup_vs_cudnn"] = row["cudnn_bwd_ms"] / bwd_split_ms
+            if "flex_bwd_ms" in row:
+                row["split_bwd_speedup_vs_flex"] = row["flex_bwd_ms"] / bwd_split_ms
             if "flex_fwd_ms" in row:  # attention kernel alone (default) and the A/B kernel
                 row["attn_speedup_vs_flex"] = row["flex_fwd_ms"] / attn_ms
                 if attn_alt_ms is not None:
