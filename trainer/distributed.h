@@ -48,7 +48,10 @@ inline constexpr int64_t kBucketBytes = int64_t{25} << 20;
 //    cannot be built against from C++; CPU runs train only small models, so the store's bandwidth
 //    is enough.) Sums run in rank order, so every rank gets bit-identical results.
 // Errors (a peer that died, a timeout, a bad tensor) are returned as a Status; after a failed
-// collective the communicator is unusable and the job should exit.
+// collective the communicator is unusable and the job should exit. One case is not bounded by the
+// timeout: NCCL creates its communicator at the first CUDA collective, and a peer that is gone by
+// then leaves the others waiting in that setup (seen on 2 H200s); the launcher's terminating the
+// other workers when one fails is what ends such a job.
 class Communicator {
  public:
   // Connects to the job's store (rank 0 creates it) and, for CUDA devices, the NCCL group on
