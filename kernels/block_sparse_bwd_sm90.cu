@@ -363,7 +363,7 @@ struct FusedLayout {
   static constexpr int kLse = kDq + 2 * kDqTileFloats * 4;
   static constexpr int kDelta = kLse + kFStages * kM * 4;
   static constexpr int kItem = kDelta + kFStages * kM * 4;
-  static constexpr int kBytes = kItem + 16 + 1024;  // + alignment slack
+  static constexpr int kBytes = kItem + 16 + 1024;  // (two item slots) + alignment slack
 };
 
 __device__ __forceinline__ float FastExp2(float x) {
@@ -439,15 +439,24 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
   const int L = p.seqlen;
   const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k);
   const int nkt = CeilDiv(L, kFKeys);
-  for (;;) {
-    __syncthreads();  // the previous item's shared-memory reads are done
-    if (tid == 0) {
-      const int w = atomicAdd(&sched->next, 1);
-      *sItem = w < sched->items ? sched->order[w] : -1;
-    }
-    __syncthreads();
-    const int item = *sItem;
+  // Thread 0 takes the next item while the current one runs, in three steps whose results are
+  // used only at the next one (counter at the item's start, list entry after the first tile's
+  // S/dP GEMMs, shared slot at the item's end), so their latencies stay off the critical path.
+  int w_next = 0, item_next = -1;
+  if (tid == 0) {
+    w_next = atomicAdd(&sched->next, 1);
+    sItem[0] = w_next < sched->items ? sched->order[w_next] : -1;
+  }
+  for (int it = 0;; ++it) {
+    __syncthreads();  // the previous item's shared-memory reads are done; sItem[it & 1] is set
+    const int item = sItem[it & 1];
     if (item < 0) break;
+    if (tid == 0) w_next = atomicAdd(&sched->next, 1);
+    bool have_next = false;
+    auto read_next = [&]() {
+      if (tid == 0 && !have_next) item_next = w_next < sched->items ? sched->order[w_next] : -1;
+      have_next = true;
+    };
     const int kt = item % nkt;
     const int64_t bh = item / nkt;
     const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
@@ -528,6 +537,7 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
         CpAsyncCommit();
         float st[kM / 2], dpt[kM / 2];
         StDpT<T, D, kFKeys>(st, dpt, sK, sV, cw * 64, sQ(s), sDO(s));
+        read_next();
         const float* cL = sLse + s * kM;
         const float* cD = sDelta + s * kM;
 #pragma unroll
@@ -579,13 +589,15 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
         reduce_dq(qtile);
       }
     }
+    read_next();
+    if (tid == 0) sItem[(it + 1) & 1] = item_next;
     StoreDkDv<T, D>(p, b, h, k0 + cw * 64 + warp * 16, lane, dk, dv);
   }
   if (wtid == 0) BulkWait0();
 }
 
 // Writes the work order of the persistent fused kernel: first the heavy items (key tiles kept
-// by more than 4x the mean count of query blocks + 8, e.g. attention sinks) by descending count
+// by more than twice the mean count of query blocks + 4, e.g. attention sinks) by descending count
 // (a counting sort; the order inside one count is arbitrary and changes nothing but timing),
 // then all others in item order (b * H + h) * nkt + kt, head by head, so that concurrently
 // running CTAs share one head's Q/dO tiles and dQ accumulator in L2. One CTA; hist holds nq + 1
@@ -594,10 +606,9 @@ constexpr int kSchedThreads = 1024;
 __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched) {
   using Scan = cub::BlockScan<int, kSchedThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ long long total;
-  __shared__ int heavy_total;
+  __shared__ int total, heavy_total;
   extern __shared__ int hist[];
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31;
   const int L = p.seqlen;
   const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
   const int items = p.batch * p.heads * nkt;
@@ -609,11 +620,12 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
   for (int c = tid; c <= nq; c += kSchedThreads) hist[c] = 0;
   __syncthreads();
   const int chunk = CeilDiv(items, kSchedThreads), w0 = tid * chunk, w1 = min(items, w0 + chunk);
-  long long sum = 0;
+  int sum = 0;  // at most items * nq: below 2^31 for any grid the kernels accept
   for (int w = w0; w < w1; ++w) sum += count_of(w);
-  atomicAdd(reinterpret_cast<unsigned long long*>(&total), static_cast<unsigned long long>(sum));
+  sum = __reduce_add_sync(0xffffffffu, sum);
+  if (lane == 0) atomicAdd(&total, sum);  // one shared atomic per warp
   __syncthreads();
-  const long long heavy_above = 4 * total / max(items, 1) + 8;
+  const int heavy_above = 2 * (total / max(items, 1)) + 4;
   int light = 0;
   for (int w = w0; w < w1; ++w) {
     const int c = count_of(w);
