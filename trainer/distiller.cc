@@ -570,18 +570,23 @@ absl::StatusOr<StepStats> Distiller::TrainStep() {
 }
 
 absl::StatusOr<double> Distiller::EvalLoss(int count) {
+  const int rank = comm_ != nullptr ? comm_->rank() : 0;
+  const int world = comm_ != nullptr ? comm_->world_size() : 1;
+  std::vector<int64_t> mine;
+  for (int64_t g = rank; g < count; g += world) mine.push_back(g);
   double total = 0.0;
-  int done = 0;
-  while (done < count) {
+  for (size_t i = 0; i < mine.size();) {
     std::vector<Sample> batch;
-    for (int j = 0; j < config_.training.batch_size && done + j < count; ++j) {
-      SPARGE_ASSIGN_OR_RETURN(Sample s, MakeSample(done + j, /*stream=*/1));
+    for (; i < mine.size() && static_cast<int>(batch.size()) < config_.training.batch_size; ++i) {
+      SPARGE_ASSIGN_OR_RETURN(Sample s, MakeSample(mine[i], /*stream=*/1));
       batch.push_back(std::move(s));
     }
     double sparsity = 0.0;
     SPARGE_ASSIGN_OR_RETURN(double loss, SampleLoss(batch, /*grad=*/false, &sparsity));
     total += loss * static_cast<double>(batch.size());
-    done += static_cast<int>(batch.size());
+  }
+  if (comm_ != nullptr && world > 1) {
+    SPARGE_ASSIGN_OR_RETURN(total, comm_->AllReduceSum(total));
   }
   return total / count;
 }
@@ -743,6 +748,19 @@ absl::Status Distiller::Run(const std::atomic<bool>* stop) {
     log.open(config_.output_dir + "/train_log.jsonl", std::ios::app);
     if (!log) return absl::InternalError("cannot append to " + config_.output_dir + "/train_log.jsonl");
   }
+  auto evaluate = [&]() -> absl::Status {
+    if (config_.eval_every_steps <= 0) return absl::OkStatus();
+    SPARGE_ASSIGN_OR_RETURN(double eval, EvalLoss(config_.eval_samples));
+    if (rank == 0) {
+      LogInfo(absl::StrFormat("step %d/%d eval_loss %.5g (%d held-out samples)", step_, max_steps,
+                              eval, config_.eval_samples));
+      log << absl::StrFormat("{\"step\": %d, \"eval_loss\": %.9g, \"unix_time\": %d}\n", step_,
+                             eval, static_cast<int64_t>(std::time(nullptr)))
+          << std::flush;
+    }
+    return absl::OkStatus();
+  };
+  if (step_ < max_steps) SPARGE_RETURN_IF_ERROR(evaluate());
   ProgressLine progress;
   double window_seconds = 0.0, window_loss = 0.0, window_sparsity = 0.0, ema = 0.0;
   int window = 0, last_saved = step_;
@@ -781,6 +799,11 @@ absl::Status Distiller::Run(const std::atomic<bool>* stop) {
       }
       window_seconds = window_loss = window_sparsity = 0.0;
       window = 0;
+    }
+    if (config_.eval_every_steps > 0 &&
+        (s.step % config_.eval_every_steps == 0 || s.step == max_steps)) {
+      if (rank == 0) progress.Clear();
+      SPARGE_RETURN_IF_ERROR(evaluate());
     }
     const int every = config_.checkpoint.every_steps;
     if ((every > 0 && s.step % every == 0) || s.step == max_steps) {

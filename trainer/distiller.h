@@ -76,7 +76,8 @@ class Distiller {
   absl::Status Run(const std::atomic<bool>* stop);
 
   // Loss of the student against the teacher (distill) or the flow target on `count` fixed
-  // evaluation samples (seeded apart from training), without gradients.
+  // evaluation samples (seeded apart from training), without gradients. With several ranks, each
+  // evaluates every world_size-th sample and all get the mean (every rank must call it).
   absl::StatusOr<double> EvalLoss(int count);
 
   int step() const { return step_; }

@@ -103,6 +103,8 @@ void ReadConfig(const YAML::Node& root, YamlParseContext* ctx, TrainerConfig* c)
 
   YamlSection logging = top.Sub("logging");
   logging.Read("every_steps", &c->log_every_steps);
+  logging.Read("eval_every_steps", &c->eval_every_steps);
+  logging.Read("eval_samples", &c->eval_samples);
   logging.Finish();
   top.Finish();
 }
@@ -169,6 +171,9 @@ absl::Status TrainerConfig::Validate() const {
   SPARGE_RETURN_IF_ERROR(CheckIntInRange("checkpoint.keep", checkpoint.keep, 0, 1000000));
   SPARGE_RETURN_IF_ERROR(
       CheckIntInRange("logging.every_steps", log_every_steps, 1, 100000000));
+  SPARGE_RETURN_IF_ERROR(
+      CheckIntInRange("logging.eval_every_steps", eval_every_steps, 0, 100000000));
+  SPARGE_RETURN_IF_ERROR(CheckIntInRange("logging.eval_samples", eval_samples, 1, 100000));
   return absl::OkStatus();
 }
 

@@ -82,6 +82,10 @@ struct TrainerConfig {
   OptimizerConfig optimizer;
   CheckpointConfig checkpoint;
   int log_every_steps = 10;
+  // Held-out loss (student vs teacher, or the flow target) on eval_samples fixed samples, at the
+  // start and every eval_every_steps optimizer steps; 0 disables it.
+  int eval_every_steps = 100;
+  int eval_samples = 8;
 
   absl::Status Validate() const;
 };

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
 #include "engine/attention/sparse_attention.h"
 #include "engine/models/activation_checkpoint.h"
@@ -73,6 +74,8 @@ TEST(TrainerConfigTest, ShippedFileHoldsTheDefaults) {
   EXPECT_EQ(parsed->checkpoint.every_steps, defaults.checkpoint.every_steps);
   EXPECT_EQ(parsed->checkpoint.keep, defaults.checkpoint.keep);
   EXPECT_EQ(parsed->log_every_steps, defaults.log_every_steps);
+  EXPECT_EQ(parsed->eval_every_steps, defaults.eval_every_steps);
+  EXPECT_EQ(parsed->eval_samples, defaults.eval_samples);
 }
 
 TEST(TrainerConfigTest, ErrorsNameTheFieldAndLine) {
@@ -177,6 +180,7 @@ TrainerConfig TinyConfig(const std::string& dir) {
   c.optimizer.weight_decay = 0.0;
   c.checkpoint.every_steps = 0;
   c.log_every_steps = 10;
+  c.eval_every_steps = 0;
   return c;
 }
 
@@ -287,6 +291,28 @@ TEST(DistillerTest, CheckpointLoadsAsAModel) {
   at::Tensor want = (*d)->student().Forward(in.latents, in.t, in.context, dense).velocity;
   at::Tensor got = (*loaded)->Forward(in.latents, in.t, in.context, dense).velocity;
   EXPECT_TRUE(at::equal(want, got));
+}
+
+TEST(DistillerTest, HeldOutLossIsLogged) {
+  TempDir dir;
+  TrainerConfig c = TinyConfig(dir.path());
+  c.training.max_steps = 2;
+  c.eval_every_steps = 1;
+  c.eval_samples = 3;
+  auto d = Distiller::Create(c, nullptr);
+  ASSERT_TRUE(d.ok());
+  ASSERT_TRUE((*d)->PrepareData().ok());
+  const double at_start = *(*d)->EvalLoss(3);
+  ASSERT_TRUE((*d)->Run(nullptr).ok());
+  std::ifstream log(c.output_dir + "/train_log.jsonl");
+  std::string line;
+  std::vector<std::string> evals;
+  while (std::getline(log, line)) {
+    if (line.find("eval_loss") != std::string::npos) evals.push_back(line);
+  }
+  ASSERT_EQ(evals.size(), 3u);  // steps 0, 1, 2
+  EXPECT_EQ(evals[0].rfind("{\"step\": 0, \"eval_loss\": ", 0), 0u) << evals[0];
+  EXPECT_NE(evals[0].find(absl::StrFormat("%.9g", at_start)), std::string::npos) << evals[0];
 }
 
 TEST(DistillerTest, BadLatentsAreRejectedUpFront) {
