@@ -1,14 +1,15 @@
 // Hopper (sm_90a) block-sparse attention backward with warpgroup MMA: the same recomputation as
 // the mma.sync kernels (block_sparse_bwd_dq.cu, block_sparse_bwd_dkv.cu), on 128B-swizzled shared
 // tiles. Two implementations, chosen by env SPARGE_BWD_IMPL (read per launch):
-//  * fused (default for 128-wide key blocks, v9): one pass per 128-key tile, FlashAttention-3
-//    structure. A producer warp prefetches the Q, dO, LSE and delta tiles of the query blocks that
-//    keep the key tile (transposed LUT) through a 2-stage mbarrier ring; two consumer warpgroups
-//    (64 keys each) compute S^T, dP^T, dV += P^T dO, dK += dS^T Q, write dS^T to shared memory
-//    and compute dQ_partial = dS K, which is added to an fp32 accumulator in global memory with
-//    one bulk reduction (cp.reduce.async.bulk .add.f32) per warpgroup and tile; a small kernel
-//    converts the accumulator to dQ. 5 GEMMs per tile pair instead of 7. dQ is not bitwise
-//    deterministic (the order of the fp32 additions varies); dK and dV are.
+//  * fused (default for 128-wide key blocks, v9): one pass per 128-key tile of one head. Two
+//    warpgroups (64 keys each) walk the 64-row query tiles of the query blocks that keep the key
+//    tile (transposed LUT), the next tile's Q, dO, LSE and delta prefetched by cp.async into a
+//    double buffer; they compute S^T, dP^T, dV += P^T dO, dK += dS^T Q, write dS^T to shared
+//    memory and compute dQ_partial = dS K, which is added to an fp32 accumulator in global
+//    memory with one bulk reduction (cp.reduce.async.bulk .add.f32) per warpgroup and tile; a
+//    small kernel converts the accumulator to dQ. 5 GEMMs per tile pair instead of 7. CTAs are
+//    persistent and take key tiles from a work list (heavy tiles first, then head by head). dQ is
+//    not bitwise deterministic (the order of the fp32 additions varies); dK and dV are.
 //  * split (SPARGE_BWD_IMPL=split, and 64-wide key blocks): dK/dV: one CTA per 64 or 128 keys
 //    (one warpgroup per 64 keys) walking the query blocks that keep them; S^T = K Q^T and
 //    dP^T = V dO^T from shared operands, dV += P^T dO and dK += dS^T Q with P^T / dS^T taken from

@@ -2,7 +2,9 @@
 // builds): the CUDA mask predictor selects exactly the CPU op's blocks; forward and all three
 // gradients match a float64 reference of the masked attention on poisoned, fully written outputs,
 // for bf16/fp16, head dims 64/128, token- and head-major layouts, partial blocks, batch 3 mixing
-// modes, and the Wan shapes (sampled reference rows); dense mode matches torch SDPA.
+// modes, and the Wan shapes (sampled reference rows); dense mode matches torch SDPA. The fused
+// backward (default on 128-wide key blocks) is also compared with the split one
+// (SPARGE_BWD_IMPL=split), and run to run (dK, dV bitwise; dQ to fp32 summation order).
 #include <gtest/gtest.h>
 
 #include <cmath>
