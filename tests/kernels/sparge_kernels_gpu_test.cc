@@ -299,8 +299,10 @@ TEST(SpargeKernelsGpu, ForwardBackwardSmallBf16) {
 
 TEST(SpargeKernelsGpu, ForwardBackwardSmallFp16) {
   SKIP_WITHOUT_GPU();
-  for (int64_t D : {64, 128})
+  for (int64_t D : {64, 128}) {
     for (int64_t L : {128, 333}) CheckSmall(at::kHalf, D, L, 64, L == 333);
+    CheckSmall(at::kHalf, D, 333, 128, D == 64);  // the fused backward in fp16
+  }
 }
 
 // Small case for compute-sanitizer (memcheck, racecheck): partial blocks, both head dims.
