@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 #
-# SpargeServe CUDA image: sparge-server + sparge-cli (and the trainer once it exists), LibTorch from
-# the pinned torch wheel, kernels built for Hopper (sm_90a, H100/H200).
+# SpargeServe CUDA image: sparge-server, sparge-cli and sparge-train (the distillation trainer),
+# LibTorch from the pinned torch wheel, kernels built for Hopper (sm_90a, H100/H200).
 #
 # Build (BuildKit, the default builder since Docker 23; nothing else needs to be installed):
 #   docker build -t sparge-serve:dev .
@@ -15,6 +15,12 @@
 #   docker run --rm --gpus all sparge-serve:dev --help                  # every server flag
 #   docker run --rm --network host --user "$(id -u)" -v "$PWD:/out" --entrypoint sparge-cli \
 #     sparge-serve:dev generate --server localhost:50051 --prompt "a red fox" --out /out/fox.mp4
+# Train (distillation run on all GPUs; my-train.yaml names /models/<dir>, /runs/<run> as output_dir
+# and a prompts file on a mounted path; config/trainer.yaml documents every field; the default
+# /etc/sparge/trainer.yaml is config/trainer.yaml):
+#   docker run --rm --gpus all --shm-size 16g -v /srv/models:/models:ro -v /srv/runs:/runs \
+#     -v $PWD/my-train.yaml:/etc/sparge/trainer.yaml:ro --entrypoint /usr/bin/tini sparge-serve:dev \
+#     -- sparge-train --config /etc/sparge/trainer.yaml --nproc-per-node 8
 # Ports: 50051 gRPC (VideoService, grpc.health.v1, reflection), 9090 Prometheus /metrics.
 # Health: HEALTHCHECK runs `sparge-cli health`, SERVING once the model is loaded and warmed up.
 #
@@ -78,7 +84,8 @@ RUN --mount=type=cache,target=/root/.cache/ccache \
     rm -rf build \
  && bash scripts/build.sh -DSPARGE_WITH_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
  && (ccache --show-stats || true)
-RUN test -x build/server/sparge-server && test -x build/server/sparge-cli
+RUN test -x build/server/sparge-server && test -x build/server/sparge-cli \
+ && test -x build/trainer/sparge-train
 
 # Stage everything the runtime needs under /dist, at the same absolute paths: the binaries keep
 # their build RPATH into the venv's torch/lib, and libtorch_cuda finds the CUDA libraries through
@@ -88,13 +95,10 @@ RUN <<'EOF'
 set -euo pipefail
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p /dist/usr/local/bin "/dist${site}/torch" "/dist${site}/nvidia"
-cp build/server/sparge-server build/server/sparge-cli /dist/usr/local/bin/
+cp build/server/sparge-server build/server/sparge-cli build/trainer/sparge-train /dist/usr/local/bin/
 # The SentencePiece shim that the engine dlopen()s (engine/spm_shim/): found at <bin>/../lib/sparge.
 mkdir -p /dist/usr/local/lib/sparge
 cp build/engine/spm_shim/libsparge_spm.so /dist/usr/local/lib/sparge/
-# The trainer ships too once trainer/ builds a binary (a later issue).
-find build/trainer -maxdepth 1 -type f -executable -name 'sparge-*' \
-  -exec cp {} /dist/usr/local/bin/ \; 2>/dev/null || true
 # torch/lib without the Python binding (it would need libpython).
 cp -a "${site}/torch/lib" "/dist${site}/torch/"
 rm -f "/dist${site}/torch/lib/libtorch_python.so"
@@ -107,6 +111,7 @@ done
 find "/dist${site}/nvidia" -name '*.a' -delete
 mkdir -p /dist/etc/sparge /dist/etc/ld.so.conf.d
 cp config/server.yaml /dist/etc/sparge/server.yaml
+cp config/trainer.yaml /dist/etc/sparge/trainer.yaml
 # The binaries also link CUDA libraries directly (cudart, nvrtc, ...); at run time those come
 # from the wheels, not /usr/local/cuda, so the loader gets the wheel directories system-wide.
 libpath="${site}/torch/lib"

@@ -118,3 +118,15 @@ def test_runtime_stage_installs_only_what_the_binaries_load():
     # The list itself is computed from ldd of the built binaries in the build stage.
     assert "xargs -a /tmp/sparge-runtime-packages apt-get install" in runtime
     assert apt_installs(runtime) == {"tini"}
+
+
+def test_trainer_ships_in_the_image():
+    build = stages()["build"]
+    # The build fails when the trainer binary is missing: checked, then copied without `|| true`.
+    assert re.search(r"test -x build/trainer/sparge-train\b", build)
+    copies = [line for line in logical_lines(build)
+              if re.match(r"\s*cp\b.*\bbuild/trainer/sparge-train\b.*\s/dist/usr/local/bin/?\s*$",
+                          line)]
+    assert copies, "build/trainer/sparge-train is not copied to /usr/local/bin"
+    assert not re.search(r"find build/trainer", build)
+    assert re.search(r"^cp config/trainer\.yaml /dist/etc/sparge/trainer\.yaml$", build, re.M)
