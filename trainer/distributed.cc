@@ -352,19 +352,29 @@ class Communicator::Impl {
         store_->set(chunk_key(env_.rank, c),
                     std::vector<uint8_t>(mine.begin() + begin, mine.begin() + end));
       }
-      store_->set(header_key(env_.rank), BytesOf(absl::StrCat(mine.size())));
+      // The header names the collective too, so that ranks that issued different ones (a bug
+      // of the caller, e.g. one rank stopping a step early) fail instead of mixing up data.
+      store_->set(header_key(env_.rank), BytesOf(absl::StrCat(what, "|", mine.size())));
       std::vector<std::string> headers;
       for (int q = 0; q < env_.world_size; ++q) headers.push_back(header_key(q));
       store_->wait(headers, ToMillis(timeout_));
       std::vector<size_t> sizes(env_.world_size, mine.size());
+      std::string other_op;
+      int other_rank = -1;
       for (int q = 0; q < env_.world_size; ++q) {
         if (q == env_.rank) continue;
-        const std::vector<uint8_t> header = store_->get(header_key(q));
-        if (!absl::SimpleAtoi(std::string(header.begin(), header.end()), &sizes[q])) {
+        const std::vector<uint8_t> bytes = store_->get(header_key(q));
+        const std::string header(bytes.begin(), bytes.end());
+        const size_t bar = header.rfind('|');
+        if (bar == std::string::npos || !absl::SimpleAtoi(header.substr(bar + 1), &sizes[q])) {
           broken_ = true;
           rounds_complete_ = false;
           return absl::InternalError(
               absl::StrCat("rank ", env_.rank, ": ", what, ": malformed header from rank ", q));
+        }
+        if (header.compare(0, bar, what.data(), what.size()) != 0 && other_rank < 0) {
+          other_op = header.substr(0, bar);
+          other_rank = q;
         }
         parts[q].reserve(sizes[q]);
         for (size_t c = 0; c < num_chunks(sizes[q]); ++c) {
@@ -380,6 +390,12 @@ class Communicator::Impl {
         }
         store_->deleteKey(prefix + "done");
         store_->set(kFinishedRoundKey, BytesOf(absl::StrCat(round_ - 1)));
+      }
+      if (other_rank >= 0) {
+        broken_ = true;
+        return absl::InternalError(absl::StrFormat(
+            "rank %d: %s: rank %d was in %s: the ranks issued different collectives", env_.rank,
+            what, other_rank, other_op));
       }
       return parts;
     } catch (...) {

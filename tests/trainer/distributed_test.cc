@@ -181,6 +181,15 @@ int RunWorker(const WorkerArgs& args) {
     WORKER_CHECK(comm.Barrier().code() == absl::StatusCode::kFailedPrecondition);
     return 0;
   }
+  if (args.scenario == "mixed_ops") {
+    // Rank 0 stops a step early (a barrier) while rank 1 sums: both fail, neither mixes data.
+    const absl::Status s = comm.rank() == 0 ? comm.Barrier() : comm.AllReduceSum(1.0).status();
+    WORKER_CHECK(s.code() == absl::StatusCode::kInternal);
+    WORKER_CHECK(absl::StrContains(s.message(), "the ranks issued different collectives"));
+    WORKER_CHECK(absl::StrContains(
+        s.message(), comm.rank() == 0 ? "rank 1 was in sum" : "rank 0 was in barrier"));
+    return 0;
+  }
   if (args.scenario == "peer_death") {
     // Rank 1 leaves without joining the collective: rank 0 gets DEADLINE_EXCEEDED after the
     // 2 s timeout, and the communicator refuses further use.
@@ -419,6 +428,8 @@ INSTANTIATE_TEST_SUITE_P(
         Scenario{"sum_barrier", 3},
         // Ranks whose tensor lists differ get INVALID_ARGUMENT, not garbage.
         Scenario{"mismatch", 2},
+        // Ranks that issue different collectives fail, naming the other rank's collective.
+        Scenario{"mixed_ops", 2},
         // A peer that leaves: DEADLINE_EXCEEDED after the timeout, not a hang or a crash.
         Scenario{"peer_death", 2},
         // Rank 0 (the store's host) leaves: the other rank's collective fails promptly.
