@@ -765,7 +765,14 @@ absl::Status Distiller::Run(const std::atomic<bool>* stop) {
   double window_seconds = 0.0, window_loss = 0.0, window_sparsity = 0.0, ema = 0.0;
   int window = 0, last_saved = step_;
   while (step_ < max_steps) {
-    if (stop != nullptr && stop->load()) {
+    bool stopping = stop != nullptr && stop->load();
+    if (world > 1) {
+      // Every rank must stop at the same step: a signal reaches the ranks at different times, and
+      // a rank that saved while another entered the next step's collectives would hang both.
+      SPARGE_ASSIGN_OR_RETURN(double stops, comm_->AllReduceSum(stopping ? 1.0 : 0.0));
+      stopping = stops > 0.0;
+    }
+    if (stopping) {
       progress.Clear();
       LogWarning(absl::StrCat("stop requested at step ", step_, ": saving a checkpoint"));
       SPARGE_RETURN_IF_ERROR(SaveCheckpoint().status());

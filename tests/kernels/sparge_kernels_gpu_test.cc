@@ -301,7 +301,9 @@ TEST(SpargeKernelsGpu, ForwardBackwardSmallFp16) {
   SKIP_WITHOUT_GPU();
   for (int64_t D : {64, 128}) {
     for (int64_t L : {128, 333}) CheckSmall(at::kHalf, D, L, 64, L == 333);
-    CheckSmall(at::kHalf, D, 333, 128, D == 64);  // the fused backward in fp16
+    // 128-wide key blocks: the fused backward once it serves fp16 (kernels/block_sparse_bwd_sm90.cu
+    // UseFusedBwd); the split path until then.
+    CheckSmall(at::kHalf, D, 333, 128, D == 64);
   }
 }
 

@@ -55,6 +55,18 @@ saved=$(ls -d "$work"/term/step-* 2>/dev/null | tail -1)
 [ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] || { cat "$work/term.log"; fail "no checkpoint after SIGTERM"; }
 grep -q "stop requested at step" "$work/term.log" || fail "no stop message"
 
+# The same with 2 workers: the launcher forwards SIGTERM, the workers agree on the step to stop
+# at, rank 0 saves it, everybody exits 143.
+"$train" --config "$work/train.yaml" --output-dir "$work/term2" --max-steps 100000 \
+  --nproc-per-node 2 2> "$work/term2.log" &
+tpid=$!
+for _ in $(seq 1 300); do grep -q "step 10/" "$work/term2.log" 2>/dev/null && break; sleep 0.1; done
+kill -TERM $tpid
+set +e; wait $tpid; rc=$?; set -e
+[ $rc = 143 ] || { cat "$work/term2.log"; fail "2 workers, SIGTERM: exit $rc, want 143"; }
+saved=$(ls -d "$work"/term2/step-* 2>/dev/null | tail -1)
+[ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] || { cat "$work/term2.log"; fail "no checkpoint after SIGTERM to 2 workers"; }
+
 # Data parallelism: 2 worker processes with 1 sample each train exactly what 1 process with 2
 # samples trains (same samples by global number, mean gradient), up to float summation order
 # (measured 4.5e-6 against 4e-4 between batch sizes 1 and 2).
