@@ -271,6 +271,49 @@ TEST(DistillerTest, ResumedRunContinuesExactly) {
   EXPECT_EQ(lines, 2);  // step 3 (end of the first run), step 6
 }
 
+// bfloat16: fp32 master weights drive bf16 working copies; a resumed run restores the masters
+// (trainer_state/master.safetensors), not the rounded weights, and continues exactly.
+TEST(DistillerTest, Bfloat16RunKeepsFp32MastersAcrossResume) {
+  TempDir dir;
+  TrainerConfig c = TinyConfig(dir.path());
+  c.dtype = "bfloat16";
+  c.training.max_steps = 4;
+  auto straight = Distiller::Create(c, nullptr);
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->PrepareData().ok());
+  ASSERT_TRUE((*straight)->Run(nullptr).ok());
+  EXPECT_EQ((*straight)->student().named_parameters()["blocks.0.attn1.to_q.weight"].scalar_type(),
+            at::kBFloat16);
+  ASSERT_TRUE(server::PathExists(c.output_dir + "/step-0000004/trainer_state/master.safetensors"));
+
+  TrainerConfig c2 = c;
+  c2.output_dir = dir.path() + "/out2";
+  c2.training.max_steps = 2;
+  {
+    auto first = Distiller::Create(c2, nullptr);
+    ASSERT_TRUE(first.ok());
+    ASSERT_TRUE((*first)->PrepareData().ok());
+    ASSERT_TRUE((*first)->Run(nullptr).ok());
+  }
+  c2.training.max_steps = 4;
+  auto second = Distiller::Create(c2, nullptr);
+  ASSERT_TRUE(second.ok());
+  ASSERT_TRUE((*second)->PrepareData().ok());
+  ASSERT_EQ(*(*second)->Resume(), 2);
+  ASSERT_TRUE((*second)->Run(nullptr).ok());
+  auto a = (*straight)->student().named_parameters();
+  auto b = (*second)->student().named_parameters();
+  for (const auto& p : a) EXPECT_TRUE(at::equal(p.value(), b[p.key()])) << p.key();
+  // The masters hold more than the bf16 weights: at least one differs from its rounded copy.
+  auto masters = engine::Checkpoint::Open(c.output_dir +
+                                          "/step-0000004/trainer_state/master.safetensors");
+  ASSERT_TRUE(masters.ok());
+  at::Tensor master = *(*masters)->Get("blocks.0.attn1.to_q.weight");
+  EXPECT_EQ(master.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(master.to(at::kBFloat16), a["blocks.0.attn1.to_q.weight"]));
+  EXPECT_FALSE(at::equal(master, master.to(at::kBFloat16).to(at::kFloat)));
+}
+
 TEST(DistillerTest, CheckpointLoadsAsAModel) {
   TempDir dir;
   TrainerConfig c = TinyConfig(dir.path());
