@@ -490,9 +490,7 @@ absl::StatusOr<double> Distiller::SampleLoss(const std::vector<Sample>& batch, b
 }
 
 double Distiller::LearningRate(int step) const {
-  const OptimizerConfig& o = config_.optimizer;
-  if (o.warmup_steps <= 0) return o.lr;
-  return o.lr * std::min(1.0, static_cast<double>(step + 1) / o.warmup_steps);
+  return trainer::LearningRate(config_.optimizer, step, config_.training.max_steps);
 }
 
 absl::StatusOr<StepStats> Distiller::TrainStep() {

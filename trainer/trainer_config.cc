@@ -1,5 +1,7 @@
 #include "trainer/trainer_config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -34,6 +36,13 @@ absl::StatusOr<LossKind> ParseLoss(absl::string_view name) {
   if (name == "flow") return LossKind::kFlow;
   return absl::InvalidArgumentError(
       absl::StrCat("training.loss: must be distill or flow, got '", name, "'"));
+}
+
+absl::StatusOr<LrSchedule> ParseSchedule(absl::string_view name) {
+  if (name == "constant") return LrSchedule::kConstant;
+  if (name == "cosine") return LrSchedule::kCosine;
+  return absl::InvalidArgumentError(
+      absl::StrCat("optimizer.schedule: must be constant or cosine, got '", name, "'"));
 }
 
 absl::StatusOr<SigmaSamplerKind> ParseSigmaSampler(absl::string_view name) {
@@ -92,6 +101,8 @@ void ReadConfig(const YAML::Node& root, YamlParseContext* ctx, TrainerConfig* c)
   opt.Read("beta2", &c->optimizer.beta2);
   opt.Read("eps", &c->optimizer.eps);
   opt.Read("warmup_steps", &c->optimizer.warmup_steps);
+  opt.ReadEnum("schedule", &c->optimizer.schedule, ParseSchedule);
+  opt.Read("min_lr_ratio", &c->optimizer.min_lr_ratio);
   opt.Read("max_grad_norm", &c->optimizer.max_grad_norm);
   opt.Finish();
 
@@ -114,6 +125,15 @@ void ReadConfig(const YAML::Node& root, YamlParseContext* ctx, TrainerConfig* c)
 const char* ToString(LossKind kind) { return kind == LossKind::kDistill ? "distill" : "flow"; }
 const char* ToString(SigmaSamplerKind kind) {
   return kind == SigmaSamplerKind::kLogitNormal ? "logit_normal" : "uniform";
+}
+
+double LearningRate(const OptimizerConfig& o, int step, int max_steps) {
+  if (step < o.warmup_steps) return o.lr * static_cast<double>(step + 1) / o.warmup_steps;
+  if (o.schedule == LrSchedule::kConstant || max_steps <= o.warmup_steps) return o.lr;
+  const double progress =
+      std::min(1.0, static_cast<double>(step - o.warmup_steps) / (max_steps - o.warmup_steps));
+  const double cosine = 0.5 * (1.0 + std::cos(M_PI * progress));
+  return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine);
 }
 
 absl::Status TrainerConfig::Validate() const {
@@ -164,6 +184,8 @@ absl::Status TrainerConfig::Validate() const {
   SPARGE_RETURN_IF_ERROR(CheckFloatInRange("optimizer.eps", optimizer.eps, 0.0, 1.0, true));
   SPARGE_RETURN_IF_ERROR(
       CheckIntInRange("optimizer.warmup_steps", optimizer.warmup_steps, 0, 100000000));
+  SPARGE_RETURN_IF_ERROR(
+      CheckFloatInRange("optimizer.min_lr_ratio", optimizer.min_lr_ratio, 0.0, 1.0));
   SPARGE_RETURN_IF_ERROR(
       CheckFloatInRange("optimizer.max_grad_norm", optimizer.max_grad_norm, 0.0, 1e9));
   SPARGE_RETURN_IF_ERROR(

@@ -15,8 +15,14 @@ namespace sparge::trainer {
 
 enum class LossKind { kDistill = 0, kFlow = 1 };
 enum class SigmaSamplerKind { kLogitNormal = 0, kUniform = 1 };
+enum class LrSchedule { kConstant = 0, kCosine = 1 };
 const char* ToString(LossKind kind);
 const char* ToString(SigmaSamplerKind kind);
+
+struct OptimizerConfig;
+// Learning rate of optimizer step `step` (0-based): linear warm-up over warmup_steps, then the
+// schedule until max_steps.
+double LearningRate(const OptimizerConfig& o, int step, int max_steps);
 
 struct DataConfig {
   std::string prompts;      // file of prompts, one per line
@@ -60,6 +66,9 @@ struct OptimizerConfig {
   double beta2 = 0.999;
   double eps = 1e-8;
   int warmup_steps = 50;
+  // After warm-up: constant, or cosine decay to min_lr_ratio * lr at training.max_steps.
+  LrSchedule schedule = LrSchedule::kConstant;
+  double min_lr_ratio = 0.1;
   double max_grad_norm = 1.0;
 };
 

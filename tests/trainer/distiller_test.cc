@@ -70,6 +70,8 @@ TEST(TrainerConfigTest, ShippedFileHoldsTheDefaults) {
   EXPECT_EQ(parsed->optimizer.lr, defaults.optimizer.lr);
   EXPECT_EQ(parsed->optimizer.weight_decay, defaults.optimizer.weight_decay);
   EXPECT_EQ(parsed->optimizer.warmup_steps, defaults.optimizer.warmup_steps);
+  EXPECT_EQ(parsed->optimizer.schedule, defaults.optimizer.schedule);
+  EXPECT_EQ(parsed->optimizer.min_lr_ratio, defaults.optimizer.min_lr_ratio);
   EXPECT_EQ(parsed->optimizer.max_grad_norm, defaults.optimizer.max_grad_norm);
   EXPECT_EQ(parsed->checkpoint.every_steps, defaults.checkpoint.every_steps);
   EXPECT_EQ(parsed->checkpoint.keep, defaults.checkpoint.keep);
@@ -98,6 +100,27 @@ TEST(TrainerConfigTest, ErrorsNameTheFieldAndLine) {
             "t.yaml: data.prompts: must name a prompts file (one prompt per line)");
   EXPECT_EQ(error("data:\n  prompts: p\ndtype: float16\n"),
             "t.yaml:3:1: dtype: must be float32 or bfloat16, got 'float16'");
+}
+
+TEST(TrainerConfigTest, LearningRateSchedules) {
+  OptimizerConfig o;
+  o.lr = 1e-4;
+  o.warmup_steps = 10;
+  EXPECT_DOUBLE_EQ(LearningRate(o, 0, 100), 1e-5);
+  EXPECT_DOUBLE_EQ(LearningRate(o, 9, 100), 1e-4);
+  EXPECT_DOUBLE_EQ(LearningRate(o, 99, 100), 1e-4);  // constant
+  o.schedule = LrSchedule::kCosine;
+  o.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(LearningRate(o, 10, 100), 1e-4);
+  EXPECT_NEAR(LearningRate(o, 55, 100), 0.55e-4, 1e-12);  // half way: the mean of lr and min
+  EXPECT_NEAR(LearningRate(o, 100, 100), 1e-5, 1e-12);
+  EXPECT_GT(LearningRate(o, 30, 100), LearningRate(o, 31, 100));
+  o.warmup_steps = 0;
+  EXPECT_DOUBLE_EQ(LearningRate(o, 0, 100), 1e-4);
+  EXPECT_EQ(ParseTrainerConfig("data:\n  prompts: p\noptimizer:\n  schedule: linear\n", "t")
+                .status()
+                .message(),
+            "t:4:13: optimizer.schedule: must be constant or cosine, got 'linear'");
 }
 
 // The tiny model's DiT with random inputs of a 128-token video (8 x 8 patches x 2 latent frames).
