@@ -207,6 +207,16 @@ absl::StatusOr<std::unique_ptr<Distiller>> Distiller::Create(const TrainerConfig
     }
   }
   const torch::ScalarType dtype = config.dtype == "bfloat16" ? torch::kBFloat16 : torch::kFloat;
+  // The CUDA kernels' limits (kernels/README.md); outside them the student's sparse attention runs
+  // the ATen reference, correct but far slower and hungrier.
+  if (device.is_cuda() && config.sparsity.mode != AttentionMode::kDense &&
+      (dtype != torch::kBFloat16 || config.sparsity.block_q != 128 ||
+       config.sparsity.block_k % 64 != 0)) {
+    LogWarning(absl::StrCat(
+        "the sparse attention CUDA kernels need dtype bfloat16, sparsity.block_q 128 and "
+        "sparsity.block_k a multiple of 64 (got ", config.dtype, ", ", config.sparsity.block_q,
+        ", ", config.sparsity.block_k, "): the student's attention takes the slow ATen reference"));
+  }
   std::unique_ptr<Distiller> d(new Distiller(config, comm, device, dtype));
   SPARGE_RETURN_IF_ERROR(d->Build());
   return d;
