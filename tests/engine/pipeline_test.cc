@@ -4,9 +4,12 @@
 #include "engine/pipeline.h"
 
 #include <torch/cuda.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 
 #include "engine/attention/sparse_attention.h"
@@ -100,6 +103,35 @@ TEST(PipelineCreateTest, RejectsUnknownModelDeviceAndDtype) {
   config = PipelineConfig();
   config.block_q = 0;
   EXPECT_EQ(Pipeline::Create(config).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// model.transformer: a replacement DiT must have the model's architecture, and a missing one is
+// an error naming the path (the happy path, a sparge-train checkpoint served, is in
+// tests/trainer/sparge_train_cli_test.sh).
+TEST(PipelineCreateTest, TransformerOverrideMustMatchTheModel) {
+  char tmpl[] = "/tmp/sparge-transformer-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  PipelineConfig config;
+  config.transformer = dir + "/missing";
+  absl::Status s = Pipeline::Create(config).status();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("missing/config.json"), std::string::npos) << s;
+
+  // A 1.3B-sized DiT config for the tiny model.
+  {
+    std::ofstream json(dir + "/config.json");
+    json << R"({"_class_name": "WanTransformer3DModel", "attention_head_dim": 128,
+               "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960, "text_dim": 4096})";
+  }
+  config.transformer = dir;
+  s = Pipeline::Create(config).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("model.transformer: " + dir + " is a DiT of dim 1536, 30 layers"),
+            std::string::npos)
+      << s;
+  std::remove((dir + "/config.json").c_str());
+  ::rmdir(dir.c_str());
 }
 
 TEST_F(PipelineTest, DescribesTheTinyModel) {
