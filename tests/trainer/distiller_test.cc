@@ -254,40 +254,45 @@ TEST(DistillerTest, DistillationLowersTheSparseStudentsLoss) {
   EXPECT_LT(after, 0.85 * before) << "before " << before << " after " << after;
 }
 
+// Trains `c` straight to c.training.max_steps in c.output_dir, and again in <output_dir>2 in two
+// invocations (half the steps, then a resumed second half); expects the same weights. Returns the
+// straight run.
+std::unique_ptr<Distiller> ExpectResumeIsExact(const TrainerConfig& c) {
+  auto straight = Distiller::Create(c, nullptr);
+  EXPECT_TRUE(straight.ok()) << straight.status();
+  if (!straight.ok()) return nullptr;
+  EXPECT_TRUE((*straight)->PrepareData().ok());
+  EXPECT_TRUE((*straight)->Run(nullptr).ok());
+
+  TrainerConfig c2 = c;
+  c2.output_dir = c.output_dir + "2";
+  c2.training.max_steps = c.training.max_steps / 2;
+  {
+    auto first = Distiller::Create(c2, nullptr);
+    EXPECT_TRUE(first.ok() && (*first)->PrepareData().ok() && (*first)->Run(nullptr).ok());
+  }
+  c2.training.max_steps = c.training.max_steps;
+  auto second = Distiller::Create(c2, nullptr);
+  EXPECT_TRUE(second.ok() && (*second)->PrepareData().ok());
+  if (!second.ok()) return nullptr;
+  absl::StatusOr<int> resumed = (*second)->Resume();
+  EXPECT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ(resumed.value_or(-1), c.training.max_steps / 2);
+  EXPECT_TRUE((*second)->Run(nullptr).ok());
+  auto a = (*straight)->student().named_parameters();
+  auto b = (*second)->student().named_parameters();
+  for (const auto& p : a) EXPECT_TRUE(at::equal(p.value(), b[p.key()])) << p.key();
+  return std::move(*straight);
+}
+
 TEST(DistillerTest, ResumedRunContinuesExactly) {
   TempDir dir;
   TrainerConfig c = TinyConfig(dir.path());
   c.training.max_steps = 6;
-  auto straight = Distiller::Create(c, nullptr);
-  ASSERT_TRUE(straight.ok());
-  ASSERT_TRUE((*straight)->PrepareData().ok());
-  ASSERT_TRUE((*straight)->Run(nullptr).ok());
+  ExpectResumeIsExact(c);
   ASSERT_TRUE(server::PathExists(c.output_dir + "/step-0000006/transformer/config.json"));
-
-  TrainerConfig c2 = c;
-  c2.output_dir = dir.path() + "/out2";
-  c2.training.max_steps = 3;
-  {
-    auto first = Distiller::Create(c2, nullptr);
-    ASSERT_TRUE(first.ok());
-    ASSERT_TRUE((*first)->PrepareData().ok());
-    ASSERT_TRUE((*first)->Run(nullptr).ok());
-  }
-  c2.training.max_steps = 6;
-  auto second = Distiller::Create(c2, nullptr);
-  ASSERT_TRUE(second.ok());
-  ASSERT_TRUE((*second)->PrepareData().ok());
-  absl::StatusOr<int> resumed = (*second)->Resume();
-  ASSERT_TRUE(resumed.ok()) << resumed.status();
-  EXPECT_EQ(*resumed, 3);
-  ASSERT_TRUE((*second)->Run(nullptr).ok());
-  auto a = (*straight)->student().named_parameters();
-  auto b = (*second)->student().named_parameters();
-  for (const auto& p : a) {
-    EXPECT_TRUE(at::equal(p.value(), b[p.key()])) << p.key();
-  }
   // The log has one record per logging interval and at the end.
-  std::ifstream log(c2.output_dir + "/train_log.jsonl");
+  std::ifstream log(c.output_dir + "2/train_log.jsonl");
   std::string line;
   int lines = 0;
   while (std::getline(log, line)) ++lines;
@@ -301,36 +306,14 @@ TEST(DistillerTest, Bfloat16RunKeepsFp32MastersAcrossResume) {
   TrainerConfig c = TinyConfig(dir.path());
   c.dtype = "bfloat16";
   c.training.max_steps = 4;
-  auto straight = Distiller::Create(c, nullptr);
-  ASSERT_TRUE(straight.ok()) << straight.status();
-  ASSERT_TRUE((*straight)->PrepareData().ok());
-  ASSERT_TRUE((*straight)->Run(nullptr).ok());
-  EXPECT_EQ((*straight)->student().named_parameters()["blocks.0.attn1.to_q.weight"].scalar_type(),
-            at::kBFloat16);
-  ASSERT_TRUE(server::PathExists(c.output_dir + "/step-0000004/trainer_state/master.safetensors"));
-
-  TrainerConfig c2 = c;
-  c2.output_dir = dir.path() + "/out2";
-  c2.training.max_steps = 2;
-  {
-    auto first = Distiller::Create(c2, nullptr);
-    ASSERT_TRUE(first.ok());
-    ASSERT_TRUE((*first)->PrepareData().ok());
-    ASSERT_TRUE((*first)->Run(nullptr).ok());
-  }
-  c2.training.max_steps = 4;
-  auto second = Distiller::Create(c2, nullptr);
-  ASSERT_TRUE(second.ok());
-  ASSERT_TRUE((*second)->PrepareData().ok());
-  ASSERT_EQ(*(*second)->Resume(), 2);
-  ASSERT_TRUE((*second)->Run(nullptr).ok());
-  auto a = (*straight)->student().named_parameters();
-  auto b = (*second)->student().named_parameters();
-  for (const auto& p : a) EXPECT_TRUE(at::equal(p.value(), b[p.key()])) << p.key();
+  std::unique_ptr<Distiller> straight = ExpectResumeIsExact(c);
+  ASSERT_NE(straight, nullptr);
+  auto a = straight->student().named_parameters();
+  EXPECT_EQ(a["blocks.0.attn1.to_q.weight"].scalar_type(), at::kBFloat16);
   // The masters hold more than the bf16 weights: at least one differs from its rounded copy.
   auto masters = engine::Checkpoint::Open(c.output_dir +
                                           "/step-0000004/trainer_state/master.safetensors");
-  ASSERT_TRUE(masters.ok());
+  ASSERT_TRUE(masters.ok()) << masters.status();
   at::Tensor master = *(*masters)->Get("blocks.0.attn1.to_q.weight");
   EXPECT_EQ(master.scalar_type(), at::kFloat);
   EXPECT_TRUE(at::equal(master.to(at::kBFloat16), a["blocks.0.attn1.to_q.weight"]));

@@ -43,29 +43,24 @@ grep -q "step 3/3 loss" "$work/run1.log" || { cat "$work/run1.log"; fail "no ste
 grep -q "resumed from .*step-0000003 at step 3" "$work/run2.log" || { cat "$work/run2.log"; fail "did not resume"; }
 [ -d "$work/out/step-0000004" ] || fail "no step-4 checkpoint"
 
-# SIGTERM: the run saves a checkpoint at the step it reached and exits 143; a restart resumes.
-"$train" --config "$work/train.yaml" --output-dir "$work/term" --max-steps 100000 \
-  2> "$work/term.log" &
-tpid=$!
-for _ in $(seq 1 200); do grep -q "step 10/" "$work/term.log" 2>/dev/null && break; sleep 0.1; done
-kill -TERM $tpid
-set +e; wait $tpid; rc=$?; set -e
-[ $rc = 143 ] || { cat "$work/term.log"; fail "SIGTERM: exit $rc, want 143"; }
-saved=$(ls -d "$work"/term/step-* 2>/dev/null | tail -1)
-[ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] || { cat "$work/term.log"; fail "no checkpoint after SIGTERM"; }
-grep -q "stop requested at step" "$work/term.log" || fail "no stop message"
-
-# The same with 2 workers: the launcher forwards SIGTERM, the workers agree on the step to stop
-# at, rank 0 saves it, everybody exits 143.
-"$train" --config "$work/train.yaml" --output-dir "$work/term2" --max-steps 100000 \
-  --nproc-per-node 2 2> "$work/term2.log" &
-tpid=$!
-for _ in $(seq 1 300); do grep -q "step 10/" "$work/term2.log" 2>/dev/null && break; sleep 0.1; done
-kill -TERM $tpid
-set +e; wait $tpid; rc=$?; set -e
-[ $rc = 143 ] || { cat "$work/term2.log"; fail "2 workers, SIGTERM: exit $rc, want 143"; }
-saved=$(ls -d "$work"/term2/step-* 2>/dev/null | tail -1)
-[ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] || { cat "$work/term2.log"; fail "no checkpoint after SIGTERM to 2 workers"; }
+# SIGTERM (to the process, or to the launcher of 2 workers, which forwards it and whose workers
+# agree on the step to stop at): rank 0 saves a checkpoint at that step, everybody exits 143.
+sigterm_run() {  # name nproc
+  local name=$1 nproc=$2 tpid rc saved
+  "$train" --config "$work/train.yaml" --output-dir "$work/$name" --max-steps 100000 \
+    --nproc-per-node "$nproc" 2> "$work/$name.log" &
+  tpid=$!
+  for _ in $(seq 1 300); do grep -q "step 10/" "$work/$name.log" 2>/dev/null && break; sleep 0.1; done
+  kill -TERM $tpid
+  set +e; wait $tpid; rc=$?; set -e
+  [ $rc = 143 ] || { cat "$work/$name.log"; fail "$nproc worker(s), SIGTERM: exit $rc, want 143"; }
+  saved=$(ls -d "$work/$name"/step-* 2>/dev/null | tail -1)
+  [ -n "$saved" ] && [ -f "$saved/trainer_state/state.json" ] \
+    || { cat "$work/$name.log"; fail "$nproc worker(s): no checkpoint after SIGTERM"; }
+  grep -q "stop requested at step" "$work/$name.log" || fail "$nproc worker(s): no stop message"
+}
+sigterm_run term 1
+sigterm_run term2 2
 
 # Data parallelism: 2 worker processes with 1 sample each train exactly what 1 process with 2
 # samples trains (same samples by global number, mean gradient), up to float summation order
