@@ -31,6 +31,7 @@
 #include "kernels/bwd_internal.h"
 #include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
+#include "kernels/tma_map.h"
 
 namespace sparge::kernels::detail {
 namespace {
@@ -390,7 +391,7 @@ __device__ __forceinline__ void BulkWait0() { asm volatile("cp.async.bulk.wait_g
 // m64n64k16 with both operands MN-major (transposed) in 128B-swizzled shared memory: A = dS from
 // the dS^T tile, B = K with the head dimension contiguous.
 template <typename T>
-__device__ __forceinline__ void WgmmaSSTT_N64(float* d, uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void WgmmaSSTT_N64(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d = 1) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
 #define SPARGE_WGMMA_TT(TYPE)                                                                        \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                          \
@@ -403,7 +404,7 @@ __device__ __forceinline__ void WgmmaSSTT_N64(float* d, uint64_t desc_a, uint64_
                  "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
                  "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),        \
                  "+f"(d[31])                                                                          \
-               : "l"(desc_a), "l"(desc_b), "r"(1))
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
   if constexpr (kBf16) SPARGE_WGMMA_TT("bf16"); else SPARGE_WGMMA_TT("f16");
 #undef SPARGE_WGMMA_TT
 }
@@ -687,6 +688,352 @@ __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused backward v10: the v9 math (5 GEMMs per tile pair, dQ partials added to an fp32
+// accumulator by bulk reductions) with the loads and the warpgroups decoupled.
+//  * Loads by TMA into a 2-stage ring of Q / dO / (LSE, delta) slots with full mbarriers. No
+//    producer warp (its registers would push ptxas into serialising the consumers' wgmmas, v9
+//    step a): the last of the 8 warps to release a slot (a shared counter) issues the load of the
+//    tile two ahead into it. K and V of an item and its first two tiles are issued by thread 0
+//    once the previous item is done.
+//  * No CTA barrier per tile. Each warpgroup runs its wgmmas asynchronously: S^T and dP^T as two
+//    commit groups (the exponentials of P run under dP^T), dV += P^T dO under the dS math,
+//    dK += dS^T Q, then the dQ GEMM of the *previous* tile, whose dS^T halves both warpgroups
+//    published a tile ago (per-buffer mbarriers, four dS^T buffers), so a warpgroup only waits
+//    for the other when it is a whole tile behind and the two drift into a ping-pong on their own.
+//  * LSE (x log2 e, +inf past L) and delta are packed per 64-row tile by a prep kernel, which
+//    also zeroes the accumulator (one launch instead of memset + gathers).
+constexpr int kV10Stages = 2;
+constexpr int kV10DsBufs = 4;
+
+template <int D>
+struct V10Layout {
+  static constexpr int kKvBytes = kFKeys * D * 2;
+  static constexpr int kQBytes = kM * D * 2;
+  static constexpr int kDsBytes = kFKeys * kM * 2;
+  static constexpr int kLdBytes = 2 * kM * 4;  // LSE (log2 domain) then delta, 64 rows each
+  static constexpr int kK = 0;
+  static constexpr int kV = kKvBytes;
+  static constexpr int kQ = 2 * kKvBytes;
+  static constexpr int kDO = kQ + kV10Stages * kQBytes;
+  static constexpr int kDs = kDO + kV10Stages * kQBytes;
+  static constexpr int kDq = kDs + kV10DsBufs * kDsBytes;
+  static constexpr int kLd = kDq + 2 * kDqTileFloats * 4;
+  // kv_full, full[S], dsready[2][bufs], empty[S]
+  static constexpr int kBar = kLd + kV10Stages * kLdBytes;
+  static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
+  static constexpr int kMisc = kBar + kNumBars * 8;  // release counters [S], item slots [2]
+  static constexpr int kBytes = kMisc + 16 + 1024;   // + alignment slack
+};
+static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
+
+struct V10Item {
+  int b, h, k0, count, n;
+  int64_t bh;
+  const int32_t* tlut;
+};
+
+// Matrix descriptors from two 32-bit halves: lo = start address >> 4 | LBO field, hi = SBO field |
+// swizzle mode. Tiles start below 256 KB, so adding (offset >> 4) to lo never carries out of the
+// 14-bit address field: one integer add per descriptor instead of rebuilding all 64 bits.
+__device__ __forceinline__ uint64_t Desc(uint32_t lo, uint32_t hi) {
+  uint64_t d;
+  asm("mov.b64 %0, {%1, %2};\n" : "=l"(d) : "r"(lo), "r"(hi));
+  return d;
+}
+__device__ __forceinline__ uint32_t DescLo(uint32_t smem_addr, uint32_t lbo) {
+  return (smem_addr >> 4) | ((lbo >> 4) << 16);
+}
+constexpr uint32_t DescHi(uint32_t sbo) { return (sbo >> 4) | (1u << 30); }
+// (offset >> 4) of k-step ks (16 columns) in a K-major [D/64][rows][64] tile.
+constexpr uint32_t KOff(int rows, int ks) {
+  return static_cast<uint32_t>(((ks >> 2) * rows * 128 + (ks & 3) * 32) >> 4);
+}
+
+__device__ __forceinline__ float2 LdShared2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void StShared32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void StShared128(uint32_t addr, float a, float b, float c, float d) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kFThreads, 1)
+    BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                      const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
+                      const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
+                      FusedSchedule* sched) {
+  using Lay = V10Layout<D>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t base = SmemAddr(smem);
+  const uint32_t sK = base + Lay::kK, sV = base + Lay::kV;
+  auto sQ = [&](int s) { return base + Lay::kQ + s * Lay::kQBytes; };
+  auto sDO = [&](int s) { return base + Lay::kDO + s * Lay::kQBytes; };
+  auto sDs = [&](int j) { return base + Lay::kDs + j * Lay::kDsBytes; };
+  const uint32_t bars = base + Lay::kBar;
+  const uint32_t kv_full = bars;
+  auto full = [&](int s) { return bars + 8 * (1 + s); };
+  auto dsready = [&](int w, int j) { return bars + 8 * (1 + kV10Stages + w * kV10DsBufs + j); };
+  auto empty = [&](int s) { return bars + 8 * (1 + kV10Stages + 2 * kV10DsBufs + s); };
+  int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
+  int* sItem = rel + kV10Stages;
+
+  const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+  const int tig = lane & 3;
+  const int L = p.seqlen;
+  const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
+
+  if (tid == 0) {
+    MbarInit(kv_full, 1);
+    for (int s = 0; s < kV10Stages; ++s) MbarInit(full(s), 1);
+    for (int j = 0; j < 2 * kV10DsBufs; ++j) MbarInit(dsready(0, j), 128);
+    for (int s = 0; s < kV10Stages; ++s) MbarInit(empty(s), kFThreads);
+    for (int s = 0; s < kV10Stages; ++s) rel[s] = 0;
+    FenceMbarInit();
+  }
+
+  auto decode = [&](int item) {
+    V10Item x;
+    const int kt = item % nkt;
+    x.bh = item / nkt;
+    x.b = static_cast<int>(x.bh / p.heads);
+    x.h = static_cast<int>(x.bh % p.heads);
+    x.k0 = kt * kFKeys;
+    const int kb = x.k0 / p.block_k;
+    x.count = p.t_counts[x.bh * nk + kb];
+    x.tlut = p.t_indices + (x.bh * nk + kb) * nq;
+    x.n = x.count > 0 ? FusedValidTiles(x.count, x.tlut[x.count - 1], L) : 0;
+    return x;
+  };
+  // Q, dO (TMA, rows past L zero-filled) and the packed LSE / delta of one 64-row query tile.
+  auto issue_tile = [&](int s, int b, int h, int64_t bh, int q0) {
+    const uint32_t bar = full(s);
+    MbarArriveExpectTx(bar, 2 * Lay::kQBytes + Lay::kLdBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ(s) + c * kM * 128, &tm_q, bar, c * 64, q0, h, b);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sDO(s) + c * kM * 128, &tm_do, bar, c * 64, q0, h, b);
+    BulkLoad(base + Lay::kLd + s * Lay::kLdBytes, ld + (bh * (2 * nq) + q0 / kM) * (2 * kM), Lay::kLdBytes, bar);
+  };
+  auto tile_q0 = [](const int32_t* tlut, int i) { return tlut[i >> 1] * kTileQ + (i & 1) * kM; };
+  // K, V and the first tiles of an item; g0 = the CTA's tile counter at the item's start.
+  auto issue_item = [&](const V10Item& x, uint32_t g0) {
+    MbarArriveExpectTx(kv_full, 2 * Lay::kKvBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sK + c * kFKeys * 128, &tm_k, kv_full, c * 64, x.k0, x.h, x.b);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sV + c * kFKeys * 128, &tm_v, kv_full, c * 64, x.k0, x.h, x.b);
+    for (int i = 0; i < min(x.n, kV10Stages); ++i)
+      issue_tile((g0 + i) % kV10Stages, x.b, x.h, x.bh, tile_q0(x.tlut, i));
+  };
+
+  int w_next = 0, item_next = -1;
+  if (tid == 0) {
+    PrefetchTensorMap(&tm_q);
+    PrefetchTensorMap(&tm_do);
+    PrefetchTensorMap(&tm_k);
+    PrefetchTensorMap(&tm_v);
+    const int w0 = atomicAdd(&sched->next, 1);
+    const int item0 = w0 < sched->items ? sched->order[w0] : -1;
+    sItem[0] = item0;
+    if (item0 >= 0) {
+      const V10Item x = decode(item0);
+      if (x.n > 0) issue_item(x, 0);
+    }
+  }
+  __syncthreads();
+
+  const float scale_log2 = p.scale * kLog2e;
+  // dQ = dS K (see the v9 kernel): D = 128: this warpgroup's 64 head-dimension columns over all
+  // 128 keys (both warpgroups' dS^T halves); D = 64: its own 64 keys, the whole head dimension.
+  constexpr int kDqSteps = D == 128 ? kFKeys / 16 : 64 / 16;
+  const uint32_t ds_row0 = D == 128 ? 0 : cw * 64 * 128;
+  const uint32_t kb_addr = D == 128 ? sK + cw * kFKeys * 128 : sK + cw * 64 * 128;
+  const int dq_block = D == 128 ? cw : 0;
+  const int ds_src = D == 128 ? 1 - cw : cw;  // whose dS^T rows this warpgroup's dQ GEMM reads
+  const uint32_t dq_smem = base + Lay::kDq + cw * kDqTileFloats * 4;
+  // Descriptor bases: K-major operands (S^T = K Q^T, dP^T = V dO^T: this warpgroup's 64 key
+  // rows, stage-0 Q / dO) and MN-major ones (dO, Q for dV / dK; dS^T buffer 0 and K for dQ).
+  constexpr uint32_t km_hi = DescHi(1024), mn_hi = DescHi(1024);
+  const uint32_t k_lo = DescLo(sK + cw * 64 * 128, 16), v_lo = DescLo(sV + cw * 64 * 128, 16);
+  const uint32_t q_lo0 = DescLo(sQ(0), 16), do_lo0 = DescLo(sDO(0), 16);
+  constexpr uint32_t kMnLo = ((kM * 128) >> 4 << 16) - (16 >> 4 << 16);  // K-major lo -> MN-major lo
+  const uint32_t ds_lo0 = DescLo(sDs(0) + ds_row0, kFKeys * 128), kb_lo = DescLo(kb_addr, kFKeys * 128);
+  const uint32_t ds_thr = (cw * 64 + warp * 16 + (lane >> 2)) * 128 + tig * 4;
+
+  uint32_t g0 = 0;     // tiles this CTA has started before the current item
+  uint32_t kv_it = 0;  // items with K/V loads so far
+  for (int it = 0;; ++it) {
+    const int item = sItem[it & 1];
+    if (item < 0) break;
+    if (tid == 0) w_next = atomicAdd(&sched->next, 1);
+    const V10Item x = decode(item);
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    if (x.n > 0) {
+      float dq[32];
+      // dQ of tile g (its dS^T published by warpgroup ds_src) -> shared -> one bulk reduction.
+      auto dq_gemm = [&](uint32_t g) {
+        MbarWait(dsready(ds_src, g % kV10DsBufs), (g / kV10DsBufs) & 1);
+        const uint32_t ds_lo = ds_lo0 + (g % kV10DsBufs) * (Lay::kDsBytes >> 4);
+        WgmmaFence();
+#pragma unroll
+        for (int kc = 0; kc < kDqSteps; ++kc)
+          WgmmaSSTT_N64<T>(dq, Desc(ds_lo + kc * 128, mn_hi), Desc(kb_lo + kc * 128, mn_hi), kc > 0);
+        WgmmaCommit();
+      };
+      auto reduce_dq = [&](int qtile) {
+        if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
+        NamedBarrierSync(3 + cw, 128);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          StShared128(dq_smem + (nt * 128 + wtid) * 16, dq[nt * 4], dq[nt * 4 + 1], dq[nt * 4 + 2], dq[nt * 4 + 3]);
+        FenceProxyAsync();
+        NamedBarrierSync(3 + cw, 128);
+        if (wtid == 0) {
+          float* dst = dq_acc + ((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
+          BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
+          BulkCommit();
+        }
+      };
+
+      MbarWait(kv_full, kv_it & 1);
+      float st[kM / 2], dpt[kM / 2];
+      int prev_qtile = 0;
+      for (int i = 0; i < x.n; ++i) {
+        const uint32_t g = g0 + i;
+        const int s = g % kV10Stages;
+        const int qtile = x.tlut[i >> 1] * 2 + (i & 1);  // used one tile later: latency hidden
+        int q0_ahead = 0;
+        if (lane == 0 && i + kV10Stages < x.n) q0_ahead = tile_q0(x.tlut, i + kV10Stages);
+        MbarWait(full(s), (g / kV10Stages) & 1);
+        const uint32_t q_lo = q_lo0 + s * (Lay::kQBytes >> 4), do_lo = do_lo0 + s * (Lay::kQBytes >> 4);
+        WgmmaFence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+          Wg<T>::template SS<kM>(st, Desc(k_lo + KOff(kFKeys, ks), km_hi), Desc(q_lo + KOff(kM, ks), km_hi), ks > 0);
+        WgmmaCommit();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+          Wg<T>::template SS<kM>(dpt, Desc(v_lo + KOff(kFKeys, ks), km_hi), Desc(do_lo + KOff(kM, ks), km_hi), ks > 0);
+        WgmmaCommit();
+        if (i == 0 && tid == 0) item_next = w_next < sched->items ? sched->order[w_next] : -1;
+        WgmmaWaitN<1>();  // S^T(i) done; dP^T(i) runs under the exponentials
+
+        // Explicit shared-space accesses: through the generic pointer of the aligned dynamic
+        // shared base the compiler emits generic loads/stores (long-scoreboard latency).
+        const uint32_t ld_addr = base + Lay::kLd + s * Lay::kLdBytes + tig * 8;
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) {
+          const float2 l2 = LdShared2(ld_addr + nt * 32);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[nt * 4 + e] = FastExp2(fmaf(st[nt * 4 + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+        }
+        uint32_t pa[kM / 16][4];
+        PackA<T>(pa, st);
+        WgmmaFence();
+#pragma unroll
+        for (int kc = 0; kc < kM / 16; ++kc)
+          Wg<T>::template RS<D>(dv, pa[kc], Desc(do_lo + kMnLo + kc * 128, mn_hi));
+        WgmmaCommit();
+        WgmmaWaitN<1>();  // dP^T(i) done; dV runs under the dS math
+
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) {
+          const float2 d2 = LdShared2(ld_addr + kM * 4 + nt * 32);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dpt[nt * 4 + e] = st[nt * 4 + e] * (dpt[nt * 4 + e] - ((e & 1) ? d2.y : d2.x));
+        }
+        uint32_t da[kM / 16][4];
+        PackA<T>(da, dpt);
+        // dS^T rows (this thread's keys row0, row0 + 8) into the 128B-swizzled [128][64] tile:
+        // 16-byte chunk nt of row r sits at chunk nt ^ (r % 8), and row0 % 8 = lane / 4.
+        const uint32_t ds_addr = sDs(g % kV10DsBufs) + ds_thr;
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            StShared32(ds_addr + r * 1024 + ((nt ^ (lane >> 2)) << 4), da[nt >> 1][(nt & 1) * 2 + r]);
+        FenceProxyAsync();
+        WgmmaFence();
+#pragma unroll
+        for (int kc = 0; kc < kM / 16; ++kc)
+          Wg<T>::template RS<D>(dk, da[kc], Desc(q_lo + kMnLo + kc * 128, mn_hi));
+        WgmmaCommit();
+        MbarArrive(dsready(cw, g % kV10DsBufs));  // this warpgroup's dS^T(g) is in shared memory
+        if (i > 0) {
+          dq_gemm(g - 1);
+          WgmmaWaitN<0>();
+          reduce_dq(prev_qtile);
+        } else {
+          WgmmaWaitN<0>();
+        }
+        // Slot s (Q, dO, LSE, delta of tile i) is free once every thread is past its reads and
+        // waits (empty[s], one arrival per thread); the last warp to arrive (a shared counter
+        // says which) loads tile i + 2 into it after a wait on empty[s] that returns at once.
+        FenceProxyAsync();
+        MbarArrive(empty(s));
+        __syncwarp();
+        if (lane == 0) {
+          const int old = atomicAdd(&rel[s], 1);
+          if ((old & 7) == 7 && i + kV10Stages < x.n) {
+            MbarWait(empty(s), (g / kV10Stages) & 1);
+            issue_tile(s, x.b, x.h, x.bh, q0_ahead);
+          }
+        }
+        prev_qtile = qtile;
+      }
+      dq_gemm(g0 + x.n - 1);
+      WgmmaWaitN<0>();
+      reduce_dq(prev_qtile);
+      g0 += x.n;
+      ++kv_it;
+    } else if (tid == 0) {
+      item_next = w_next < sched->items ? sched->order[w_next] : -1;
+    }
+    if (tid == 0) sItem[(it + 1) & 1] = item_next;
+    __syncthreads();  // K, V, the dS^T buffers and every slot of this item are free
+    if (tid == 0 && item_next >= 0) {
+      const V10Item y = decode(item_next);
+      if (y.n > 0) issue_item(y, g0);
+    }
+    StoreDkDv<T, D>(p, x.b, x.h, x.k0 + cw * 64 + warp * 16, lane, dk, dv);
+  }
+  if (wtid == 0) BulkWait0();
+}
+
+// Packs LSE (x log2 e; +inf past L, so P = 0 there) and delta (0 past L) per 64-row query tile:
+// ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator and the work list's counter.
+__global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
+                                                     FusedSchedule* sched) {
+  const int L = p.seqlen;
+  const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
+  const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t0 == 0) sched->next = 0;
+  for (int64_t i = t0; i < total; i += stride) {
+    const int64_t bh = i / rows_pad;
+    const int r = static_cast<int>(i % rows_pad);
+    const bool ok = r < L;
+    float* dst = ld + (bh * (rows_pad / kM) + r / kM) * (2 * kM) + r % kM;
+    dst[0] = ok ? p.lse[bh * L + r] * kLog2e : INFINITY;
+    dst[kM] = ok ? p.delta[bh * L + r] : 0.f;
+  }
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
+}
+
 // Stream-ordered workspace (fp32 dQ accumulator) from a per-device memory pool that keeps its memory (like a
 // caching allocator): after the first backward of a shape, allocation costs no driver mapping.
 cudaError_t AllocDqAccumulator(size_t bytes, cudaStream_t stream, void** out) {
@@ -765,6 +1112,58 @@ cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
   return err != cudaSuccess ? err : free_err;
 }
 
+// v10: TMA maps over Q, dO (64-row boxes), K, V (128-row boxes); workspace = accumulator, packed
+// LSE / delta, work list. Returns cudaErrorNotSupported (nothing launched) when the strides do
+// not suit TMA; the caller then runs v9.
+template <typename T, int D>
+cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
+  const BlhdShape shape{p.dtype, p.batch, p.seqlen, p.heads, p.head_dim};
+  const Tensor4* ts[] = {&p.q, &p.d_o, &p.k, &p.v};
+  CUtensorMap mq, mdo, mk, mv;
+  if (!TmaCompatible(ts, 4, shape) || !EncodeBlhd(&mq, p.q, shape, kM) || !EncodeBlhd(&mdo, p.d_o, shape, kM) ||
+      !EncodeBlhd(&mk, p.k, shape, kFKeys) || !EncodeBlhd(&mv, p.v, shape, kFKeys))
+    return cudaErrorNotSupported;
+  const int nq = CeilDiv(p.seqlen, kTileQ);
+  const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
+  const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads * (2 * nq);
+  const int64_t floats = tiles * (D / 64) * kDqTileFloats;
+  const size_t acc_bytes = floats * 4, ld_bytes = tiles * 2 * kM * 4;
+  const size_t bytes = acc_bytes + ld_bytes + sizeof(FusedSchedule) + static_cast<size_t>(items) * 4;
+  void* ws = nullptr;
+  cudaError_t err = AllocDqAccumulator(bytes, stream, &ws);
+  if (err != cudaSuccess) return err;
+  float* acc = static_cast<float*>(ws);
+  float* ld = acc + floats;
+  FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes + ld_bytes);
+  const int sms = SmCount();
+  BwdPrepKernel<<<sms * 4, 256, 0, stream>>>(p, ld, reinterpret_cast<float4*>(acc), floats / 4, sched);
+  err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    const int hist_bytes = (nq + 1) * 4;
+    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
+    if (err == cudaSuccess) {
+      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched);
+      err = cudaGetLastError();
+    }
+  }
+  if (err == cudaSuccess) {
+    constexpr int smem = V10Layout<D>::kBytes;
+    auto kernel = BwdFusedV10Kernel<T, D>;
+    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
+    if (err == cudaSuccess) {
+      kernel<<<std::min(items, sms), kFThreads, smem, stream>>>(p, mq, mdo, mk, mv, acc, ld, sched);
+      err = cudaGetLastError();
+    }
+  }
+  if (err == cudaSuccess) {
+    DqConvertKernel<T, D><<<static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream>>>(
+        p, reinterpret_cast<const float4*>(acc));
+    err = cudaGetLastError();
+  }
+  const cudaError_t free_err = cudaFreeAsync(ws, stream);
+  return err != cudaSuccess ? err : free_err;
+}
+
 template <typename T, int D, int kWG>
 cudaError_t LaunchDkv(const BwdParams& p, cudaStream_t stream) {
   constexpr int smem = (2 * 64 * kWG * D + 4 * kM * D) * 2 + 4 * kM * 4 + 1024;
@@ -787,19 +1186,24 @@ cudaError_t LaunchDq(const BwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// SPARGE_BWD_IMPL=split selects the deterministic two-kernel path; the fused kernel needs
-// 128-wide key blocks (its CTA walks one transposed-LUT row for all 128 keys). It serves bf16
-// only until its fp16 instantiation has passed the GPU tests (compiled, not yet run on a GPU);
-// fp16 keeps the split path, which they cover.
-bool UseFusedBwd(const BwdParams& p) {
+// SPARGE_BWD_IMPL=split selects the deterministic two-kernel path, =v9 the v9 fused kernel (A/B);
+// the fused kernels need 128-wide key blocks (a CTA walks one transposed-LUT row for all 128
+// keys). bf16 and fp16 (the fp16 fused instantiation passed the GPU tests from v10 on).
+bool EnvIs(const char* value) {
   const char* env = std::getenv("SPARGE_BWD_IMPL");
-  return p.dtype == DType::kBF16 && p.block_k % kFKeys == 0 &&
-         !(env != nullptr && std::strcmp(env, "split") == 0);
+  return env != nullptr && std::strcmp(env, value) == 0;
 }
+bool UseFusedBwd(const BwdParams& p) { return p.block_k % kFKeys == 0 && !EnvIs("split"); }
 
 template <typename T, int D>
 cudaError_t Launch(const BwdParams& p, cudaStream_t stream) {
-  if (UseFusedBwd(p)) return LaunchFused<T, D>(p, stream);
+  if (UseFusedBwd(p)) {
+    if (!EnvIs("v9")) {
+      const cudaError_t err = LaunchFusedV10<T, D>(p, stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+    return LaunchFused<T, D>(p, stream);
+  }
   cudaError_t err = p.block_k % 128 == 0 ? LaunchDkv<T, D, 2>(p, stream) : LaunchDkv<T, D, 1>(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchDq<T, D>(p, stream);

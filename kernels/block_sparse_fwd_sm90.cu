@@ -15,6 +15,7 @@
 #include "kernels/fwd_internal.h"
 #include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
+#include "kernels/tma_map.h"
 
 namespace sparge::kernels::detail {
 namespace {
@@ -435,68 +436,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point, so nothing links libcuda.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+BlhdShape ShapeOf(const FwdParams& p) { return {p.dtype, p.batch, p.seqlen, p.heads, p.head_dim}; }
 
-EncodeTiledFn GetEncodeTiled() {
-  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                             cudaEnableDefault, &status);
-#else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status);
-#endif
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) return nullptr;
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// 4-D map over [B, L, H, D] (innermost first: D, L, H, B) with 64-element x box_rows boxes and the
-// 128-byte swizzle the wgmma descriptors expect; rows past L read as zeros.
-bool EncodeBlhd(CUtensorMap* map, const Tensor4& t, const FwdParams& p, int box_rows) {
-  const EncodeTiledFn encode = GetEncodeTiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.seqlen),
-                              static_cast<cuuint64_t>(p.heads), static_cast<cuuint64_t>(p.batch)};
-  // A size-1 dimension may carry any stride (PyTorch views); TMA needs a 16-byte multiple.
-  auto bytes = [](int64_t stride, int64_t size) {
-    const bool valid = stride > 0 && (stride * 2) % 16 == 0;
-    return static_cast<cuuint64_t>(size == 1 && !valid ? 16 : stride * 2);
-  };
-  const cuuint64_t strides[3] = {bytes(t.stride_l, p.seqlen), bytes(t.stride_h, p.heads),
-                                 bytes(t.stride_b, p.batch)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt =
-      p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, dt, 4, t.ptr, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// Strides TMA accepts: positive multiples of 16 bytes below 2^40 (size-1 dimensions get a valid
-// stride in EncodeBlhd). CanImplementFwd already requires multiples of 8 elements.
 bool TmaCompatible(const FwdParams& p) {
   const Tensor4* ts[] = {&p.q, &p.k, &p.v};
-  for (const Tensor4* t : ts) {
-    const int64_t st[3] = {t->stride_l, t->stride_h, t->stride_b};
-    const int64_t sz[3] = {p.seqlen, p.heads, p.batch};
-    for (int i = 0; i < 3; ++i)
-      if (sz[i] > 1 && (st[i] <= 0 || st[i] * 2 >= (int64_t{1} << 40))) return false;
-  }
-  return true;
+  return TmaCompatible(ts, 3, ShapeOf(p));
 }
 
 template <typename T, int D, int kN>
 cudaError_t LaunchWs(const FwdParams& p, cudaStream_t stream) {
   CUtensorMap mq, mk, mv;
-  if (!EncodeBlhd(&mq, p.q, p, kTileQ) || !EncodeBlhd(&mk, p.k, p, kN) || !EncodeBlhd(&mv, p.v, p, kN))
+  const BlhdShape shape = ShapeOf(p);
+  if (!EncodeBlhd(&mq, p.q, shape, kTileQ) || !EncodeBlhd(&mk, p.k, shape, kN) ||
+      !EncodeBlhd(&mv, p.v, shape, kN))
     return cudaErrorNotSupported;
   constexpr int smem = WsLayout<D, kN>::kBytes;
   auto kernel = FwdSm90WsKernel<T, D, kN>;

@@ -70,6 +70,21 @@ __device__ __forceinline__ void SetMaxNRegDecWarpgroup() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
+// 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory
+// into shared memory, completing on the mbarrier like a TMA tile load.
+__device__ __forceinline__ void BulkLoad(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// Waits until at most N committed wgmma groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void WgmmaWaitN() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
 // Waits until at most one committed wgmma group of this warpgroup is still in flight.
 __device__ __forceinline__ void WgmmaWait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");

@@ -17,24 +17,25 @@ template <typename T>
 struct Wg;
 template <>
 struct Wg<__nv_bfloat16> {
+  // scale_d = 0 ignores the accumulator's old contents (the first k-step of a fresh product).
   template <int N>
-  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b) {
-    if constexpr (N == 64) WgmmaSS_N64_Bf16(d, a, b, 1); else WgmmaSS_N128_Bf16(d, a, b, 1);
+  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b, int scale_d = 1) {
+    if constexpr (N == 64) WgmmaSS_N64_Bf16(d, a, b, scale_d); else WgmmaSS_N128_Bf16(d, a, b, scale_d);
   }
   template <int N>
-  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b) {
-    if constexpr (N == 64) WgmmaRS_N64_Bf16(d, a, b, 1); else WgmmaRS_N128_Bf16(d, a, b, 1);
+  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b, int scale_d = 1) {
+    if constexpr (N == 64) WgmmaRS_N64_Bf16(d, a, b, scale_d); else WgmmaRS_N128_Bf16(d, a, b, scale_d);
   }
 };
 template <>
 struct Wg<__half> {
   template <int N>
-  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b) {
-    if constexpr (N == 64) WgmmaSS_N64_F16(d, a, b, 1); else WgmmaSS_N128_F16(d, a, b, 1);
+  static __device__ __forceinline__ void SS(float* d, uint64_t a, uint64_t b, int scale_d = 1) {
+    if constexpr (N == 64) WgmmaSS_N64_F16(d, a, b, scale_d); else WgmmaSS_N128_F16(d, a, b, scale_d);
   }
   template <int N>
-  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b) {
-    if constexpr (N == 64) WgmmaRS_N64_F16(d, a, b, 1); else WgmmaRS_N128_F16(d, a, b, 1);
+  static __device__ __forceinline__ void RS(float* d, const uint32_t* a, uint64_t b, int scale_d = 1) {
+    if constexpr (N == 64) WgmmaRS_N64_F16(d, a, b, scale_d); else WgmmaRS_N128_F16(d, a, b, scale_d);
   }
 };
 

@@ -109,6 +109,9 @@ def main():
     ap.add_argument("--topp", type=float, default=0.3)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--bwd-ab", default="",
+                    help="extra backward variants timed in the same process, NAME:ENV=VALUE[+ENV=VALUE],... "
+                         "(recorded as ours_bwd_NAME_ms), e.g. red:SPARGE_BWD_DQ=red")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
     ap.add_argument("--no-alt", action="store_true",
                     help="skip the A/B forward kernels (mma.sync, cp.async) and the mma.sync backward")
@@ -197,7 +200,27 @@ def main():
             def ours_bwd():
                 return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
 
-            bwd_ms = timed(ours_bwd)  # default: the fused backward (v9) on 128-wide key blocks
+            bwd_ms = timed(ours_bwd)  # default: the fused backward (v10) on 128-wide key blocks
+            # A/B in the same process: the v9 fused kernel (cp.async loads, lock-step warpgroups).
+            os.environ["SPARGE_BWD_IMPL"] = "v9"
+            bwd_v9_ms = timed(ours_bwd)
+            del os.environ["SPARGE_BWD_IMPL"]
+            bwd_ab = {}
+            ref_grads = ours_bwd() if args.bwd_ab else None
+            for spec in filter(None, args.bwd_ab.split(",")):
+                ab_name, envs = spec.split(":", 1)
+                pairs = [e.split("=", 1) for e in envs.split("+")]
+                for k_, v_ in pairs:
+                    os.environ[k_] = v_
+                bwd_ab[f"ours_bwd_{ab_name}_ms"] = timed(ours_bwd)
+                bwd_ab[f"bwd_{ab_name}_vs_default_relerr"] = {
+                    n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
+                    for n_, a_, b_ in zip(("dq", "dk", "dv"), ours_bwd(), ref_grads)}
+                for k_, _ in pairs:
+                    del os.environ[k_]
+                print(f"{name} {target:.2f} bwd variant {ab_name}: {bwd_ab[f'ours_bwd_{ab_name}_ms']:.3f} ms, "
+                      f"rel. diff to default {bwd_ab[f'bwd_{ab_name}_vs_default_relerr']}", flush=True)
+            del ref_grads
             # A/B in the same process: the deterministic two-kernel backward (v4..v8 default).
             os.environ["SPARGE_BWD_IMPL"] = "split"
             bwd_split_ms = timed(ours_bwd)
@@ -207,7 +230,7 @@ def main():
             bwd_split_relerr = {n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
                                 for n_, a_, b_ in zip(("dq", "dk", "dv"), grads, grads_split)}
             del grads, grads_split
-            print(f"{name} {target:.2f} bwd fused {bwd_ms:.3f} ms, split {bwd_split_ms:.3f} ms "
+            print(f"{name} {target:.2f} bwd fused {bwd_ms:.3f} ms, v9 {bwd_v9_ms:.3f} ms, split {bwd_split_ms:.3f} ms "
                   f"({bwd_split_ms / bwd_ms:.2f}x); fused vs split rel. diff {bwd_split_relerr}", flush=True)
             if not args.no_alt:
                 os.environ["SPARGE_FWD_IMPL"] = "mma"
@@ -223,9 +246,10 @@ def main():
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
-                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_split_ms=bwd_split_ms, bwd_fused_vs_split_relerr=bwd_split_relerr, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
+                       ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_split_ms=bwd_split_ms, ours_bwd_v9_ms=bwd_v9_ms, bwd_fused_vs_split_relerr=bwd_split_relerr, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
                        ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_pipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
             row.update(dense)
+            row.update(bwd_ab)
             if flex is not None:
                 try:
                     from torch.nn.attention.flex_attention import BlockMask

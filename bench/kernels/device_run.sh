@@ -3,7 +3,8 @@
 # compute-sanitizer (memcheck + racecheck) on a small case, and the benchmark. Logs go to $OUT.
 #   bash bench/kernels/device_run.sh [build] [test] [sanitize] [bench] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
-# libgmock-dev googletest.
+# libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
+# that a hung kernel cannot eat a whole device call.
 set -u
 OUT=${OUT:-/tmp/sparge-out}
 mkdir -p "$OUT"
@@ -31,13 +32,14 @@ if [[ $stages == *" test "* ]]; then
   "$bdir/tests/kernels/sparge_ops_cpu_test" > "$OUT/cpu_test.log" 2>&1; echo "cpu_test rc=$?"
   grep -E "^\[  (PASSED|FAILED) |FAILED|Failure" "$OUT/cpu_test.log" | head -20
   log "gpu test"
-  "$bdir/tests/kernels/sparge_kernels_gpu_test" ${GPU_TEST_FILTER:+--gtest_filter=$GPU_TEST_FILTER} > "$OUT/gpu_test.log" 2>&1; echo "gpu_test rc=$?"
+  timeout "${TEST_TIMEOUT:-240}" "$bdir/tests/kernels/sparge_kernels_gpu_test" \
+    ${GPU_TEST_FILTER:+--gtest_filter=$GPU_TEST_FILTER} > "$OUT/gpu_test.log" 2>&1; echo "gpu_test rc=$? (124 = timed out)"
   grep -E "^\[  (PASSED|FAILED) |^\[       OK|FAILED|Failure|Expected|Which is|vs SDPA|sparsity" "$OUT/gpu_test.log" | head -60
 fi
 if [[ $stages == *" sanitize "* ]]; then
   for tool in memcheck racecheck; do
     log "compute-sanitizer $tool"
-    compute-sanitizer --tool $tool --error-exitcode 9 "$bdir/tests/kernels/sparge_kernels_gpu_test" \
+    timeout "${TEST_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 "$bdir/tests/kernels/sparge_kernels_gpu_test" \
       --gtest_filter="SpargeKernelsGpu.SanitizerCase*" > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
   done
@@ -46,7 +48,7 @@ if [[ $stages == *" bench "* ]]; then
   log "bench"
   shift_args=()
   for a in "$@"; do case $a in build|test|sanitize|bench) ;; *) shift_args+=("$a");; esac; done
-  python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
+  timeout "${BENCH_TIMEOUT:-420}" python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
     --out "$OUT" "${shift_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^{" 
 fi
 log "end"
