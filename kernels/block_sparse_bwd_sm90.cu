@@ -722,33 +722,17 @@ struct V10Layout {
   // kv_full, full[S], dsready[2][bufs], empty[S]
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
-  static constexpr int kMisc = kBar + kNumBars * 8;  // release counters [S], item slots [2]
-  static constexpr int kBytes = kMisc + 16 + 1024;   // + alignment slack
+  // release counters [S], work-item records [2][4] (item, count, tiles, first query row)
+  static constexpr int kMisc = kBar + kNumBars * 8;
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 8) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
 
 struct V10Item {
-  int b, h, k0, count, n;
+  int item, b, h, k0, count, n, q0;  // q0: first query row of tile 0 (and, + 64, of tile 1)
   int64_t bh;
   const int32_t* tlut;
 };
-
-// Matrix descriptors from two 32-bit halves: lo = start address >> 4 | LBO field, hi = SBO field |
-// swizzle mode. Tiles start below 256 KB, so adding (offset >> 4) to lo never carries out of the
-// 14-bit address field: one integer add per descriptor instead of rebuilding all 64 bits.
-__device__ __forceinline__ uint64_t Desc(uint32_t lo, uint32_t hi) {
-  uint64_t d;
-  asm("mov.b64 %0, {%1, %2};\n" : "=l"(d) : "r"(lo), "r"(hi));
-  return d;
-}
-__device__ __forceinline__ uint32_t DescLo(uint32_t smem_addr, uint32_t lbo) {
-  return (smem_addr >> 4) | ((lbo >> 4) << 16);
-}
-constexpr uint32_t DescHi(uint32_t sbo) { return (sbo >> 4) | (1u << 30); }
-// (offset >> 4) of k-step ks (16 columns) in a K-major [D/64][rows][64] tile.
-constexpr uint32_t KOff(int rows, int ks) {
-  return static_cast<uint32_t>(((ks >> 2) * rows * 128 + (ks & 3) * 32) >> 4);
-}
 
 __device__ __forceinline__ float2 LdShared2(uint32_t addr) {
   float2 v;
@@ -799,17 +783,35 @@ __global__ void __launch_bounds__(kFThreads, 1)
     FenceMbarInit();
   }
 
-  auto decode = [&](int item) {
+  // Work items travel through shared records (item, count, tiles, first query row) that thread 0
+  // fills with the item's global reads (count, last and first transposed-LUT entries) while the
+  // previous item still runs; every thread then decodes the rest arithmetically.
+  auto publish = [&](int slot, int item) {
+    int* r = sItem + 4 * slot;
+    r[0] = item;
+    if (item < 0) return;
+    const int64_t bh = item / nkt;
+    const int kb = (item % nkt) * kFKeys / p.block_k;
+    const int count = p.t_counts[bh * nk + kb];
+    const int32_t* tlut = p.t_indices + (bh * nk + kb) * nq;
+    r[1] = count;
+    r[2] = count > 0 ? FusedValidTiles(count, tlut[count - 1], L) : 0;
+    r[3] = count > 0 ? tlut[0] * kTileQ : 0;
+  };
+  auto decode = [&](int slot) {
+    const int* r = sItem + 4 * slot;
     V10Item x;
-    const int kt = item % nkt;
+    x.item = r[0];
+    const int item = max(x.item, 0);
     x.bh = item / nkt;
     x.b = static_cast<int>(x.bh / p.heads);
     x.h = static_cast<int>(x.bh % p.heads);
-    x.k0 = kt * kFKeys;
+    x.k0 = (item % nkt) * kFKeys;
     const int kb = x.k0 / p.block_k;
-    x.count = p.t_counts[x.bh * nk + kb];
+    x.count = r[1];
+    x.n = r[2];
+    x.q0 = r[3];
     x.tlut = p.t_indices + (x.bh * nk + kb) * nq;
-    x.n = x.count > 0 ? FusedValidTiles(x.count, x.tlut[x.count - 1], L) : 0;
     return x;
   };
   // Q, dO (TMA, rows past L zero-filled) and the packed LSE / delta of one 64-row query tile.
@@ -830,8 +832,8 @@ __global__ void __launch_bounds__(kFThreads, 1)
     for (int c = 0; c < D / 64; ++c) TmaLoad4d(sK + c * kFKeys * 128, &tm_k, kv_full, c * 64, x.k0, x.h, x.b);
 #pragma unroll
     for (int c = 0; c < D / 64; ++c) TmaLoad4d(sV + c * kFKeys * 128, &tm_v, kv_full, c * 64, x.k0, x.h, x.b);
-    for (int i = 0; i < min(x.n, kV10Stages); ++i)
-      issue_tile((g0 + i) % kV10Stages, x.b, x.h, x.bh, tile_q0(x.tlut, i));
+    for (int i = 0; i < min(x.n, kV10Stages); ++i)  // tiles 0 and 1: halves of one query block
+      issue_tile((g0 + i) % kV10Stages, x.b, x.h, x.bh, x.q0 + i * kM);
   };
 
   int w_next = 0, item_next = -1;
@@ -841,12 +843,9 @@ __global__ void __launch_bounds__(kFThreads, 1)
     PrefetchTensorMap(&tm_k);
     PrefetchTensorMap(&tm_v);
     const int w0 = atomicAdd(&sched->next, 1);
-    const int item0 = w0 < sched->items ? sched->order[w0] : -1;
-    sItem[0] = item0;
-    if (item0 >= 0) {
-      const V10Item x = decode(item0);
-      if (x.n > 0) issue_item(x, 0);
-    }
+    publish(0, w0 < sched->items ? sched->order[w0] : -1);
+    const V10Item x = decode(0);
+    if (x.item >= 0 && x.n > 0) issue_item(x, 0);
   }
   __syncthreads();
 
@@ -871,10 +870,9 @@ __global__ void __launch_bounds__(kFThreads, 1)
   uint32_t g0 = 0;     // tiles this CTA has started before the current item
   uint32_t kv_it = 0;  // items with K/V loads so far
   for (int it = 0;; ++it) {
-    const int item = sItem[it & 1];
-    if (item < 0) break;
+    const V10Item x = decode(it & 1);
+    if (x.item < 0) break;
     if (tid == 0) w_next = atomicAdd(&sched->next, 1);
-    const V10Item x = decode(item);
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -926,7 +924,10 @@ __global__ void __launch_bounds__(kFThreads, 1)
         for (int ks = 0; ks < D / 16; ++ks)
           Wg<T>::template SS<kM>(dpt, Desc(v_lo + KOff(kFKeys, ks), km_hi), Desc(do_lo + KOff(kM, ks), km_hi), ks > 0);
         WgmmaCommit();
-        if (i == 0 && tid == 0) item_next = w_next < sched->items ? sched->order[w_next] : -1;
+        if (tid == 0) {  // the next item: its list entry now, its record one tile later
+          if (i == 0) item_next = w_next < sched->items ? sched->order[w_next] : -1;
+          if (i == min(1, x.n - 1)) publish((it + 1) & 1, item_next);
+        }
         WgmmaWaitN<1>();  // S^T(i) done; dP^T(i) runs under the exponentials
 
         // Explicit shared-space accesses: through the generic pointer of the aligned dynamic
@@ -999,13 +1000,12 @@ __global__ void __launch_bounds__(kFThreads, 1)
       g0 += x.n;
       ++kv_it;
     } else if (tid == 0) {
-      item_next = w_next < sched->items ? sched->order[w_next] : -1;
+      publish((it + 1) & 1, w_next < sched->items ? sched->order[w_next] : -1);
     }
-    if (tid == 0) sItem[(it + 1) & 1] = item_next;
     __syncthreads();  // K, V, the dS^T buffers and every slot of this item are free
-    if (tid == 0 && item_next >= 0) {
-      const V10Item y = decode(item_next);
-      if (y.n > 0) issue_item(y, g0);
+    if (tid == 0) {
+      const V10Item y = decode((it + 1) & 1);
+      if (y.item >= 0 && y.n > 0) issue_item(y, g0);
     }
     StoreDkDv<T, D>(p, x.b, x.h, x.k0 + cw * 64 + warp * 16, lane, dk, dv);
   }

@@ -305,23 +305,21 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     float s_acc[kN / 2];
     uint32_t pa[kN / 16][4];
     float alpha[2];
+    // Descriptors by one add from precomputed halves (wgmma.cuh Desc); scale_d = 0 on the first
+    // k-step replaces zeroing the S accumulator.
+    constexpr uint32_t desc_hi = DescHi(1024);
+    const uint32_t q_lo = DescLo(q_addr, 16), k_lo0 = DescLo(sK, 16), v_lo0 = DescLo(sV, kN * 128);
     auto issue_s = [&](int st) {
-      const uint32_t k_addr = sK + st * Lay::kKvBytes;
+      const uint32_t k_lo = k_lo0 + st * (Lay::kKvBytes >> 4);
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint32_t col_off = (ks & 3) * 32;
-        const uint64_t da = MakeSmemDesc(q_addr + (ks >> 2) * kTileQ * 128 + col_off, 16, 1024);
-        const uint64_t db = MakeSmemDesc(k_addr + (ks >> 2) * kN * 128 + col_off, 16, 1024);
-        Wg<T>::template SS<kN>(s_acc, da, db);
-      }
+      for (int ks = 0; ks < D / 16; ++ks)
+        Wg<T>::template SS<kN>(s_acc, Desc(q_lo + KOff(kTileQ, ks), desc_hi), Desc(k_lo + KOff(kN, ks), desc_hi),
+                               ks > 0);
     };
     auto issue_pv = [&](int st) {
-      const uint32_t v_addr = sV + st * Lay::kKvBytes;
+      const uint32_t v_lo = v_lo0 + st * (Lay::kKvBytes >> 4);
 #pragma unroll
-      for (int kc = 0; kc < kN / 16; ++kc) {
-        const uint64_t dv = MakeSmemDesc(v_addr + kc * 16 * 128, kN * 128, 1024);
-        Wg<T>::template RS<D>(o, pa[kc], dv);
-      }
+      for (int kc = 0; kc < kN / 16; ++kc) Wg<T>::template RS<D>(o, pa[kc], Desc(v_lo + kc * 128, desc_hi));
     };
     // Exponentiates S in place against the new running max; O is rescaled later (after the PV
     // GEMM that is still accumulating into it has finished).
@@ -379,8 +377,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     MbarWait(k_full(st), ph);
     if (cw == 1) NamedBarrierArrive(1, 256);
     NamedBarrierSync(my_bar, 256);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s_acc[i] = 0.f;
     WgmmaFence();
     issue_s(st);
     WgmmaCommit();
@@ -394,8 +390,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarWait(k_full(st), ph);
       MbarWait(v_full(pst), pph);
       NamedBarrierSync(my_bar, 256);
-#pragma unroll
-      for (int j = 0; j < kN / 2; ++j) s_acc[j] = 0.f;
       WgmmaFence();
       issue_s(st);
       WgmmaCommit();

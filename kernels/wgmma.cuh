@@ -18,6 +18,24 @@ __device__ __forceinline__ uint64_t MakeSmemDesc(uint32_t smem_addr, uint32_t lb
   return desc;
 }
 
+// The same descriptor from two 32-bit halves: lo = start address >> 4 | LBO field, hi = SBO field |
+// swizzle mode. Shared addresses lie below 256 KB, so adding (offset >> 4) to lo never carries out
+// of the 14-bit address field: in loops, one integer add per descriptor instead of rebuilding all
+// 64 bits (MakeSmemDesc's mask, shift and ors), which matters when each wgmma needs two.
+__device__ __forceinline__ uint64_t Desc(uint32_t lo, uint32_t hi) {
+  uint64_t d;
+  asm("mov.b64 %0, {%1, %2};\n" : "=l"(d) : "r"(lo), "r"(hi));
+  return d;
+}
+__device__ __forceinline__ uint32_t DescLo(uint32_t smem_addr, uint32_t lbo) {
+  return (smem_addr >> 4) | ((lbo >> 4) << 16);
+}
+constexpr uint32_t DescHi(uint32_t sbo) { return (sbo >> 4) | (1u << 30); }
+// (offset >> 4) of k-step ks (16 columns) in a K-major [D/64][rows][64] 128B-swizzled tile.
+constexpr uint32_t KOff(int rows, int ks) {
+  return static_cast<uint32_t>(((ks >> 2) * rows * 128 + (ks & 3) * 32) >> 4);
+}
+
 __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgmmaWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }

@@ -21,24 +21,43 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 MODE_DENSE, MODE_TOPK, MODE_TOPP, MODE_HYBRID = 1, 2, 3, 4
 
 
+SYNC_TIMING = False  # --timing sync: the pre-v10e method (synchronise after every call)
+
+
 def timed(fn, min_iters=3, max_iters=50, budget_s=1.0, warmup=2):
-    """Median of CUDA-event timings (ms): warm-up first, then repeat within a time budget."""
+    """Median of per-call CUDA-event timings (ms), calls enqueued back to back (the events of
+    call i bracket its kernels on the stream; one synchronisation at the end), like
+    triton.testing.do_bench: the host runs ahead, so a call's time is its GPU time plus any gap
+    the host could not cover, not the Python/launch latency of an idle GPU. Every contender
+    (ours, cuDNN, FlashAttention, Flex) is timed by this same function. Until v10d the bench
+    synchronised after every call instead (bench/results JSON before 2026-11-28T15:00)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    total = 0.0
-    while len(times) < max_iters and (len(times) < min_iters or total < budget_s * 1e3):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
+    a = torch.cuda.Event(enable_timing=True)
+    b = torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    n = int(min(max_iters, max(min_iters, budget_s * 1e3 / max(a.elapsed_time(b), 1e-3))))
+    if SYNC_TIMING:
+        times = []
+        for _ in range(n):
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        times.sort()
+        return times[len(times) // 2]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in events:
         a.record()
         fn()
         b.record()
-        b.synchronize()
-        t = a.elapsed_time(b)
-        times.append(t)
-        total += t
-    times.sort()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in events)
     return times[len(times) // 2]
 
 
@@ -112,10 +131,14 @@ def main():
     ap.add_argument("--bwd-ab", default="",
                     help="extra backward variants timed in the same process, NAME:ENV=VALUE[+ENV=VALUE],... "
                          "(recorded as ours_bwd_NAME_ms), e.g. red:SPARGE_BWD_DQ=red")
+    ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
+                    help="stream: calls enqueued back to back (default); sync: synchronise after each call")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
     ap.add_argument("--no-alt", action="store_true",
                     help="skip the A/B forward kernels (mma.sync, cp.async) and the mma.sync backward")
     args = ap.parse_args()
+    global SYNC_TIMING
+    SYNC_TIMING = args.timing == "sync"
     torch.ops.load_library(args.lib)
     card = torch.cuda.get_device_name()
     # SPARGE_COMMIT first: the GPU machine's copy may carry no .git or a stale one.
@@ -245,6 +268,7 @@ def main():
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
+                       timing=args.timing,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
                        ours_fwd_ms=fwd_ms, ours_attn_fwd_ms=attn_ms, ours_attn_fwd_mma_ms=attn_mma_ms, ours_attn_fwd_pipelined_ms=attn_alt_ms, ours_bwd_ms=bwd_ms, ours_bwd_split_ms=bwd_split_ms, ours_bwd_v9_ms=bwd_v9_ms, bwd_fused_vs_split_relerr=bwd_split_relerr, ours_bwd_mma_ms=bwd_mma_ms, mask_ms=mask_ms,
                        ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_pipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
