@@ -601,11 +601,13 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
 // Writes the work order of the persistent fused kernel: first the heavy items (key tiles kept
 // by more than twice the mean count of query blocks + 4, e.g. attention sinks) by descending count
 // (a counting sort; the order inside one count is arbitrary and changes nothing but timing),
-// then all others in item order (b * H + h) * nkt + kt, head by head, so that concurrently
-// running CTAs share one head's Q/dO tiles and dQ accumulator in L2. One CTA; hist holds nq + 1
-// ints of dynamic shared memory.
+// then the others in item order (b * H + h) * nkt + kt, head by head, so that concurrently
+// running CTAs share one head's Q/dO tiles and dQ accumulator in L2, except the last tail_items
+// of them, again longest-first (a short tail). One CTA; hist holds nq + 1 ints of dynamic
+// shared memory.
 constexpr int kSchedThreads = 1024;
-__global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched) {
+__global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched,
+                                                                      int tail_items) {
   using Scan = cub::BlockScan<int, kSchedThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int total, heavy_total;
@@ -633,10 +635,22 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
     const int c = count_of(w);
     if (c > heavy_above) atomicAdd(&hist[c], 1); else ++light;
   }
-  int light_before = 0;
-  Scan(scan_tmp).ExclusiveSum(light, light_before);
+  int light_before = 0, light_total = 0;
+  Scan(scan_tmp).ExclusiveSum(light, light_before, light_total);
+  // The last tail_items light items (about two per CTA) also go longest-first: in head order
+  // a long one could start last and end alone (at 1.3B, 95%: SMs idle ~10% of the kernel).
+  // Their histogram reuses hist[0 .. heavy_above], which the heavy counts leave at zero.
+  const int tail_from = light_total - min(light_total, tail_items);
+  {
+    int li = light_before;
+    for (int w = w0; w < w1; ++w) {
+      const int c = count_of(w);
+      if (c > heavy_above) continue;
+      if (li++ >= tail_from) atomicAdd(&hist[c], 1);
+    }
+  }
   __syncthreads();
-  if (tid == 0) {  // exclusive offsets of the heavy counts, largest first
+  if (tid == 0) {  // exclusive offsets of the heavy counts, then of the tail's, largest first
     int acc = 0;
     for (int c = nq; c > heavy_above && c >= 0; --c) {
       const int n = hist[c];
@@ -644,12 +658,21 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
       acc += n;
     }
     heavy_total = acc;
+    acc += tail_from;
+    for (int c = min(heavy_above, nq); c >= 0; --c) {
+      const int n = hist[c];
+      hist[c] = acc;
+      acc += n;
+    }
     sched->items = items;
   }
   __syncthreads();
   for (int w = w0; w < w1; ++w) {
     const int c = count_of(w);
-    sched->order[c > heavy_above ? atomicAdd(&hist[c], 1) : heavy_total + light_before++] = w;
+    const bool heavy = c > heavy_above;
+    const bool tail = !heavy && light_before >= tail_from;
+    sched->order[heavy || tail ? atomicAdd(&hist[c], 1) : heavy_total + light_before] = w;
+    if (!heavy) ++light_before;
   }
 }
 
@@ -1090,7 +1113,7 @@ cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
     const int hist_bytes = (nq + 1) * 4;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
     if (err == cudaSuccess) {
-      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched);
+      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched, 2 * std::min(items, SmCount()));
       err = cudaGetLastError();
     }
   }
@@ -1142,7 +1165,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     const int hist_bytes = (nq + 1) * 4;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
     if (err == cudaSuccess) {
-      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched);
+      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched, 2 * std::min(items, SmCount()));
       err = cudaGetLastError();
     }
   }
