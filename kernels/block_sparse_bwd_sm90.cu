@@ -1093,6 +1093,29 @@ int SmCount() {
   return n;
 }
 
+// The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
+// by the workspace's release (also after an earlier error, which it then returns).
+cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_t stream) {
+  const int hist_bytes = (CeilDiv(p.seqlen, kTileQ) + 1) * 4;
+  const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
+  cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
+  if (err != cudaSuccess) return err;
+  FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched, 2 * std::min(items, SmCount()));
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t ConvertAndFree(const BwdParams& p, const float* acc, int64_t floats, void* ws, cudaError_t err,
+                           cudaStream_t stream) {
+  if (err == cudaSuccess) {
+    DqConvertKernel<T, D><<<static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream>>>(
+        p, reinterpret_cast<const float4*>(acc));
+    err = cudaGetLastError();
+  }
+  const cudaError_t free_err = cudaFreeAsync(ws, stream);
+  return err != cudaSuccess ? err : free_err;
+}
+
 // Workspace (one stream-ordered allocation): the fp32 dQ accumulator, then the work list. The
 // accumulator and the list's counter are zeroed; the schedule kernel writes the list; the
 // persistent fused kernel runs one CTA per SM; the convert kernel writes dQ.
@@ -1110,12 +1133,7 @@ cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes);
   err = cudaMemsetAsync(ws, 0, acc_bytes + sizeof(FusedSchedule), stream);
   if (err == cudaSuccess) {
-    const int hist_bytes = (nq + 1) * 4;
-    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
-    if (err == cudaSuccess) {
-      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched, 2 * std::min(items, SmCount()));
-      err = cudaGetLastError();
-    }
+    err = LaunchSchedule(p, sched, stream);
   }
   if (err == cudaSuccess) {
     constexpr int smem = FusedLayout<D>::kBytes;
@@ -1126,13 +1144,7 @@ cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
       err = cudaGetLastError();
     }
   }
-  if (err == cudaSuccess) {
-    DqConvertKernel<T, D><<<static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream>>>(
-        p, reinterpret_cast<const float4*>(acc));
-    err = cudaGetLastError();
-  }
-  const cudaError_t free_err = cudaFreeAsync(ws, stream);
-  return err != cudaSuccess ? err : free_err;
+  return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);
 }
 
 // v10: TMA maps over Q, dO (64-row boxes), K, V (128-row boxes); workspace = accumulator, packed
@@ -1162,12 +1174,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   BwdPrepKernel<<<sms * 4, 256, 0, stream>>>(p, ld, reinterpret_cast<float4*>(acc), floats / 4, sched);
   err = cudaGetLastError();
   if (err == cudaSuccess) {
-    const int hist_bytes = (nq + 1) * 4;
-    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
-    if (err == cudaSuccess) {
-      FusedScheduleKernel<<<1, kSchedThreads, hist_bytes, stream>>>(p, sched, 2 * std::min(items, SmCount()));
-      err = cudaGetLastError();
-    }
+    err = LaunchSchedule(p, sched, stream);
   }
   if (err == cudaSuccess) {
     constexpr int smem = V10Layout<D>::kBytes;
@@ -1178,13 +1185,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       err = cudaGetLastError();
     }
   }
-  if (err == cudaSuccess) {
-    DqConvertKernel<T, D><<<static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream>>>(
-        p, reinterpret_cast<const float4*>(acc));
-    err = cudaGetLastError();
-  }
-  const cudaError_t free_err = cudaFreeAsync(ws, stream);
-  return err != cudaSuccess ? err : free_err;
+  return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);
 }
 
 template <typename T, int D, int kWG>
