@@ -431,7 +431,9 @@ class TinyWanPipeline : public Pipeline {
         knobs.push_back(knobs[j]);
       }
     }
-    at::Tensor t = at::tensor(timesteps, at::TensorOptions().dtype(at::kFloat)).to(device_);
+    // Pinned, asynchronous copy: the host does not wait for the previous step here.
+    at::Tensor t =
+        ToDeviceAsync(at::tensor(timesteps, at::TensorOptions().dtype(at::kFloat)), device_);
     DiTOutput out = dit_->Forward(at::cat(latents, 0), t, at::cat(contexts, 0), knobs);
     for (int64_t j = 0; j < n; ++j) {
       TorchGenerationJob* job = batch[j];

@@ -216,6 +216,7 @@ template <typename T, int D, int kN>
 __global__ void __launch_bounds__(kWsThreads, 1)
     FwdSm90WsKernel(FwdParams p, const __grid_constant__ CUtensorMap tm_q,
                     const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   using Lay = WsLayout<D, kN>;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = SmemAddr(
@@ -449,8 +450,7 @@ cudaError_t LaunchWs(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
   dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
-  kernel<<<grid, kWsThreads, smem, stream>>>(p, mq, mk, mv);
-  return cudaGetLastError();
+  return LaunchChained(kernel, grid, kWsThreads, smem, stream, p, mq, mk, mv);
 }
 
 template <typename T, int D, int kN>

@@ -1,12 +1,16 @@
-// Host helper for the kernel launchers: raises a kernel's dynamic shared-memory limit once per
-// (kernel, device, size) instead of on every launch. Thread-safe (mutex-guarded cache).
+// Host helpers for the kernel launchers: raising a kernel's dynamic shared-memory limit once per
+// (kernel, device, size) instead of on every launch (thread-safe, mutex-guarded cache), and
+// launching the kernels of a chain with programmatic dependent launch.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <tuple>
+#include <utility>
 
 namespace sparge::kernels::detail {
 
@@ -22,6 +26,36 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   err = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess) done.insert(key);
   return err;
+}
+
+// Programmatic dependent launch (Hopper). With SPARGE_PDL=1 the kernels of a chain (mask
+// predictor, attention forward, backward) are launched with programmatic stream serialisation:
+// the driver may schedule a kernel's CTAs while the previous kernel in the stream drains, which
+// hides the launch latency and ramp between the chain's short kernels. Every kernel launched
+// through LaunchChained() starts with GridDependencySync() (device_utils.cuh), which waits until
+// the previous kernel has completed and its writes are visible before anything touches global
+// memory, so results are identical either way. Off by default until measured (kernels/NOTES.md).
+inline bool PdlEnabled() {
+  const char* env = std::getenv("SPARGE_PDL");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx, with programmatic
+// stream serialisation when PdlEnabled(). Returns the launch error.
+template <typename... Params, typename... Args>
+cudaError_t LaunchChained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = PdlEnabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace sparge::kernels::detail

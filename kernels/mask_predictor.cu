@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/launch_utils.h"
 #include "kernels/sparge_kernels.h"
 
 namespace sparge::kernels {
@@ -66,6 +67,7 @@ Workspace Carve(const MaskParams& p, void* base) {
 // one block with D/8 threads per row and reduces the row groups in a fixed order.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kThreads / kLanes;
   __shared__ float red[kGroups][D];
@@ -95,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, 
 // CTA per (b, h, 32 channels): 8 warps stride over the blocks, then a fixed-order reduction.
 __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, int block, int L, int D,
                                                    float* kmean) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   __shared__ float part[8][32];
   const int bh = blockIdx.x, d = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
   float s = 0.f;
@@ -119,6 +122,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
                                                         float* scores) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   constexpr int kT = kScoreTile, kC = kScoreChunk;
   __shared__ __align__(16) float sq[kC][kT];
   __shared__ __align__(16) float sk[kC][kT];
@@ -256,6 +260,7 @@ __device__ __forceinline__ int MassThreshold(const int (&key)[kE], double topp) 
 template <int kE>
 __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace w, int64_t bh0,
                                                          int64_t rows) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int words = CeilDiv(nq, 32);
@@ -377,6 +382,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace
 
 // Warp per (b, h, key block): emits the query blocks whose bit is set, ascending, then -1s.
 __global__ void TransposeKernel(MaskParams p, Workspace w) {
+  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int words = CeilDiv(nq, 32);
@@ -399,20 +405,16 @@ __global__ void TransposeKernel(MaskParams p, Workspace w) {
 template <typename T>
 cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStream_t s) {
   dim3 grid(CeilDiv(p.seqlen, block), p.heads, p.batch);
-  if (p.head_dim == 128) {
-    PoolKernel<T, 128><<<grid, kThreads, 0, s>>>(x, p.seqlen, p.heads, block, out);
-  } else {
-    PoolKernel<T, 64><<<grid, kThreads, 0, s>>>(x, p.seqlen, p.heads, block, out);
-  }
-  return cudaGetLastError();
+  return p.head_dim == 128
+             ? LaunchChained(PoolKernel<T, 128>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out)
+             : LaunchChained(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out);
 }
 
 template <int kE>
 cudaError_t SelectE(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
   constexpr int kRowsPerCta = kThreads / 32;
-  SelectKernel<kE><<<static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta), kThreads, 0, s>>>(
-      p, w, bh0, rows);
-  return cudaGetLastError();
+  return LaunchChained(SelectKernel<kE>, static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta),
+                       kThreads, 0, s, p, w, bh0, rows);
 }
 
 // Keys per lane rounded up to an instantiated size: registers hold the row (up to 1024 key
@@ -471,23 +473,19 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     if ((err = Pool<__half>(p, p.q, p.block_q, w.qpool, stream)) != cudaSuccess) return err;
     if ((err = Pool<__half>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
   }
-  KMeanKernel<<<dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream>>>(
-      w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = LaunchChained(KMeanKernel, dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream,
+                      w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
+  if (err != cudaSuccess) return err;
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
     const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
-    if (p.head_dim == 128) {
-      ScoreKernel<128><<<sgrid, kThreads, 0, stream>>>(w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
-    } else {
-      ScoreKernel<64><<<sgrid, kThreads, 0, stream>>>(w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
-    }
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = LaunchChained(p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>, sgrid, kThreads, 0, stream,
+                        w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
+    if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
   }
   const int64_t rows = bh * nk;
-  TransposeKernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, w);
-  return cudaGetLastError();
+  return LaunchChained(TransposeKernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, stream, p, w);
 }
 
 }  // namespace sparge::kernels

@@ -53,12 +53,13 @@ PYTHONPATH=/tmp/site timeout 120 python3 bench/engine/diffusers_dit_bench.py > "
 log "diffusers (quiet) rc=$? $(cat "$OUT/diffusers2.json")"
 
 timeout 150 "$root/build-bench/dit_forward_bench" --mode topk --topk 0.05 --fused on --ops_lib "$ops" \
-  > "$OUT/ours_topk.json" 2> "$OUT/ours_topk.err"
+  --profile "$OUT/trace_ours_topk" > "$OUT/ours_topk.json" 2> "$OUT/ours_topk.err"
 log "ours topk rc=$?"; tail -2 "$OUT/ours_topk.err"
 
 python3 bench/engine/summarize_trace.py "$OUT/kernel_breakdown.json" \
   diffusers="$OUT/trace_diffusers.json" ours_fused="$OUT/trace_ours_dense_fused.json" \
-  ours_unfused="$OUT/trace_ours_dense_unfused.json" > "$OUT/kernel_breakdown.txt" 2>&1
+  ours_unfused="$OUT/trace_ours_dense_unfused.json" ours_topk="$OUT/trace_ours_topk_fused.json" \
+  > "$OUT/kernel_breakdown.txt" 2>&1
 cat "$OUT/kernel_breakdown.txt" | head -80
 rm -f "$OUT"/trace_*.json
 
@@ -98,8 +99,11 @@ for k in ("ours_dense_fused", "ours_dense_unfused", "ours_topk_0.05"):
                      "peak_mem_ours_over_diffusers": o["peak_alloc_bytes"] / d["peak_alloc_bytes"]}
 res["ratios"] = ratios
 try:
-    res["kernel_breakdown_ms"] = {k: v.get("by_category_ms") for k, v in
-                                  json.load(open(os.path.join(out, "kernel_breakdown.json"))).items()}
+    kb = json.load(open(os.path.join(out, "kernel_breakdown.json")))
+    res["kernel_breakdown_ms"] = {k: v.get("by_category_ms") for k, v in kb.items()}
+    # GPU idle inside the profiled forward (host waits, launch gaps) and device<->host copies.
+    res["gpu_idle_ms"] = {k: {"span": v.get("gpu_span_ms"), "idle": v.get("gpu_idle_ms"),
+                              "copies_ms": v.get("copies_ms")} for k, v in kb.items()}
 except Exception as e:
     res["kernel_breakdown_ms"] = {"error": str(e)}
 name = "dit_forward_" + card.split(",")[0].replace(" ", "_") + "_" + res["date"][:10] + ".json"

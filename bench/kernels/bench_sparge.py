@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -131,6 +132,13 @@ def main():
     ap.add_argument("--bwd-ab", default="",
                     help="extra backward variants timed in the same process, NAME:ENV=VALUE[+ENV=VALUE],... "
                          "(recorded as ours_bwd_NAME_ms), e.g. red:SPARGE_BWD_DQ=red")
+    ap.add_argument("--fwd-ab", default="",
+                    help="forward variants (mask prediction + attention) timed in the same process, "
+                         "NAME:ENV=VALUE[+ENV=VALUE],...; each is interleaved with the default for "
+                         "--ab-rounds rounds (medians recorded as ours_fwd_NAME_ms, mask_NAME_ms and "
+                         "ours_fwd_default_interleaved_ms), e.g. pdl:SPARGE_PDL=1")
+    ap.add_argument("--ab-rounds", type=int, default=3,
+                    help="rounds of default/variant interleaving for --fwd-ab (run-to-run drift cancels)")
     ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
                     help="stream: calls enqueued back to back (default); sync: synchronise after each call")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
@@ -219,6 +227,37 @@ def main():
                 return torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c_, i_, bq, bk, scale)
 
             fwd_ms = timed(ours_fwd)
+            fwd_ab = {}
+            if args.fwd_ab:
+                ref_o = ours_fwd()[0]
+                default_runs = []
+                for spec in filter(None, args.fwd_ab.split(",")):
+                    ab_name, envs = spec.split(":", 1)
+                    pairs = [e.split("=", 1) for e in envs.split("+")]
+                    runs, mask_runs = [], []
+                    for _ in range(max(1, args.ab_rounds)):
+                        default_runs.append(timed(ours_fwd))
+                        for k_, v_ in pairs:
+                            os.environ[k_] = v_
+                        runs.append(timed(ours_fwd))
+                        mask_runs.append(timed(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk)))
+                        for k_, _ in pairs:
+                            del os.environ[k_]
+                    for k_, v_ in pairs:
+                        os.environ[k_] = v_
+                    o_ab = ours_fwd()[0]
+                    for k_, _ in pairs:
+                        del os.environ[k_]
+                    fwd_ab[f"ours_fwd_{ab_name}_ms"] = statistics.median(runs)
+                    fwd_ab[f"mask_{ab_name}_ms"] = statistics.median(mask_runs)
+                    fwd_ab[f"fwd_{ab_name}_vs_default_maxabs"] = (o_ab.float() - ref_o.float()).abs().max().item()
+                    print(f"{name} {target:.2f} fwd variant {ab_name}: {fwd_ab[f'ours_fwd_{ab_name}_ms']:.3f} ms "
+                          f"(rounds {[round(x, 3) for x in runs]}), mask {fwd_ab[f'mask_{ab_name}_ms']:.3f} ms, "
+                          f"max |diff| to default {fwd_ab[f'fwd_{ab_name}_vs_default_maxabs']}", flush=True)
+                fwd_ab["ours_fwd_default_interleaved_ms"] = statistics.median(default_runs)
+                print(f"{name} {target:.2f} fwd default interleaved: {fwd_ab['ours_fwd_default_interleaved_ms']:.3f} ms "
+                      f"(rounds {[round(x, 3) for x in default_runs]})", flush=True)
+                del ref_o
             o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
             def ours_bwd():
                 return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
@@ -267,6 +306,20 @@ def main():
                         torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+                # Where the forward's time goes between kernels: GPU span, kernel time and idle
+                # gaps of 5 back-to-back forwards (mask prediction + attention), from a trace.
+                import tempfile
+                sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
+                from summarize_trace import summarize
+                with profile(activities=[ProfilerActivity.CUDA]) as prof_fwd:
+                    for _ in range(5):
+                        ours_fwd()
+                    torch.cuda.synchronize()
+                with tempfile.NamedTemporaryFile(suffix=".json") as tf:
+                    prof_fwd.export_chrome_trace(tf.name)
+                    st = summarize(tf.name)
+                print(f"{name} {target:.2f} fwd x5 trace: GPU span {st['gpu_span_ms']:.3f} ms, kernels "
+                      f"{st['total_kernel_ms']:.3f} ms, idle {st['gpu_idle_ms']:.3f} ms", flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        timing=args.timing,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
@@ -274,6 +327,7 @@ def main():
                        ours_dense_mode_fwd_ms=ours_dense_fwd, ours_dense_mode_fwd_mma_ms=ours_dense_fwd_mma, ours_dense_mode_fwd_pipelined_ms=ours_dense_fwd_alt, card=card, commit=commit)
             row.update(dense)
             row.update(bwd_ab)
+            row.update(fwd_ab)
             if flex is not None:
                 try:
                     from torch.nn.attention.flex_attention import BlockMask

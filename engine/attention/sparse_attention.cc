@@ -103,7 +103,7 @@ SparseAttentionBackend SpargeOpsBackend() {
   };
   backend.run = [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                   std::vector<float>* sparsity) {
+                   at::Tensor* sparsity) {
     std::optional<SpargeOps> ops = FindSpargeOps(q.device().type());
     TORCH_CHECK(ops.has_value(), "sparge ops are not loaded for ", q.device());
     // The ops number modes like sparge.v1.AttentionMode: DENSE = 1 ... HYBRID = 4.
@@ -121,10 +121,11 @@ SparseAttentionBackend SpargeOpsBackend() {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, int64_t, int64_t, double)>();
     // The mask is stop-gradient (SPARSE_ATTENTION.md section 3): predicted from detached q, k.
+    // Knobs travel without a host wait (a pageable copy would block once per layer).
     auto [counts, indices, t_counts, t_indices] =
-        predict.call(q.detach(), k.detach(), at::tensor(mode, at::kInt).to(q.device()),
-                     at::tensor(topk, at::kFloat).to(q.device()),
-                     at::tensor(topp, at::kFloat).to(q.device()), block_q, block_k);
+        predict.call(q.detach(), k.detach(), ToDeviceAsync(at::tensor(mode, at::kInt), q.device()),
+                     ToDeviceAsync(at::tensor(topk, at::kFloat), q.device()),
+                     ToDeviceAsync(at::tensor(topp, at::kFloat), q.device()), block_q, block_k);
     at::Tensor out;
     const bool needs_grad =
         at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
@@ -147,7 +148,7 @@ SparseAttentionBackend SpargeOpsBackend() {
     mask.num_k_blocks = indices.size(3);
     mask.counts = counts;
     mask.indices = indices;
-    *sparsity = MaskSparsity(mask);
+    *sparsity = MaskSparsityTensor(mask);
     return out;
   };
   return backend;
@@ -201,30 +202,43 @@ BlockSparseMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k,
   return mask;
 }
 
-std::vector<float> MaskSparsity(const BlockSparseMask& mask) {
-  const int64_t batch = mask.counts.size(0), heads = mask.counts.size(1);
+at::Tensor MaskSparsityTensor(const BlockSparseMask& mask) {
+  const int64_t heads = mask.counts.size(1);
+  const int64_t L = mask.seq_len, bq = mask.block_q, bk = mask.block_k;
   const int64_t nq = mask.num_q_blocks, nk = mask.num_k_blocks;
-  const std::vector<int64_t> q_tokens = BlockTokenCounts(mask.seq_len, mask.block_q, nq);
-  const std::vector<int64_t> k_tokens = BlockTokenCounts(mask.seq_len, mask.block_k, nk);
-  at::Tensor counts_cpu = mask.counts.to(at::kCPU).contiguous();
-  at::Tensor indices_cpu = mask.indices.to(at::kCPU).contiguous();
-  const int32_t* counts = counts_cpu.data_ptr<int32_t>();
-  const int32_t* indices = indices_cpu.data_ptr<int32_t>();
-  const double total = static_cast<double>(mask.seq_len) * mask.seq_len * heads;
-  std::vector<float> sparsity(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    double kept = 0.0;
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t row = (b * heads + h) * nq + i;
-        int64_t kept_keys = 0;
-        for (int32_t s = 0; s < counts[row]; ++s) kept_keys += k_tokens[indices[row * nk + s]];
-        kept += static_cast<double>(q_tokens[i]) * kept_keys;
-      }
-    }
-    sparsity[b] = static_cast<float>(1.0 - kept / total);
+  TORCH_CHECK(mask.counts.dim() == 3 && mask.counts.size(2) == nq, "mask counts must be [B, H, ",
+              nq, "], got ", mask.counts.sizes());
+  TORCH_CHECK(mask.indices.dim() == 4 && mask.indices.size(3) == nk,
+              "mask indices must be [B, H, Nq, ", nk, "], got ", mask.indices.sizes());
+  at::NoGradGuard no_grad;
+  const auto dopt = mask.counts.options().dtype(at::kDouble);
+  at::Tensor counts = mask.counts.to(at::kLong);  // [B, H, Nq]
+  // Every kept key block holds bk tokens except the partial last one (indices ascending: it can
+  // only be a row's last kept entry).
+  at::Tensor kept_keys = (counts * bk).to(at::kDouble);
+  const int64_t tail = nk * bk - L;
+  if (tail > 0) {
+    at::Tensor last = mask.indices.to(at::kLong)
+                          .gather(3, (counts - 1).clamp_min(0).unsqueeze(-1))
+                          .squeeze(-1);
+    kept_keys = kept_keys - ((counts > 0) & (last == nk - 1)).to(at::kDouble) * tail;
   }
-  return sparsity;
+  // Real tokens of each query block: bq, except the last.
+  at::Tensor q_tokens = (L - at::arange(nq, dopt) * bq).clamp_max(bq);
+  at::Tensor kept = (kept_keys * q_tokens).sum({1, 2});  // [B] token pairs over heads
+  const double total = static_cast<double>(L) * L * heads;
+  return (1.0 - kept / total).to(at::kFloat);
+}
+
+std::vector<float> MaskSparsity(const BlockSparseMask& mask) {
+  at::Tensor s = MaskSparsityTensor(mask).to(at::kCPU).contiguous();
+  return std::vector<float>(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+}
+
+at::Tensor ToDeviceAsync(const at::Tensor& host, c10::Device device) {
+  TORCH_CHECK(host.is_cpu(), "ToDeviceAsync takes a host tensor");
+  if (device.is_cpu()) return host;
+  return host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 AttentionOutput BlockSparseAttentionReference(const at::Tensor& q, const at::Tensor& k,
@@ -347,7 +361,7 @@ thread_local AttentionTimer* current_attention_timer = nullptr;
 
 at::Tensor SelfAttentionUntimed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 absl::Span<const AttentionKnobs> knobs, int64_t block_q,
-                                int64_t block_k, std::vector<float>* sparsity_out) {
+                                int64_t block_k, at::Tensor* sparsity_out) {
   CheckTokenMajor(q, k, v);
   const int64_t batch = q.size(0);
   TORCH_CHECK(static_cast<int64_t>(knobs.size()) == batch, "need one knob set per batch element (",
@@ -362,17 +376,26 @@ at::Tensor SelfAttentionUntimed(const at::Tensor& q, const at::Tensor& k, const 
       sparse_knobs.push_back(knobs[b]);
     }
   }
-  if (sparsity_out != nullptr) sparsity_out->assign(batch, 0.0f);
-  if (sparse_ids.empty()) return DenseAttention(q, k, v);
+  const auto sparsity_options = q.options().dtype(at::kFloat);
+  if (sparse_ids.empty()) {
+    if (sparsity_out != nullptr) *sparsity_out = at::zeros({batch}, sparsity_options);
+    return DenseAttention(q, k, v);
+  }
 
-  // Selecting a subset copies; skip that when the whole batch takes one path.
+  // Selecting a subset copies; skip that when the whole batch takes one path. Index lists reach
+  // the device without a host wait.
   const bool all_sparse = dense_ids.empty();
-  auto subset = [&](const at::Tensor& x, const std::vector<int64_t>& ids) {
-    return all_sparse ? x : x.index_select(0, at::tensor(ids, at::kLong).to(x.device()));
+  at::Tensor sparse_index, dense_index;
+  if (!all_sparse) {
+    sparse_index = ToDeviceAsync(at::tensor(sparse_ids, at::kLong), q.device());
+    dense_index = ToDeviceAsync(at::tensor(dense_ids, at::kLong), q.device());
+  }
+  auto subset = [&](const at::Tensor& x) {
+    return all_sparse ? x : x.index_select(0, sparse_index);
   };
-  at::Tensor qs = subset(q, sparse_ids), ks = subset(k, sparse_ids), vs = subset(v, sparse_ids);
+  at::Tensor qs = subset(q), ks = subset(k), vs = subset(v);
 
-  std::vector<float> sparse_sparsity;
+  at::Tensor sparse_sparsity;
   at::Tensor sparse_out;
   SparseAttentionBackend backend;
   bool use_backend = FindBackend(q.device().type(), &backend);
@@ -388,20 +411,26 @@ at::Tensor SelfAttentionUntimed(const at::Tensor& q, const at::Tensor& k, const 
     sparse_out = token_mask_elements <= kMaxTokenMaskElements
                      ? MaskedSdpaAttention(qs, ks, vs, mask)
                      : BlockSparseAttentionReference(qs, ks, vs, mask).out;
-    sparse_sparsity = MaskSparsity(mask);
+    sparse_sparsity = MaskSparsityTensor(mask);  // the reference's mask lives on the host
   }
-  TORCH_CHECK(sparse_sparsity.size() == sparse_ids.size(), "sparse backend '", backend.name,
-              "' reported ", sparse_sparsity.size(), " sparsities for ", sparse_ids.size(),
-              " elements");
+  const int64_t n_sparse = static_cast<int64_t>(sparse_ids.size());
+  TORCH_CHECK(sparse_sparsity.defined() && sparse_sparsity.dim() == 1 &&
+                  sparse_sparsity.size(0) == n_sparse,
+              "sparse backend '", backend.name, "' reported sparsities of shape ",
+              sparse_sparsity.defined() ? sparse_sparsity.sizes() : at::IntArrayRef{},
+              " for ", n_sparse, " elements");
   if (sparsity_out != nullptr) {
-    for (size_t i = 0; i < sparse_ids.size(); ++i)
-      (*sparsity_out)[sparse_ids[i]] = sparse_sparsity[i];
+    if (all_sparse) {
+      *sparsity_out = sparse_sparsity.to(sparsity_options);
+    } else {
+      *sparsity_out = at::zeros({batch}, sparsity_options)
+                          .index_copy_(0, sparse_index,
+                                       sparse_sparsity.to(sparsity_options, /*non_blocking=*/true));
+    }
   }
   if (all_sparse) return sparse_out;
 
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor dense_index = at::tensor(dense_ids, at::kLong).to(q.device());
-  at::Tensor sparse_index = at::tensor(sparse_ids, at::kLong).to(q.device());
   out.index_copy_(0, dense_index,
                   DenseAttention(q.index_select(0, dense_index), k.index_select(0, dense_index),
                                  v.index_select(0, dense_index)));
@@ -413,7 +442,7 @@ at::Tensor SelfAttentionUntimed(const at::Tensor& q, const at::Tensor& k, const 
 
 at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                         std::vector<float>* sparsity_out) {
+                         at::Tensor* sparsity_out) {
   AttentionTimer* timer = AttentionTimer::Current();
   if (timer == nullptr) {
     return SelfAttentionUntimed(q, k, v, knobs, block_q, block_k, sparsity_out);

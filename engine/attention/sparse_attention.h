@@ -53,8 +53,17 @@ BlockSparseMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k,
                                  int64_t block_k);
 
 // Achieved sparsity per batch element: 1 - kept token pairs / (L * L), averaged
-// over heads.
+// over heads, as a float32 [B] tensor on the mask's device, computed there from
+// the counts and each row's last kept block (indices ascending), so a device
+// mask is never copied to the host.
+at::Tensor MaskSparsityTensor(const BlockSparseMask& mask);
+// The same on the host (copies the [B] result).
 std::vector<float> MaskSparsity(const BlockSparseMask& mask);
+
+// A small host tensor (knobs, index lists) on `device` without waiting: the copy
+// goes through pinned memory and is ordered on the current stream, so the host
+// never blocks on the device inside a forward pass (a pageable copy would).
+at::Tensor ToDeviceAsync(const at::Tensor& host, c10::Device device);
 
 struct AttentionOutput {
   at::Tensor out;  // [B, L, H, D], q's dtype
@@ -81,7 +90,9 @@ at::Tensor DenseAttention(const at::Tensor& q, const at::Tensor& k, const at::Te
 // A device implementation of the sparse path (mask prediction + block-sparse
 // attention), e.g. the CUDA kernels of engine/ops. It receives only the batch
 // elements whose mode is not kDense, returns the attention output [B', L, H, D]
-// in q's dtype and writes one achieved sparsity per element to *sparsity.
+// in q's dtype and writes the achieved sparsities to *sparsity as a float32
+// [B'] tensor on q's device (no host copy: callers sum it over layers and read
+// it once per forward).
 struct SparseAttentionBackend {
   std::string name;
   // Whether this backend handles these inputs (dtype, head dim, block sizes);
@@ -89,7 +100,7 @@ struct SparseAttentionBackend {
   std::function<bool(const at::Tensor& q, int64_t block_q, int64_t block_k)> supports;
   std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                           std::vector<float>* sparsity)>
+                           at::Tensor* sparsity)>
       run;
 };
 
@@ -115,13 +126,15 @@ inline constexpr int64_t kMaxTokenMaskElements = int64_t{1} << 26;
 // elements run SDPA; the others run the registered backend for q's device when
 // it supports the inputs, else the ATen reference: PredictBlockMask, then
 // MaskedSdpaAttention while the token mask stays small (at most
-// kMaxTokenMaskElements), else BlockSparseAttentionReference. Writes B achieved
-// sparsities (0 for dense elements) to *sparsity_out when it is not null.
+// kMaxTokenMaskElements), else BlockSparseAttentionReference. Writes the B
+// achieved sparsities (0 for dense elements) to *sparsity_out when it is not
+// null, as a float32 [B] tensor on q's device. On a device the call never
+// waits for it (no device-to-host copy, knobs copied asynchronously).
 // Returns [B, L, H, D].
 // When an AttentionTimer is active on the calling thread, the call's time is added to it.
 at::Tensor SelfAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                         std::vector<float>* sparsity_out);
+                         at::Tensor* sparsity_out);
 
 // Sums the time SelfAttention calls on one thread take between Start() and Finish(), e.g. over one
 // denoising step. CPU tensors: wall time around each call. Device tensors: a pair of timing events

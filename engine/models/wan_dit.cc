@@ -106,7 +106,7 @@ WanAttentionImpl::WanAttentionImpl(int64_t dim, int64_t num_heads, double eps)
 at::Tensor WanAttentionImpl::SelfAttend(const at::Tensor& x, const at::Tensor& rope_cos,
                                         const at::Tensor& rope_sin,
                                         absl::Span<const AttentionKnobs> knobs, int64_t block_q,
-                                        int64_t block_k, std::vector<float>* sparsity) {
+                                        int64_t block_k, at::Tensor* sparsity) {
   at::Tensor q, k;
   if (UseFusedDiTOps(x)) {
     const int64_t head_dim = x.size(-1) / num_heads_;
@@ -181,7 +181,7 @@ WanBlockImpl::WanBlockImpl(const WanDiTConfig& config) : eps_(config.eps) {
 at::Tensor WanBlockImpl::forward(const at::Tensor& x_in, const at::Tensor& context,
                                  const at::Tensor& temb6, const at::Tensor& rope_cos,
                                  const at::Tensor& rope_sin, absl::Span<const AttentionKnobs> knobs,
-                                 int64_t block_q, int64_t block_k, std::vector<float>* sparsity) {
+                                 int64_t block_q, int64_t block_k, at::Tensor* sparsity) {
   if (UseFusedDiTOps(x_in)) {
     return ForwardFused(x_in, context, temb6, rope_cos, rope_sin, knobs, block_q, block_k,
                         sparsity);
@@ -212,7 +212,7 @@ at::Tensor WanBlockImpl::ForwardFused(const at::Tensor& x_in, const at::Tensor& 
                                       const at::Tensor& temb6, const at::Tensor& rope_cos,
                                       const at::Tensor& rope_sin,
                                       absl::Span<const AttentionKnobs> knobs, int64_t block_q,
-                                      int64_t block_k, std::vector<float>* sparsity) {
+                                      int64_t block_k, at::Tensor* sparsity) {
   // [B, 6, D] fp32 -> six [B, D] rows: (shift, scale, gate) for self-attention, then the FFN.
   const at::Tensor mod = scale_shift_table.to(at::kFloat) + temb6.to(at::kFloat);
   auto row = [&](int64_t i) { return mod.select(1, i); };
@@ -361,8 +361,10 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
   const at::Tensor& rope_sin = rope_sin_;
 
   DiTOutput output;
-  output.sparsity.assign(batch, 0.0f);
-  std::vector<float> layer_sparsity;
+  // Per-layer sparsities stay on the device and are summed there; the host reads the sum once,
+  // after the last layer is enqueued (a read per layer would stall the device every layer).
+  at::Tensor sparsity_sum;
+  at::Tensor layer_sparsity;
   const bool checkpoint = activation_checkpointing_ && at::GradMode::is_enabled() &&
                           (x.requires_grad() || ctx.requires_grad() || temb6.requires_grad());
   for (const auto& module : *blocks) {
@@ -373,7 +375,7 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
       // Everything the recomputation needs is owned by the closure: it runs again during the
       // backward pass, after this frame is gone.
       auto block = std::dynamic_pointer_cast<WanBlockImpl>(module);
-      auto sparsity = std::make_shared<std::vector<float>>();
+      auto sparsity = std::make_shared<at::Tensor>();
       std::vector<AttentionKnobs> knob_copy(knobs.begin(), knobs.end());
       const int64_t bq = block_q_, bk = block_k_;
       x = CheckpointedCall(
@@ -385,9 +387,16 @@ DiTOutput WanDiTImpl::Forward(const at::Tensor& latents, const at::Tensor& times
           {x, ctx, temb6});
       layer_sparsity = *sparsity;
     }
-    for (int64_t b = 0; b < batch; ++b) output.sparsity[b] += layer_sparsity[b];
+    TORCH_CHECK(layer_sparsity.defined() && layer_sparsity.numel() == batch,
+                "self-attention reported no sparsity for the batch of ", batch);
+    sparsity_sum = sparsity_sum.defined() ? sparsity_sum + layer_sparsity.detach()
+                                          : layer_sparsity.detach().clone();
   }
-  for (float& s : output.sparsity) s /= static_cast<float>(config_.num_layers);
+  output.sparsity.assign(batch, 0.0f);
+  if (sparsity_sum.defined()) {
+    at::Tensor mean = (sparsity_sum / static_cast<double>(config_.num_layers)).to(at::kCPU);
+    for (int64_t b = 0; b < batch; ++b) output.sparsity[b] = mean[b].item<float>();
+  }
 
   std::vector<at::Tensor> mod =
       (scale_shift_table.to(at::kFloat) + temb.to(at::kFloat).unsqueeze(1)).chunk(2, 1);

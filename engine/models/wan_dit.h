@@ -62,10 +62,10 @@ TORCH_MODULE(RmsNorm);
 class WanAttentionImpl : public torch::nn::Module {
  public:
   WanAttentionImpl(int64_t dim, int64_t num_heads, double eps);
-  // Self-attention over x [B, L, D]; sparsity gets one entry per batch element.
+  // Self-attention over x [B, L, D]; *sparsity gets a float32 [B] tensor on x's device.
   at::Tensor SelfAttend(const at::Tensor& x, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                         absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                        std::vector<float>* sparsity);
+                        at::Tensor* sparsity);
   // Cross-attention of x [B, L, D] over context [B, Lc, D].
   at::Tensor CrossAttend(const at::Tensor& x, const at::Tensor& context);
 
@@ -99,7 +99,7 @@ class WanBlockImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& temb6,
                      const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                      absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                     std::vector<float>* sparsity);
+                     at::Tensor* sparsity);
 
   WanAttention attn1{nullptr}, attn2{nullptr};
   torch::nn::LayerNorm norm2{nullptr};  // the affine LN before cross-attention
@@ -111,7 +111,7 @@ class WanBlockImpl : public torch::nn::Module {
   at::Tensor ForwardFused(const at::Tensor& x, const at::Tensor& context, const at::Tensor& temb6,
                           const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                           absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
-                          std::vector<float>* sparsity);
+                          at::Tensor* sparsity);
 
   double eps_;
 };

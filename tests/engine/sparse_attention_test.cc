@@ -15,8 +15,18 @@
 #include "engine/attention/block_selection.h"
 #include "gtest/gtest.h"
 
+#if defined(SPARGE_WITH_CUDA)
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
 namespace sparge::engine {
 namespace {
+
+// A [B] sparsity tensor as host floats.
+std::vector<float> Host(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
 
 at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -183,8 +193,11 @@ TEST(SparseAttentionTest, SelfAttentionMixesDenseAndSparseElements) {
   std::vector<AttentionKnobs> knobs = {{AttentionMode::kDense, 1.0f, 1.0f},
                                        {AttentionMode::kHybrid, 0.25f, 0.5f},
                                        {AttentionMode::kTopK, 0.25f, 1.0f}};
-  std::vector<float> sparsity;
-  at::Tensor out = SelfAttention(q, k, v, knobs, 16, 16, &sparsity);
+  at::Tensor sparsity_t;
+  at::Tensor out = SelfAttention(q, k, v, knobs, 16, 16, &sparsity_t);
+  EXPECT_EQ(sparsity_t.scalar_type(), at::kFloat);
+  EXPECT_EQ(sparsity_t.device(), q.device());
+  const std::vector<float> sparsity = Host(sparsity_t);
   ASSERT_EQ(sparsity.size(), 3u);
   EXPECT_EQ(sparsity[0], 0.0f);
   EXPECT_GT(sparsity[1], 0.0f);
@@ -198,11 +211,11 @@ TEST(SparseAttentionTest, SelfAttentionMixesDenseAndSparseElements) {
                 .item<float>(),
             1e-5f);
   for (int64_t b = 1; b < 3; ++b) {
-    std::vector<float> single;
+    at::Tensor single;
     at::Tensor one = SelfAttention(q.slice(0, b, b + 1), k.slice(0, b, b + 1), v.slice(0, b, b + 1),
                                    {knobs[b]}, 16, 16, &single);
     EXPECT_LT((out[b] - one[0]).abs().max().item<float>(), 1e-6f) << b;
-    EXPECT_EQ(single[0], sparsity[b]);
+    EXPECT_EQ(Host(single), std::vector<float>{sparsity[b]});
   }
 }
 
@@ -216,19 +229,21 @@ TEST(SparseAttentionTest, RegisteredBackendReceivesOnlySparseElements) {
   backend.supports = [](const at::Tensor&, int64_t, int64_t) { return true; };
   backend.run = [&](const at::Tensor& bq, const at::Tensor&, const at::Tensor&,
                     absl::Span<const AttentionKnobs> knobs, int64_t, int64_t,
-                    std::vector<float>* sparsity) {
+                    at::Tensor* sparsity) {
     ++calls;
     seen_batch = bq.size(0);
-    sparsity->assign(knobs.size(), 0.5f);
+    *sparsity = at::full({static_cast<int64_t>(knobs.size())}, 0.5f);
     return at::zeros_like(bq);
   };
   RegisterSparseAttentionBackend(c10::DeviceType::CPU, backend);
   EXPECT_EQ(SparseAttentionBackendName(c10::DeviceType::CPU), "test-backend");
-  std::vector<float> sparsity;
+  at::Tensor sparsity_t;
   at::Tensor out = SelfAttention(q, k, v,
                                  {AttentionKnobs{AttentionMode::kTopK, 0.5f, 1.0f},
                                   AttentionKnobs{AttentionMode::kDense, 1.0f, 1.0f}},
-                                 16, 16, &sparsity);
+                                 16, 16, &sparsity_t);
+  const std::vector<float> sparsity = Host(sparsity_t);
+  ASSERT_EQ(sparsity.size(), 2u);
   UnregisterSparseAttentionBackend(c10::DeviceType::CPU);
   EXPECT_EQ(SparseAttentionBackendName(c10::DeviceType::CPU), "aten-reference");
   EXPECT_EQ(calls, 1);
@@ -262,8 +277,9 @@ TEST(SparseAttentionTest, SpargeOpsBackendAgreesWithReference) {
   ASSERT_TRUE(backend.supports(q, 32, 16));
   std::vector<AttentionKnobs> knobs = {{AttentionMode::kHybrid, 0.2f, 0.6f},
                                        {AttentionMode::kTopK, 0.3f, 1.0f}};
-  std::vector<float> ops_sparsity;
-  at::Tensor ops_out = backend.run(q, k, v, knobs, 32, 16, &ops_sparsity);
+  at::Tensor ops_sparsity_t;
+  at::Tensor ops_out = backend.run(q, k, v, knobs, 32, 16, &ops_sparsity_t);
+  const std::vector<float> ops_sparsity = Host(ops_sparsity_t);
   BlockSparseMask mask = PredictBlockMask(q, k, knobs, 32, 16);
   at::Tensor ref_out = BlockSparseAttentionReference(q, k, v, mask).out;
   std::vector<float> ref_sparsity = MaskSparsity(mask);
@@ -271,6 +287,81 @@ TEST(SparseAttentionTest, SpargeOpsBackendAgreesWithReference) {
   for (int b = 0; b < 2; ++b) EXPECT_FLOAT_EQ(ops_sparsity[b], ref_sparsity[b]) << b;
   EXPECT_LT((ops_out - ref_out).abs().max().item<float>(), 1e-5f);
 }
+
+// MaskSparsityTensor counts partial last blocks (query and key side) from the counts and each
+// row's last kept block; checked against the token mask on hand-made masks.
+TEST(SparseAttentionTest, MaskSparsityCountsPartialBlocks) {
+  for (int64_t L : {10, 12}) {  // partial last blocks, then none
+    BlockSparseMask mask;
+    mask.seq_len = L;
+    mask.block_q = 4;
+    mask.block_k = 4;
+    mask.num_q_blocks = mask.num_k_blocks = 3;
+    mask.counts = at::tensor({2, 1, 1, 3, 2, 1}, at::kInt).view({1, 2, 3});
+    mask.indices = at::tensor({0, 2, -1, 1, -1, -1, 2, -1, -1,    // head 0: {0, 2}, {1}, {2}
+                               0, 1, 2, 0, 1, -1, 1, -1, -1},     // head 1: all, {0, 1}, {1}
+                              at::kInt)
+                       .view({1, 2, 3, 3});
+    const double kept = TokenMask(mask).to(at::kDouble).mean().item<double>();
+    const std::vector<float> s = MaskSparsity(mask);
+    ASSERT_EQ(s.size(), 1u);
+    EXPECT_NEAR(s[0], 1.0 - kept, 1e-7) << "L=" << L;
+    at::Tensor t = MaskSparsityTensor(mask);
+    EXPECT_EQ(t.scalar_type(), at::kFloat);
+    EXPECT_EQ(t.sizes(), at::IntArrayRef({1}));
+  }
+}
+
+TEST(SparseAttentionTest, ToDeviceAsyncLeavesHostTensorsOnTheHost) {
+  at::Tensor t = at::tensor({1, 2, 3}, at::kInt);
+  EXPECT_TRUE(ToDeviceAsync(t, c10::Device(c10::kCPU)).is_same(t));
+}
+
+#if defined(SPARGE_WITH_CUDA)
+// On a GPU one layer's self-attention never waits for the device: knobs and index lists reach it
+// through pinned memory and the achieved sparsity stays there (the dispatch used to copy the knobs
+// and the whole [B, H, Nq, Nk] mask to the host in every layer). Torch's sync debug mode turns
+// any such wait into an error.
+TEST(SparseAttentionTest, CudaDispatchNeverWaitsOnTheDevice) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!LoadSpargeOps()) GTEST_SKIP() << "libsparge_ops.so not built";
+  const int64_t L = 1000, H = 2, D = 64;
+  const auto opt = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  at::Tensor q = Randn({3, L, H, D}, 21).to(opt), k = Randn({3, L, H, D}, 22).to(opt),
+             v = Randn({3, L, H, D}, 23).to(opt);
+  const std::vector<AttentionKnobs> knobs = {{AttentionMode::kHybrid, 0.2f, 0.6f},
+                                             {AttentionMode::kDense, 1.0f, 1.0f},
+                                             {AttentionMode::kTopK, 0.3f, 1.0f}};
+  // Warm-up outside the check: the pinned-memory pool and the kernels' attributes.
+  at::Tensor warm;
+  const at::Tensor warm_out = SelfAttention(q, k, v, knobs, 128, 64, &warm);
+  torch::cuda::synchronize();
+  at::Tensor out, sparsity;
+  std::string error;
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  try {
+    for (int layer = 0; layer < 3; ++layer) out = SelfAttention(q, k, v, knobs, 128, 64, &sparsity);
+  } catch (const c10::Error& e) {
+    error = e.what();
+  }
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  ASSERT_EQ(error, "");
+  ASSERT_TRUE(sparsity.is_cuda());
+  EXPECT_TRUE(at::equal(out, warm_out));
+  // The values are the sparge ops' own for the sparse elements, 0 for the dense one.
+  at::Tensor ops_sparsity;
+  const at::Tensor ids = at::tensor({0, 2}, at::kLong).to(at::kCUDA);
+  SpargeOpsBackend().run(q.index_select(0, ids), k.index_select(0, ids), v.index_select(0, ids),
+                         {knobs[0], knobs[2]}, 128, 64, &ops_sparsity);
+  const std::vector<float> got = Host(sparsity), ops = Host(ops_sparsity);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got[0], ops[0]);
+  EXPECT_EQ(got[1], 0.0f);
+  EXPECT_EQ(got[2], ops[1]);
+  EXPECT_GT(got[0], 0.2f);
+  EXPECT_EQ(Host(warm), got);
+}
+#endif
 
 }  // namespace
 }  // namespace sparge::engine

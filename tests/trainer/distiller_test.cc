@@ -413,7 +413,7 @@ TEST(TrainerGpuTest, SparseSelfAttentionGradientsMatchTheReference) {
   knobs.topk = 0.3f;
   knobs.topp = 0.6f;
   std::vector<engine::AttentionKnobs> all(B, knobs);
-  auto grads = [&](const torch::Device& dev, at::ScalarType dtype, std::vector<float>* sparsity) {
+  auto grads = [&](const torch::Device& dev, at::ScalarType dtype, at::Tensor* sparsity) {
     at::Tensor qd = q.to(dev, dtype).requires_grad_(), kd = k.to(dev, dtype).requires_grad_(),
                vd = v.to(dev, dtype).requires_grad_();
     at::Tensor out = engine::SelfAttention(qd, kd, vd, all, 128, 64, sparsity);
@@ -422,17 +422,20 @@ TEST(TrainerGpuTest, SparseSelfAttentionGradientsMatchTheReference) {
                                    kd.grad().to(at::kCPU, at::kFloat),
                                    vd.grad().to(at::kCPU, at::kFloat)};
   };
-  std::vector<float> sparsity_gpu, sparsity_cpu;
+  at::Tensor sparsity_gpu_t, sparsity_cpu_t;
   // The mask is predicted from bf16 inputs on the GPU: give the reference the same rounded inputs.
   q = q.to(at::kBFloat16).to(at::kFloat);
   k = k.to(at::kBFloat16).to(at::kFloat);
   v = v.to(at::kBFloat16).to(at::kFloat);
-  const auto gpu = grads(torch::Device(torch::kCUDA), at::kBFloat16, &sparsity_gpu);
-  const auto ref = grads(torch::Device(torch::kCPU), at::kFloat, &sparsity_cpu);
-  ASSERT_EQ(sparsity_gpu.size(), sparsity_cpu.size());
-  for (size_t i = 0; i < sparsity_gpu.size(); ++i) {
-    EXPECT_NEAR(sparsity_gpu[i], sparsity_cpu[i], 1e-6) << "masks differ for element " << i;
-    EXPECT_GT(sparsity_gpu[i], 0.2);
+  const auto gpu = grads(torch::Device(torch::kCUDA), at::kBFloat16, &sparsity_gpu_t);
+  const auto ref = grads(torch::Device(torch::kCPU), at::kFloat, &sparsity_cpu_t);
+  ASSERT_TRUE(sparsity_gpu_t.is_cuda());
+  const at::Tensor sparsity_gpu = sparsity_gpu_t.cpu(), sparsity_cpu = sparsity_cpu_t.cpu();
+  ASSERT_EQ(sparsity_gpu.numel(), sparsity_cpu.numel());
+  for (int64_t i = 0; i < sparsity_gpu.numel(); ++i) {
+    EXPECT_NEAR(sparsity_gpu[i].item<float>(), sparsity_cpu[i].item<float>(), 1e-6)
+        << "masks differ for element " << i;
+    EXPECT_GT(sparsity_gpu[i].item<float>(), 0.2);
   }
   const char* names[] = {"out", "dq", "dk", "dv"};
   for (int i = 0; i < 4; ++i) {
