@@ -1061,41 +1061,6 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
   for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
 }
 
-// Stream-ordered workspace (fp32 dQ accumulator) from a per-device memory pool that keeps its memory (like a
-// caching allocator): after the first backward of a shape, allocation costs no driver mapping.
-cudaError_t AllocDqAccumulator(size_t bytes, cudaStream_t stream, void** out) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  static std::mutex mu;
-  static cudaMemPool_t pools[64] = {};
-  if (dev >= 64) return cudaErrorInvalidDevice;
-  cudaMemPool_t pool;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (pools[dev] == nullptr) {
-      cudaMemPoolProps props = {};
-      props.allocType = cudaMemAllocationTypePinned;
-      props.location.type = cudaMemLocationTypeDevice;
-      props.location.id = dev;
-      err = cudaMemPoolCreate(&pools[dev], &props);
-      if (err != cudaSuccess) return err;
-      uint64_t keep = UINT64_MAX;
-      err = cudaMemPoolSetAttribute(pools[dev], cudaMemPoolAttrReleaseThreshold, &keep);
-      if (err != cudaSuccess) return err;
-    }
-    pool = pools[dev];
-  }
-  return cudaMallocFromPoolAsync(out, bytes, pool, stream);
-}
-
-int SmCount() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 132;
-  return n;
-}
 
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
 // by the workspace's release (also after an earlier error, which it then returns).
@@ -1130,7 +1095,7 @@ cudaError_t LaunchFused(const BwdParams& p, cudaStream_t stream) {
   const size_t acc_bytes = floats * 4;
   const size_t bytes = acc_bytes + sizeof(FusedSchedule) + static_cast<size_t>(items) * 4;
   void* ws = nullptr;
-  cudaError_t err = AllocDqAccumulator(bytes, stream, &ws);
+  cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
   float* acc = static_cast<float*>(ws);
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes);
@@ -1168,7 +1133,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const size_t acc_bytes = floats * 4, ld_bytes = tiles * 2 * kM * 4;
   const size_t bytes = acc_bytes + ld_bytes + sizeof(FusedSchedule) + static_cast<size_t>(items) * 4;
   void* ws = nullptr;
-  cudaError_t err = AllocDqAccumulator(bytes, stream, &ws);
+  cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
   float* acc = static_cast<float*>(ws);
   float* ld = acc + floats;

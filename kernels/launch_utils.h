@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -26,6 +27,44 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   err = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess) done.insert(key);
   return err;
+}
+
+// Stream-ordered workspace (the backward's fp32 dQ accumulator, the persistent forward's item
+// counter) from a per-device memory pool that keeps its memory (like a caching allocator): after
+// the first call of a shape, allocation costs no driver mapping. Free with cudaFreeAsync.
+inline cudaError_t AllocFromLauncherPool(size_t bytes, cudaStream_t stream, void** out) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static std::mutex mu;
+  static cudaMemPool_t pools[64] = {};
+  if (dev >= 64) return cudaErrorInvalidDevice;
+  cudaMemPool_t pool;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (pools[dev] == nullptr) {
+      cudaMemPoolProps props = {};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = dev;
+      err = cudaMemPoolCreate(&pools[dev], &props);
+      if (err != cudaSuccess) return err;
+      uint64_t keep = UINT64_MAX;
+      err = cudaMemPoolSetAttribute(pools[dev], cudaMemPoolAttrReleaseThreshold, &keep);
+      if (err != cudaSuccess) return err;
+    }
+    pool = pools[dev];
+  }
+  return cudaMallocFromPoolAsync(out, bytes, pool, stream);
+}
+
+// Streaming multiprocessors of the current device (132 if the query fails).
+inline int SmCount() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return n;
 }
 
 // Programmatic dependent launch (Hopper). With SPARGE_PDL=1 the kernels of a chain (mask

@@ -57,9 +57,10 @@ class ScopedEnv {
 };
 
 // bwd_impl: SPARGE_BWD_IMPL for the backward launch (nullptr: the default, fused where it applies).
+// persistent: FwdParams::persistent (the persistent warp-specialised forward).
 Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const BlockMask& m,
                 double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma, int tile_n = 0,
-                bool pipelined = false, const char* bwd_impl = nullptr) {
+                bool pipelined = false, const char* bwd_impl = nullptr, bool persistent = false) {
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   Outs r;
   r.o = at::full({B, L, H, D}, NAN, q.options());
@@ -83,6 +84,7 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   f.impl = impl;
   f.tile_n = tile_n;
   f.pipelined = pipelined;
+  f.persistent = persistent;
   EXPECT_EQ(kn::CanImplementFwd(f), nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EXPECT_EQ(kn::LaunchBlockSparseFwd(f, stream), cudaSuccess);
@@ -507,6 +509,9 @@ void CheckWarpSpecialized(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk
     std::printf("ws %s: o %.2e lse %.2e\n", what.c_str(), eo, el);
     EXPECT_LT(eo, tol) << what;
     EXPECT_LT(el, 1e-4) << what;
+    // The persistent grid computes every item with the same instructions: equal bit for bit.
+    Outs rp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, false, nullptr, true);
+    EXPECT_TRUE(rp.o.equal(r.o) && rp.lse.equal(r.lse)) << what << " (persistent)";
   }
 }
 
@@ -533,6 +538,8 @@ TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
   const double scale = 1.0 / std::sqrt(double(D));
   Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
   Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
+  Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, /*persistent=*/true);
+  EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "persistent";
   ASSERT_TRUE(AllFinite(ws.o));
   EXPECT_EQ(ws.o[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
   EXPECT_EQ(ws.o[0].select(1, 0).slice(0, 640, L).abs().max().item<float>(), 0.f);
@@ -559,6 +566,9 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
     Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
     Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
     ASSERT_TRUE(AllFinite(ws.o) && AllFinite(ws.lse)) << "bk=" << bk;
+    // Persistent grid: 3072 items over one CTA per SM, fetched through the counter.
+    Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, true);
+    EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "persistent bk=" << bk;
     const double eo = testing::RelErr(ws.o, base.o), el = testing::RelErr(ws.lse, base.lse);
     std::printf("ws Wan-1.3B bk=%ld sparsity %.4f: vs cp.async kernel o %.2e lse %.2e\n", long(bk),
                 ops::AchievedSparsity(m, L), eo, el);
@@ -584,6 +594,31 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
   const double ed = testing::RelErr(wd.o, od.transpose(1, 2));
   std::printf("ws dense vs SDPA: o %.2e\n", ed);
   EXPECT_LT(ed, 1e-2);
+}
+
+// The persistent forward with many more items than SMs, query blocks that keep nothing scattered
+// through the item list (the consumers learn of them through the shared item slot), both key-block
+// widths, and under programmatic dependent launch: equal to the one-CTA-per-item kernel bit for bit.
+TEST(SpargeKernelsGpu, PersistentForwardManyItemsAndEmptyRows) {
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 2, L = 3000, H = 6, D = 128;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 99);
+  Tensor v = at::randn_like(q);
+  const double scale = 1.0 / std::sqrt(double(D));
+  for (int64_t bk : {128, 64}) {
+    Knobs kb = MixedKnobs(B);
+    BlockMask m = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+    m.counts = m.counts.clone();
+    const int64_t nq = m.counts.size(2);
+    for (int64_t i = 0; i < 12; ++i) m.counts[i % B][(i * 5) % H][(i * 7) % nq] = 0;
+    Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
+    for (const char* pdl : {static_cast<const char*>(nullptr), "1"}) {
+      ScopedEnv env("SPARGE_PDL", pdl);
+      Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, true);
+      ASSERT_TRUE(AllFinite(wp.o)) << "bk=" << bk;
+      EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "bk=" << bk << (pdl ? " pdl" : "");
+    }
+  }
 }
 
 // Small warp-specialised cases for compute-sanitizer (memcheck, racecheck).
