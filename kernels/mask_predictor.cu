@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace
     const unsigned kb = __ballot_sync(0xffffffffu, kept);
     if (kept) {
       out[base + __popc(kb & lt)] = j;
-      atomicOr(tcol + static_cast<int64_t>(j) * words, bit);
+      if (p.t_indices != nullptr) atomicOr(tcol + static_cast<int64_t>(j) * words, bit);
     }
     base += __popc(kb);
   }
@@ -449,8 +449,9 @@ const char* CanImplementMask(const MaskParams& p) {
     if (t->stride_l % 8 != 0 || t->stride_h % 8 != 0 || t->stride_b % 8 != 0)
       return "strides must be multiples of 8 elements";
   }
-  if (!p.mode || !p.topk || !p.topp || !p.counts || !p.indices || !p.t_counts || !p.t_indices)
-    return "missing pointer";
+  if (!p.mode || !p.topk || !p.topp || !p.counts || !p.indices) return "missing pointer";
+  if ((p.t_counts == nullptr) != (p.t_indices == nullptr))
+    return "t_counts and t_indices must both be given (or both null: no transposed mask)";
   if (!p.workspace || reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0)
     return "workspace missing or not 256-byte aligned";
   return nullptr;
@@ -464,8 +465,10 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int64_t bh = static_cast<int64_t>(p.batch) * p.heads;
-  cudaError_t err = cudaMemsetAsync(w.tbits, 0, bh * nk * CeilDiv(nq, 32) * 4, stream);
-  if (err != cudaSuccess) return err;
+  const bool transposed = p.t_indices != nullptr;
+  cudaError_t err = cudaSuccess;
+  if (transposed && (err = cudaMemsetAsync(w.tbits, 0, bh * nk * CeilDiv(nq, 32) * 4, stream)) != cudaSuccess)
+    return err;
   if (p.dtype == DType::kBF16) {
     if ((err = Pool<__nv_bfloat16>(p, p.q, p.block_q, w.qpool, stream)) != cudaSuccess) return err;
     if ((err = Pool<__nv_bfloat16>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
@@ -484,6 +487,7 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
   }
+  if (!transposed) return cudaSuccess;
   const int64_t rows = bh * nk;
   return LaunchChained(TransposeKernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, stream, p, w);
 }

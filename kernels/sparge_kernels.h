@@ -29,7 +29,8 @@ struct Tensor4 {
 // Mask predictor (SPARSE_ATTENTION.md section 2). Outputs, all int32, contiguous:
 //   counts[B][H][Nq], indices[B][H][Nq][Nk] (kept key blocks, ascending; entries past the count
 //   are -1), t_counts[B][H][Nk], t_indices[B][H][Nk][Nq] (query blocks keeping key block j,
-//   ascending; -1 past the count).
+//   ascending; -1 past the count). t_counts = t_indices = nullptr skips the transposed mask (only
+//   the backward pass reads it): no bitmap, no memset, no transpose launch.
 struct MaskParams {
   Tensor4 q, k;
   DType dtype = DType::kBF16;

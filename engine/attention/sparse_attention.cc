@@ -116,19 +116,20 @@ SparseAttentionBackend SpargeOpsBackend() {
     }
     auto predict = ops->predict.typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, int64_t, int64_t)>();
+        const at::Tensor&, int64_t, int64_t, bool)>();
     auto forward = ops->forward.typed<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, int64_t, int64_t, double)>();
-    // The mask is stop-gradient (SPARSE_ATTENTION.md section 3): predicted from detached q, k.
-    // Knobs travel without a host wait (a pageable copy would block once per layer).
-    auto [counts, indices, t_counts, t_indices] =
-        predict.call(q.detach(), k.detach(), ToDeviceAsync(at::tensor(mode, at::kInt), q.device()),
-                     ToDeviceAsync(at::tensor(topk, at::kFloat), q.device()),
-                     ToDeviceAsync(at::tensor(topp, at::kFloat), q.device()), block_q, block_k);
-    at::Tensor out;
     const bool needs_grad =
         at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+    // The mask is stop-gradient (SPARSE_ATTENTION.md section 3): predicted from detached q, k.
+    // Knobs travel without a host wait (a pageable copy would block once per layer). Inference
+    // skips the transposed mask, which only the backward pass reads.
+    auto [counts, indices, t_counts, t_indices] = predict.call(
+        q.detach(), k.detach(), ToDeviceAsync(at::tensor(mode, at::kInt), q.device()),
+        ToDeviceAsync(at::tensor(topk, at::kFloat), q.device()),
+        ToDeviceAsync(at::tensor(topp, at::kFloat), q.device()), block_q, block_k, needs_grad);
+    at::Tensor out;
     if (needs_grad) {
       TORCH_CHECK(ops->trainable.has_value(),
                   "the loaded sparge op library has no sparge::block_sparse_attention (autograd)");

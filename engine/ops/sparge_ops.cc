@@ -51,6 +51,17 @@ void CheckKnobs(const Tensor& mode, const Tensor& topk, const Tensor& topp) {
   TORCH_CHECK(((p >= 0) & (p <= 1)).all().item<bool>(), "topp must be in [0, 1]");
 }
 
+std::pair<Tensor, Tensor> NoTransposedMask(int64_t B, int64_t H, const at::TensorOptions& like) {
+  auto iopt = like.dtype(at::kInt);
+  return {at::empty({B, H, 0}, iopt), at::empty({B, H, 0, 0}, iopt)};
+}
+
+void CheckTransposedMask(const Tensor& t_counts) {
+  TORCH_CHECK(!(t_counts.dim() == 3 && t_counts.size(2) == 0),
+              "the mask was predicted with transposed=False (inference only); the backward pass "
+              "needs predict_block_mask(..., transposed=True)");
+}
+
 void CheckMask(const Tensor& counts, const Tensor& indices, int64_t B, int64_t H, int64_t nq,
                int64_t nk) {
   TORCH_CHECK(counts.scalar_type() == at::kInt && indices.scalar_type() == at::kInt,
@@ -92,7 +103,7 @@ Tensor CompactAscending(const Tensor& keep) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCpu(const Tensor& q, const Tensor& k,
                                                                const Tensor& mode, const Tensor& topk,
                                                                const Tensor& topp, int64_t block_q,
-                                                               int64_t block_k) {
+                                                               int64_t block_k, bool transposed) {
   CheckQkv(q, "q");
   CheckQkv(k, "k");
   TORCH_CHECK(q.sizes() == k.sizes(), "q and k must have the same shape");
@@ -122,6 +133,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCpu(const Tensor& q, 
   n = at::clamp(n, 1, nk);
   Tensor rank_keep = at::arange(nk, n.options()).view({1, 1, 1, nk}) < n.unsqueeze(-1);
   Tensor keep = at::zeros_like(rank_keep).scatter(-1, order, rank_keep);
+  if (!transposed) {
+    auto [tc, ti] = internal::NoTransposedMask(B, H, q.options());
+    return {n.to(at::kInt).contiguous(), CompactAscending(keep), tc, ti};
+  }
   Tensor keep_t = keep.transpose(-1, -2);
   return {n.to(at::kInt).contiguous(), CompactAscending(keep), keep_t.sum(-1).to(at::kInt).contiguous(),
           CompactAscending(keep_t)};
@@ -270,6 +285,9 @@ std::tuple<Tensor, Tensor> BlockSparseAttentionComposite(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts, const Tensor& indices,
     const Tensor& t_counts, const Tensor& t_indices, int64_t block_q, int64_t block_k,
     double scale) {
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    internal::CheckTransposedMask(t_counts);  // fail at the forward, not in the backward pass
+  }
   auto out = BlockSparseAttentionFn::apply(q, k, v, counts, indices, t_counts, t_indices, block_q,
                                            block_k, scale);
   return {out[0], out[1]};
@@ -278,13 +296,13 @@ std::tuple<Tensor, Tensor> BlockSparseAttentionComposite(
 }  // namespace
 
 BlockMask PredictBlockMask(const Tensor& q, const Tensor& k, const Tensor& mode, const Tensor& topk,
-                           const Tensor& topp, int64_t block_q, int64_t block_k) {
+                           const Tensor& topp, int64_t block_q, int64_t block_k, bool transposed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparge::predict_block_mask", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, int64_t, int64_t)>();
-  auto [c, i, tc, ti] = op.call(q, k, mode, topk, topp, block_q, block_k);
+                           const Tensor&, int64_t, int64_t, bool)>();
+  auto [c, i, tc, ti] = op.call(q, k, mode, topk, topp, block_q, block_k, transposed);
   return BlockMask{c, i, tc, ti, block_q, block_k};
 }
 
@@ -313,9 +331,11 @@ double AchievedSparsity(const BlockMask& mask, int64_t seqlen) {
 }  // namespace sparge::ops
 
 TORCH_LIBRARY(sparge, m) {
+  // transposed=False skips t_counts / t_indices (returned empty: [B, H, 0], [B, H, 0, 0]), which
+  // only the backward pass reads: the inference path's mask.
   m.def("predict_block_mask(Tensor q, Tensor k, Tensor mode, Tensor topk, Tensor topp, "
-        "int block_q=128, int block_k=64) -> (Tensor counts, Tensor indices, Tensor t_counts, "
-        "Tensor t_indices)");
+        "int block_q=128, int block_k=64, bool transposed=True) -> (Tensor counts, Tensor indices, "
+        "Tensor t_counts, Tensor t_indices)");
   m.def("block_sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor counts, Tensor indices, "
         "int block_q=128, int block_k=64, float scale=0.0) -> (Tensor o, Tensor lse)");
   m.def("block_sparse_attention_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, "

@@ -16,7 +16,8 @@ namespace sparge::ops {
 inline constexpr int32_t kModeDense = 1, kModeTopK = 2, kModeTopP = 3, kModeHybrid = 4;
 
 // A predicted block mask. counts [B,H,Nq] int32; indices [B,H,Nq,Nk] int32 kept key blocks in
-// ascending order, -1 past the count; t_counts [B,H,Nk], t_indices [B,H,Nk,Nq] the transpose.
+// ascending order, -1 past the count; t_counts [B,H,Nk], t_indices [B,H,Nk,Nq] the transpose
+// (for the backward pass; empty [B,H,0] / [B,H,0,0] when predicted with transposed = false).
 struct BlockMask {
   at::Tensor counts, indices, t_counts, t_indices;
   int64_t block_q = 128, block_k = 64;
@@ -24,9 +25,10 @@ struct BlockMask {
 
 // q, k: [B, L, H, D] (any strides with unit stride over D; head-major tensors via transpose(1, 2)).
 // mode int32, topk and topp float32, each of shape [B] or [B, H], on any device.
+// transposed = false skips the transposed mask (inference: only the backward pass reads it).
 BlockMask PredictBlockMask(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mode,
                            const at::Tensor& topk, const at::Tensor& topp, int64_t block_q = 128,
-                           int64_t block_k = 64);
+                           int64_t block_k = 64, bool transposed = true);
 
 // Masked attention over the kept blocks; differentiable in q, k, v (the mask is stop-gradient).
 // Returns O [B, L, H, D] (dtype of q) and lse [B, H, L] float32 (not differentiable).

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 #include "engine/ops/sparge_ops.h"
 #include "engine/ops/sparge_ops_internal.h"
@@ -67,7 +68,7 @@ void Check(cudaError_t err, const char* what) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCuda(const Tensor& q_in, const Tensor& k_in,
                                                                 const Tensor& mode, const Tensor& topk,
                                                                 const Tensor& topp, int64_t block_q,
-                                                                int64_t block_k) {
+                                                                int64_t block_k, bool transposed) {
   internal::CheckQkv(q_in, "q");
   CheckSame(q_in, k_in, "k");
   c10::cuda::CUDAGuard guard(q_in.device());
@@ -91,7 +92,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCuda(const Tensor& q_
   }
   auto iopt = q.options().dtype(at::kInt);
   Tensor counts = at::empty({B, H, nq}, iopt), indices = at::empty({B, H, nq, nk}, iopt);
-  Tensor t_counts = at::empty({B, H, nk}, iopt), t_indices = at::empty({B, H, nk, nq}, iopt);
+  Tensor t_counts, t_indices;
+  if (transposed) {
+    t_counts = at::empty({B, H, nk}, iopt);
+    t_indices = at::empty({B, H, nk, nq}, iopt);
+  } else {
+    std::tie(t_counts, t_indices) = internal::NoTransposedMask(B, H, q.options());
+  }
   k::MaskParams p;
   p.q = View(q);
   p.k = View(kk);
@@ -109,8 +116,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> PredictBlockMaskCuda(const Tensor& q_
   p.topp = tp.data_ptr<float>();
   p.counts = counts.data_ptr<int32_t>();
   p.indices = indices.data_ptr<int32_t>();
-  p.t_counts = t_counts.data_ptr<int32_t>();
-  p.t_indices = t_indices.data_ptr<int32_t>();
+  // Without the transposed mask the kernels skip its bitmap, memset and transpose launch.
+  p.t_counts = transposed ? t_counts.data_ptr<int32_t>() : nullptr;
+  p.t_indices = transposed ? t_indices.data_ptr<int32_t>() : nullptr;
   Tensor ws = at::empty({static_cast<int64_t>(k::MaskWorkspaceBytes(p)) + 256}, q.options().dtype(at::kByte));
   p.workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data_ptr()) + 255) / 256 * 256);
   if (const char* why = k::CanImplementMask(p)) TORCH_CHECK(false, "predict_block_mask: ", why);
@@ -180,6 +188,7 @@ std::tuple<Tensor, Tensor, Tensor> AttentionBwdCuda(
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t nq = (L + block_q - 1) / block_q, nk = (L + block_k - 1) / block_k;
   internal::CheckMask(counts_in, indices_in, B, H, nq, nk);
+  internal::CheckTransposedMask(t_counts_in);
   internal::CheckMask(t_counts_in, t_indices_in, B, H, nk, nq);
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, L}), "lse must be [B, H, L]");
   Tensor lse = lse_in.to(at::kFloat).contiguous();

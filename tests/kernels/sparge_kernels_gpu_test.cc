@@ -176,6 +176,22 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
 // block is 0 and the row is uniform; (b) Q = e0 and K = g(block) * e0 with g in {0, 1, 2}, so the
 // key blocks fall into three groups of bit-identical probabilities. Also rows of 313 and 2500 key
 // blocks (the register-resident and the spilling selection paths).
+// The inference mask (transposed = false: no bitmap, memset or transpose launch) has the same
+// counts and LUT as the full one, and an empty transposed part.
+TEST(SpargeKernelsGpu, InferenceMaskEqualsFullMask) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t bk : {64, 128}) {
+    auto [q, k] = testing::StructuredQK(3, 2000, 4, 128, at::kBFloat16, at::kCUDA, 17 + bk);
+    Knobs kb = MixedKnobs(3);
+    BlockMask full = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+    BlockMask inf = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk, false);
+    EXPECT_TRUE(inf.counts.equal(full.counts)) << bk;
+    EXPECT_TRUE(inf.indices.equal(full.indices)) << bk;
+    EXPECT_EQ(inf.t_counts.numel(), 0) << bk;
+    EXPECT_EQ(inf.t_indices.numel(), 0) << bk;
+  }
+}
+
 TEST(SpargeKernelsGpu, MaskMatchesCpuReferenceOnTiesAndWideRows) {
   SKIP_WITHOUT_GPU();
   const int64_t B = 4, H = 2;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -121,6 +122,32 @@ TEST(SpargeOpsCpu, MaskCountRules) {
   Tensor ck = pred(ops::kModeTopK, 0.2f, 0.f).counts, cp = pred(ops::kModeTopP, 0.f, 0.8f).counts;
   EXPECT_TRUE(pred(ops::kModeHybrid, 0.2f, 0.8f).counts.equal(at::maximum(ck, cp)));
   EXPECT_TRUE((pred(ops::kModeTopP, 0.f, 0.f).counts == 1).all().item<bool>());
+}
+
+// transposed = false (inference): the same counts and LUT, an empty transposed part, and a clear
+// error where a backward pass would need it (at the forward, when inputs require grad).
+TEST(SpargeOpsCpu, InferenceMaskSkipsTheTransposedPart) {
+  const int64_t B = 2, L = 300, H = 2, D = 64;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kFloat, at::kCPU, 21);
+  Tensor mode = at::tensor({ops::kModeHybrid, ops::kModeTopK}, at::kInt);
+  Tensor topk = at::tensor({0.2f, 0.3f}), topp = at::tensor({0.6f, 0.f});
+  BlockMask full = ops::PredictBlockMask(q, k, mode, topk, topp, 128, 64);
+  BlockMask inf = ops::PredictBlockMask(q, k, mode, topk, topp, 128, 64, /*transposed=*/false);
+  EXPECT_TRUE(inf.counts.equal(full.counts));
+  EXPECT_TRUE(inf.indices.equal(full.indices));
+  EXPECT_EQ(inf.t_counts.sizes(), at::IntArrayRef({B, H, 0}));
+  EXPECT_EQ(inf.t_indices.sizes(), at::IntArrayRef({B, H, 0, 0}));
+  Tensor v = at::randn({B, L, H, D});
+  auto [o_inf, lse_inf] = ops::BlockSparseAttention(q, k, v, inf);  // no grad needed: fine
+  auto [o_full, lse_full] = ops::BlockSparseAttention(q, k, v, full);
+  EXPECT_TRUE(o_inf.equal(o_full));
+  Tensor qg = q.clone().requires_grad_(true);
+  try {
+    ops::BlockSparseAttention(qg, k, v, inf);
+    ADD_FAILURE() << "a trainable call with an inference mask must fail";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("transposed=False"), std::string::npos) << e.what();
+  }
 }
 
 TEST(SpargeOpsCpu, PerHeadKnobs) {
