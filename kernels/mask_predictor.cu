@@ -64,7 +64,11 @@ Workspace Carve(const MaskParams& p, void* base) {
 }
 
 // Mean of each block of rows of x[b, :, h, :] -> out[b][h][n][D]. 16-byte loads; each CTA pools
-// one block with D/8 threads per row and reduces the row groups in a fixed order.
+// one block with D/8 threads per row and reduces the row groups in a fixed order. A thread's rows
+// are loaded kBatch at a time before any is summed (rows past the block are not loaded), so each
+// thread keeps up to kBatch loads in flight instead of one: pooling reads Q and K once and is
+// bound by memory parallelism, not arithmetic. The per-thread summation order is unchanged, so
+// the pooled values are bit for bit those of the one-load-at-a-time loop.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out) {
   GridDependencySync();  // programmatic dependent launch (launch_utils.h)
@@ -76,12 +80,23 @@ __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, 
   const int tid = threadIdx.x, ch = tid % kLanes, grp = tid / kLanes;
   const int r0 = n * block, r1 = min(L, r0 + block);
   const T* base = static_cast<const T*>(x.ptr) + b * x.stride_b + h * x.stride_h + ch * 8;
+  constexpr int kBatch = 8;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int r = r0 + grp; r < r1; r += kGroups) {
-    uint4 raw = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(r) * x.stride_l);
-    const T* v = reinterpret_cast<const T*>(&raw);
+  for (int rb = r0 + grp; rb < r1; rb += kBatch * kGroups) {
+    uint4 raw[kBatch];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += MmaOp<T>::ToFloat(v[i]);
+    for (int j = 0; j < kBatch; ++j) {
+      const int r = rb + j * kGroups;
+      raw[j] = r < r1 ? *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(r) * x.stride_l)
+                      : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (rb + j * kGroups >= r1) break;
+      const T* v = reinterpret_cast<const T*>(&raw[j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += MmaOp<T>::ToFloat(v[i]);
+    }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) red[grp][ch * 8 + i] = acc[i];
@@ -117,13 +132,16 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
 // scores[c][i][j] = <qpool[i], kpool[j] - kmean> * (1/sqrt(D)) for (b, h) = bh0 + c: fp32, one
 // sequential fma chain over d per output (deterministic). A CTA computes 64 query blocks x 64 key
 // blocks, 4x4 per thread, from d-major shared tiles of 32 channels: two 16-byte shared loads feed
-// 16 fmas, so the FMA pipe, not shared memory, bounds it.
-template <int D>
+// 16 fmas, so the FMA pipe, not shared memory, bounds it. kT = 32 (2x2 per thread) for short
+// sequences, where 64-wide tiles leave most SMs idle (1.3B: 192 CTAs on 132 SMs); every output is
+// the same fma chain either way, so the scores are identical.
+template <int D, int kT = kScoreTile>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
                                                         float* scores) {
   GridDependencySync();  // programmatic dependent launch (launch_utils.h)
-  constexpr int kT = kScoreTile, kC = kScoreChunk;
+  constexpr int kC = kScoreChunk, kR = kT / 16;  // kR x kR outputs per thread
+  static_assert(kT == 64 || kT == 32, "score tile");
   __shared__ __align__(16) float sq[kC][kT];
   __shared__ __align__(16) float sk[kC][kT];
   const int i0 = blockIdx.x * kT, j0 = blockIdx.y * kT;
@@ -132,12 +150,12 @@ __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, cons
   const float* qp = qpool + bh * nq * D;
   const float* kp = kpool + bh * nk * D;
   const float* km = kmean + bh * D;
-  float acc[4][4] = {};
+  float acc[kR][kR] = {};
   for (int d0 = 0; d0 < D; d0 += kC) {
-    // 64 rows x 32 channels = 512 float4 per operand, two per thread. Lanes walk rows, so the
-    // transposing stores hit consecutive banks.
+    // kT rows x 32 channels = kT * 8 float4 per operand (64: two per thread). Lanes walk rows, so
+    // the transposing stores hit consecutive banks.
 #pragma unroll
-    for (int it = 0; it < 2; ++it) {
+    for (int it = 0; it < kT * 8 / kThreads; ++it) {
       const int x = tid + it * kThreads, r = x % kT, c4 = x / kT;
       const int d = d0 + c4 * 4;
       float4 qv = make_float4(0.f, 0.f, 0.f, 0.f), kv = qv;
@@ -159,13 +177,22 @@ __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, cons
     __syncthreads();
 #pragma unroll 8
     for (int dd = 0; dd < kC; ++dd) {
-      const float4 a = *reinterpret_cast<const float4*>(&sq[dd][tr * 4]);
-      const float4 b = *reinterpret_cast<const float4*>(&sk[dd][tk * 4]);
-      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+      float av[kR], bv[kR];
+      if constexpr (kR == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(&sq[dd][tr * 4]);
+        const float4 b = *reinterpret_cast<const float4*>(&sk[dd][tk * 4]);
+        av[0] = a.x, av[1] = a.y, av[2] = a.z, av[3] = a.w;
+        bv[0] = b.x, bv[1] = b.y, bv[2] = b.z, bv[3] = b.w;
+      } else {
+        const float2 a = *reinterpret_cast<const float2*>(&sq[dd][tr * 2]);
+        const float2 b = *reinterpret_cast<const float2*>(&sk[dd][tk * 2]);
+        av[0] = a.x, av[1] = a.y;
+        bv[0] = b.x, bv[1] = b.y;
+      }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < kR; ++r) {
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) acc[r][cc] = fmaf(av[r], bv[cc], acc[r][cc]);
+        for (int cc = 0; cc < kR; ++cc) acc[r][cc] = fmaf(av[r], bv[cc], acc[r][cc]);
       }
     }
     __syncthreads();
@@ -174,12 +201,12 @@ __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, cons
   const float inv_sqrt_d = 1.f / sqrtf(static_cast<float>(D));
   float* out = scores + c * nq * nk;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int i = i0 + tr * 4 + r;
+  for (int r = 0; r < kR; ++r) {
+    const int i = i0 + tr * kR + r;
     if (i >= nq) continue;
 #pragma unroll
-    for (int cc = 0; cc < 4; ++cc) {
-      const int j = j0 + tk * 4 + cc;
+    for (int cc = 0; cc < kR; ++cc) {
+      const int j = j0 + tk * kR + cc;
       if (j < nk) out[static_cast<int64_t>(i) * nk + j] = acc[r][cc] * inv_sqrt_d;
     }
   }
@@ -481,9 +508,13 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
-    const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
-    err = LaunchChained(p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>, sgrid, kThreads, 0, stream,
-                        w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
+    // 32-wide tiles when 64-wide ones would not give every SM two CTAs.
+    const bool small = int64_t{CeilDiv(nq, kScoreTile)} * CeilDiv(nk, kScoreTile) * cbh < 2 * SmCount();
+    const int tile = small ? 32 : kScoreTile;
+    const dim3 sgrid(CeilDiv(nq, tile), CeilDiv(nk, tile), static_cast<unsigned>(cbh));
+    auto score = p.head_dim == 128 ? (small ? ScoreKernel<128, 32> : ScoreKernel<128, 64>)
+                                   : (small ? ScoreKernel<64, 32> : ScoreKernel<64, 64>);
+    err = LaunchChained(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
   }
