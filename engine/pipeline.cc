@@ -564,4 +564,9 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const PipelineConfig&
   return pipeline;
 }
 
+std::string CudaSparseKernelMismatch(const PipelineConfig& config) {
+  if (config.device.rfind("cuda", 0) != 0) return "";
+  return CudaKernelMismatch(config.dtype, config.block_q, config.block_k, /*head_dim=*/0);
+}
+
 }  // namespace sparge::engine

@@ -154,4 +154,9 @@ class Pipeline {
   virtual DeviceMemoryStats memory_stats() const { return {}; }
 };
 
+// Empty unless config runs on CUDA with settings the sparge CUDA kernels do not take (dtype,
+// block sizes); then one sentence for the operator: which settings, and that sparse attention
+// falls back to the much slower ATen reference path.
+std::string CudaSparseKernelMismatch(const PipelineConfig& config);
+
 }  // namespace sparge::engine

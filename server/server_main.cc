@@ -126,6 +126,9 @@ int Run(int argc, char** argv) {
                        "), device ", config.model.device, ", jobs in ", config.jobs.output_dir,
                        ", config ",
                        config_path.empty() ? "built-in defaults" : config_path));
+  if (const std::string why = engine::CudaSparseKernelMismatch(config.model); !why.empty()) {
+    LogWarning(absl::StrCat("model.dtype / model.block_q / model.block_k: ", why));
+  }
   absl::StatusOr<std::unique_ptr<SpargeServer>> server =
       SpargeServer::Create(config, ServerDeps{EnginePipelineFactory(config.model),
                                               EngineVideoEncoder()});

@@ -347,6 +347,23 @@ void UnregisterSparseAttentionBackend(c10::DeviceType device_type) {
   Backends().erase(device_type);
 }
 
+std::string CudaKernelMismatch(const std::string& dtype, int64_t block_q, int64_t block_k,
+                               int64_t head_dim) {
+  std::vector<std::string> off;
+  if (dtype != "bfloat16" && dtype != "float16") off.push_back("dtype " + dtype);
+  if (block_q != 128) off.push_back("block_q " + std::to_string(block_q));
+  if (block_k <= 0 || block_k % 64 != 0) off.push_back("block_k " + std::to_string(block_k));
+  if (head_dim > 0 && head_dim != 64 && head_dim != 128) {
+    off.push_back("head dim " + std::to_string(head_dim));
+  }
+  if (off.empty()) return "";
+  std::string list;
+  for (size_t i = 0; i < off.size(); ++i) list += (i ? ", " : "") + off[i];
+  return "the sparge CUDA kernels need dtype bfloat16 or float16, block_q 128, block_k a multiple "
+         "of 64 (128 is fastest) and head dim 64 or 128; with " + list +
+         " sparse attention runs on the ATen reference path instead (much slower)";
+}
+
 std::string SparseAttentionBackendName(c10::DeviceType device_type) {
   SparseAttentionBackend backend;
   if (FindBackend(device_type, &backend)) return backend.name;

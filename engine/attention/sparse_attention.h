@@ -112,6 +112,11 @@ struct SparseAttentionBackend {
 void RegisterSparseAttentionBackend(c10::DeviceType device_type, SparseAttentionBackend backend);
 // Removes the backend of that device type.
 void UnregisterSparseAttentionBackend(c10::DeviceType device_type);
+// Why a configuration's sparse self-attention would not reach the sparge CUDA kernels (they take
+// bfloat16/float16, head dim 64 or 128, block_q 128 and block_k a multiple of 64), as one
+// sentence naming the offending settings; empty when it would. head_dim <= 0: not checked.
+std::string CudaKernelMismatch(const std::string& dtype, int64_t block_q, int64_t block_k,
+                               int64_t head_dim);
 // The backend that calls the "sparge" dispatcher ops (engine/ops) on any device they implement;
 // its supports() is false while the ops are not loaded or lack a kernel for q's device.
 SparseAttentionBackend SpargeOpsBackend();

@@ -312,6 +312,23 @@ TEST(SparseAttentionTest, MaskSparsityCountsPartialBlocks) {
   }
 }
 
+TEST(SparseAttentionTest, CudaKernelMismatchNamesTheSettings) {
+  EXPECT_EQ(CudaKernelMismatch("bfloat16", 128, 128, 128), "");
+  EXPECT_EQ(CudaKernelMismatch("float16", 128, 64, 64), "");
+  const std::string why = CudaKernelMismatch("float32", 64, 96, 16);
+  for (const char* part : {"dtype float32", "block_q 64", "block_k 96", "head dim 16", "reference"})
+    EXPECT_NE(why.find(part), std::string::npos) << part << " in: " << why;
+  EXPECT_EQ(CudaKernelMismatch("bfloat16", 128, 128, 0), "");  // head dim unknown: not checked
+  PipelineConfig config;  // cpu, float32, 64 x 64: the CPU defaults are not a CUDA mismatch
+  EXPECT_EQ(CudaSparseKernelMismatch(config), "");
+  config.device = "cuda:1";
+  EXPECT_NE(CudaSparseKernelMismatch(config).find("dtype float32, block_q 64"), std::string::npos);
+  config.dtype = "bfloat16";
+  config.block_q = 128;
+  config.block_k = 128;
+  EXPECT_EQ(CudaSparseKernelMismatch(config), "");
+}
+
 TEST(SparseAttentionTest, ToDeviceAsyncLeavesHostTensorsOnTheHost) {
   at::Tensor t = at::tensor({1, 2, 3}, at::kInt);
   EXPECT_TRUE(ToDeviceAsync(t, c10::Device(c10::kCPU)).is_same(t));
