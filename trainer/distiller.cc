@@ -216,6 +216,12 @@ absl::StatusOr<std::unique_ptr<Distiller>> Distiller::Create(const TrainerConfig
         "the sparse attention CUDA kernels need dtype bfloat16, sparsity.block_q 128 and "
         "sparsity.block_k a multiple of 64 (got ", config.dtype, ", ", config.sparsity.block_q,
         ", ", config.sparsity.block_k, "): the student's attention takes the slow ATen reference"));
+  } else if (device.is_cuda() && config.sparsity.mode != AttentionMode::kDense &&
+             config.sparsity.block_k % 128 != 0) {
+    LogInfo(absl::StrCat(
+        "sparsity.block_k ", config.sparsity.block_k, ": the backward pass takes the split "
+        "kernels; the fused one needs block_k a multiple of 128 (at the Wan-1.3B shape it is "
+        "1.67x faster, kernels/NOTES.md)"));
   }
   std::unique_ptr<Distiller> d(new Distiller(config, comm, device, dtype));
   SPARGE_RETURN_IF_ERROR(d->Build());
