@@ -219,9 +219,8 @@ at::Tensor MaskSparsityTensor(const BlockSparseMask& mask) {
   at::Tensor kept_keys = (counts * bk).to(at::kDouble);
   const int64_t tail = nk * bk - L;
   if (tail > 0) {
-    at::Tensor last = mask.indices.to(at::kLong)
-                          .gather(3, (counts - 1).clamp_min(0).unsqueeze(-1))
-                          .squeeze(-1);
+    // One element per row (int32 source, int64 index): the [B, H, Nq, Nk] LUT is not copied.
+    at::Tensor last = mask.indices.gather(3, (counts - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1);
     kept_keys = kept_keys - ((counts > 0) & (last == nk - 1)).to(at::kDouble) * tail;
   }
   // Real tokens of each query block: bq, except the last.
