@@ -96,10 +96,12 @@ SparseAttentionBackend SpargeOpsBackend() {
   backend.supports = [](const at::Tensor& q, int64_t block_q, int64_t block_k) {
     if (!FindSpargeOps(q.device().type()).has_value()) return false;
     if (q.is_cpu()) return true;  // the ops' CPU path is ATen, any dtype
-    // The CUDA kernels' limits (kernels/README.md); anything else takes the ATen reference path on
-    // the same device instead of failing the job.
-    return (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
-           (q.size(3) == 64 || q.size(3) == 128) && block_q == 128 && block_k % 64 == 0;
+    // The CUDA kernels' limits (kernels/README.md; CudaKernelMismatch is the one statement of
+    // them); anything else takes the ATen reference path on the same device instead of failing.
+    const std::string dtype = q.scalar_type() == at::kBFloat16 ? "bfloat16"
+                              : q.scalar_type() == at::kHalf   ? "float16"
+                                                               : "other";
+    return CudaKernelMismatch(dtype, block_q, block_k, q.size(3)).empty();
   };
   backend.run = [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    absl::Span<const AttentionKnobs> knobs, int64_t block_q, int64_t block_k,
