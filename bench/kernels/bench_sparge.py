@@ -205,6 +205,19 @@ def main():
             del os.environ["SPARGE_FWD_PIPELINED"]
             print(f"{name} ours dense-mode fwd cp.async kernel (SPARGE_FWD_PIPELINED=1) {ours_dense_fwd_alt:.2f} ms", flush=True)
         print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
+        # The --fwd-ab variants in dense mode too (e.g. the persistent kernel should not lose there).
+        dense_ab = {}
+        for spec in filter(None, args.fwd_ab.split(",")):
+            ab_name, envs = spec.split(":", 1)
+            pairs = [e.split("=", 1) for e in envs.split("+")]
+            for k_, v_ in pairs:
+                os.environ[k_] = v_
+            dense_ab[f"ours_dense_mode_fwd_{ab_name}_ms"] = timed(
+                lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
+            for k_, _ in pairs:
+                del os.environ[k_]
+            print(f"{name} ours dense-mode fwd variant {ab_name}: "
+                  f"{dense_ab[f'ours_dense_mode_fwd_{ab_name}_ms']:.2f} ms", flush=True)
         del cD, iD, tcD, tiD
         torch.cuda.empty_cache()
         for target in [float(s) for s in args.sparsities.split(",")]:
@@ -338,6 +351,7 @@ def main():
             row.update(dense)
             row.update(bwd_ab)
             row.update(fwd_ab)
+            row.update(dense_ab)
             if flex is not None:
                 try:
                     from torch.nn.attention.flex_attention import BlockMask
