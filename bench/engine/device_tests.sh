@@ -9,20 +9,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/sparge-out}
 mkdir -p "$OUT"
 repo=$(pwd)
-t0=$(date +%s)
-log() { echo "[$(date +%T) +$(( $(date +%s) - t0 ))s] $*"; }
-source "$repo/.gpudeps/device-deps" unpack > /dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
-log "configure"
-cmake -S "$repo" -B "$repo/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DSPARGE_REQUIRE_FFMPEG=OFF -DSPARGE_PYTHON=python3 \
-  -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH;$torch_prefix" > "$OUT/configure.log" 2>&1 \
-  || { tail -40 "$OUT/configure.log"; exit 1; }
-log "build"
-ninja -C "$repo/build-gpu" -j16 engine_test trainer_test sparge_ops > "$OUT/build.log" 2>&1 \
-  || { grep -B2 -A12 -m3 "error" "$OUT/build.log" | head -60; exit 1; }
-log "built"
+source "$repo/bench/gpu_build.sh"
+gpu_build engine_test trainer_test sparge_ops
 "$repo/build-gpu/tests/engine/engine_test" --gtest_filter='SparseAttentionTest.*' \
   > "$OUT/engine_test.log" 2>&1
 echo "engine_test (SparseAttentionTest.*) rc=$?"

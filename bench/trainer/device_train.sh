@@ -15,23 +15,11 @@ OUT=${OUT:-/tmp/sparge-out}
 mkdir -p "$OUT"
 repo=$(pwd)
 steps=${1:-8}
-t0=$(date +%s)
-log() { echo "[$(date +%T) +$(( $(date +%s) - t0 ))s] $*"; }
-source "$repo/.gpudeps/device-deps" unpack > /dev/null
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-echo "$card" > "$OUT/gpu.txt"
-torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
-log "configure"
-cmake -S "$repo" -B "$repo/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DSPARGE_REQUIRE_FFMPEG=OFF -DSPARGE_PYTHON=python3 \
-  -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH;$torch_prefix" > "$OUT/configure.log" 2>&1 \
-  || { tail -40 "$OUT/configure.log"; exit 1; }
-log "build"
+source "$repo/bench/gpu_build.sh"
 targets="sparge-train trainer_test trainer_distributed_test"
 [ -n "${SKIP_TESTS:-}" ] && targets=sparge-train  # timing only
-ninja -C "$repo/build-gpu" -j16 $targets \
-  > "$OUT/build.log" 2>&1 || { grep -B2 -A12 -m3 "error" "$OUT/build.log" | head -60; exit 1; }
-log "built"
+gpu_build $targets
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 if [ -z "${SKIP_TESTS:-}" ]; then
   SPARGE_SOURCE_DIR=$repo "$repo/build-gpu/tests/trainer/trainer_test" > "$OUT/trainer_test.log" 2>&1
   echo "trainer_test rc=$?"
