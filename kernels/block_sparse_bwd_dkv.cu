@@ -179,7 +179,6 @@ __global__ void __launch_bounds__(kKeys * 2, 1) BwdDkvKernel(BwdParams p) {
 // delta[b][h][l] = sum_d dO * O: D/8 lanes per (b, l, h) row with 16-byte loads.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) DeltaKernel(BwdParams p) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   constexpr int kLanes = D / 8;
   const int64_t row_id = (static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x) / kLanes;
   const int sub = threadIdx.x % kLanes;
@@ -226,7 +225,7 @@ template <typename T, int D>
 cudaError_t LaunchDelta(const BwdParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
   const int64_t threads = rows * (D / 8);
-  return LaunchChained(DeltaKernel<T, D>, static_cast<unsigned>((threads + 255) / 256), 256, 0, stream, p);
+  return LaunchKernel(DeltaKernel<T, D>, static_cast<unsigned>((threads + 255) / 256), 256, 0, stream, p);
 }
 
 }  // namespace

@@ -608,7 +608,6 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
 constexpr int kSchedThreads = 1024;
 __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched,
                                                                       int tail_items) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   using Scan = cub::BlockScan<int, kSchedThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int total, heavy_total;
@@ -683,7 +682,6 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
 // shared memory, then 16-byte row-contiguous writes.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   __shared__ uint32_t rows[kM][33];  // 64 rows x 32 bf16 pairs, padded against bank conflicts
   const int64_t tile = blockIdx.x;  // (bh, query tile, column block)
   const int cb = tile % (D / 64);
@@ -777,7 +775,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
                       FusedSchedule* sched) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -1042,7 +1039,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
 // ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator and the work list's counter.
 __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
                                                      FusedSchedule* sched) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
@@ -1069,7 +1065,7 @@ cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_
   const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
   if (err != cudaSuccess) return err;
-  return LaunchChained(FusedScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched,
+  return LaunchKernel(FusedScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched,
                        2 * std::min(items, SmCount()));
 }
 
@@ -1077,7 +1073,7 @@ template <typename T, int D>
 cudaError_t ConvertAndFree(const BwdParams& p, const float* acc, int64_t floats, void* ws, cudaError_t err,
                            cudaStream_t stream) {
   if (err == cudaSuccess) {
-    err = LaunchChained(DqConvertKernel<T, D>, static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream, p,
+    err = LaunchKernel(DqConvertKernel<T, D>, static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream, p,
                         reinterpret_cast<const float4*>(acc));
   }
   const cudaError_t free_err = cudaFreeAsync(ws, stream);
@@ -1139,7 +1135,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   float* ld = acc + floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes + ld_bytes);
   const int sms = SmCount();
-  err = LaunchChained(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc), floats / 4,
+  err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc), floats / 4,
                       sched);
   if (err == cudaSuccess) {
     err = LaunchSchedule(p, sched, stream);
@@ -1149,7 +1145,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     auto kernel = BwdFusedV10Kernel<T, D>;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
     if (err == cudaSuccess) {
-      err = LaunchChained(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
+      err = LaunchKernel(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
                           sched);
     }
   }

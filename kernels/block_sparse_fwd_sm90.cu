@@ -8,7 +8,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "kernels/launch_utils.h"
@@ -209,37 +208,18 @@ struct WsLayout {
   static constexpr int kQBytes = kTileQ * D * 2;
   static constexpr int kKvBytes = kN * D * 2;
   static constexpr int kBarOffset = kQBytes + 2 * kWsStages * kKvBytes;
-  // q_full, k_full[S], v_full[S], empty[S], q_empty (persistent kernel), then two int item slots
-  static constexpr int kItemOffset = kBarOffset + (2 + 3 * kWsStages) * 8;
-  static constexpr int kBytes = kItemOffset + 8 + 1024;  // + alignment slack
+  // q_full, k_full[S], v_full[S], empty[S]
+  static constexpr int kBytes = kBarOffset + (1 + 3 * kWsStages) * 8 + 1024;  // + alignment slack
 };
 
-// One CTA's work item: 128 query rows of one (batch, head).
-struct WsItem {
-  int qb, h, b;
-  int64_t bh;
-  int count;           // kept key blocks
-  const int32_t* lut;  // their indices, ascending
-};
-
-// kPersistent = false: one CTA per item (grid nq x H x B), the hardware schedules them.
-// kPersistent = true (FwdParams::persistent): one CTA per SM; the first item is blockIdx.x, the
-// next ones come from an atomic counter (gridDim.x + ticket), fetched by the producer a whole
-// item ahead and published to the consumers through a shared slot guarded by q_full. The K/V ring
-// continues across items, and the producer reloads Q as soon as both consumers have finished
-// their last S GEMM of the item (q_empty), so the next item's Q, K and V loads run under the
-// current item's last PV GEMM and its epilogue (O and LSE stores) instead of after them.
-template <typename T, int D, int kN, bool kPersistent>
+template <typename T, int D, int kN>
 __global__ void __launch_bounds__(kWsThreads, 1)
     FwdSm90WsKernel(FwdParams p, const __grid_constant__ CUtensorMap tm_q,
-                    const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
-                    int* item_counter) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
+                    const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
   using Lay = WsLayout<D, kN>;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const uint32_t sQ = SmemAddr(smem);
+  const uint32_t sQ = SmemAddr(
+      reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023)));
   const uint32_t sK = sQ + Lay::kQBytes;                  // [S][D/64][kN][64]
   const uint32_t sV = sK + kWsStages * Lay::kKvBytes;     // [S][D/64][kN][64]
   const uint32_t bars = sQ + Lay::kBarOffset;
@@ -247,37 +227,21 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   auto k_full = [&](int s) { return bars + 8 * (1 + s); };
   auto v_full = [&](int s) { return bars + 8 * (1 + kWsStages + s); };
   auto empty = [&](int s) { return bars + 8 * (1 + 2 * kWsStages + s); };
-  const uint32_t q_empty = bars + 8 * (1 + 3 * kWsStages);
-  volatile int* item_slot = reinterpret_cast<volatile int*>(smem + Lay::kItemOffset);
 
+  const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
-  const int total = nq * p.heads * p.batch;
+  const int q0 = qb * kTileQ;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int count = p.counts[bh * nq + qb];
+  const int32_t* lut = p.indices + (bh * nq + qb) * nk;
   const int subs = p.block_k / kN;
-  // Item index = qb + nq * (h + H * b): consecutive items share a head's K/V (L2 reuse).
-  auto decode = [&](int item) {
-    WsItem it;
-    if constexpr (kPersistent) {
-      it.qb = item % nq;
-      const int r = item / nq;
-      it.h = r % p.heads;
-      it.b = r / p.heads;
-    } else {
-      it.qb = blockIdx.x;
-      it.h = blockIdx.y;
-      it.b = blockIdx.z;
-    }
-    it.bh = static_cast<int64_t>(it.b) * p.heads + it.h;
-    it.count = p.counts[it.bh * nq + it.qb];
-    it.lut = p.indices + (it.bh * nq + it.qb) * nk;
-    return it;
-  };
-  auto tile_key0 = [&](const WsItem& it, int t) { return it.lut[t / subs] * p.block_k + (t % subs) * kN; };
+  auto tile_key0 = [&](int t) { return lut[t / subs] * p.block_k + (t % subs) * kN; };
   // The LUT is ascending, so tiles starting at or past L (sub-tiles of the last key block) trail
   // the list and only the last valid tile can be partial: the valid-tile count n and the last
   // tile's first key come from one LUT read, issued by each role where its latency is hidden.
-  auto valid_tiles = [&](int count, int last_blk, int* last_key0) {
+  auto valid_tiles = [&](int last_blk, int* last_key0) {
     const int in_last = min(subs, CeilDiv(L - last_blk * p.block_k, kN));
     *last_key0 = last_blk * p.block_k + (in_last - 1) * kN;
     return (count - 1) * subs + in_last;
@@ -290,57 +254,34 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       MbarInit(v_full(s), 1);
       MbarInit(empty(s), 8);  // one arrival per consumer warp
     }
-    MbarInit(q_empty, 8);
     FenceMbarInit();
   }
   __syncthreads();
 
   if (wg == 0) {  // producer
     SetMaxNRegDecWarpgroup<kProducerRegs>();
-    if (tid == 0) {
-      int s = 0, phase = 0;        // ring slot of the next K/V tile (continues across items)
-      int item = blockIdx.x;       // persistent: first item static, then from the counter
-      for (int j = 0;; ++j) {
-        int next = 0;
-        if constexpr (kPersistent) {
-          if (item >= total) item = -1;
-          if (j > 0) MbarWait(q_empty, (j - 1) & 1);  // the consumers are done with Q
-          item_slot[j & 1] = item;
-          if (item < 0) {
-            MbarArrive(q_full);  // end of work: the consumers read the -1 and leave
-            break;
-          }
-          next = gridDim.x + atomicAdd(item_counter, 1);  // in flight during this item
-        }
-        const WsItem it = decode(item);
-        if (it.count > 0) {  // count > 0 <=> n > 0: a kept block's first tile starts below L
-          const int last_blk = it.lut[it.count - 1];
-          int k0_next = tile_key0(it, 0);
-          MbarArriveExpectTx(q_full, Lay::kQBytes);
+    if (tid == 0 && count > 0) {  // count > 0 <=> n > 0: a kept block's first tile starts below L
+      const int last_blk = lut[count - 1];
+      int k0_next = tile_key0(0);
+      MbarArriveExpectTx(q_full, Lay::kQBytes);
 #pragma unroll
-          for (int c = 0; c < D / 64; ++c)
-            TmaLoad4d(sQ + c * kTileQ * 128, &tm_q, q_full, c * 64, it.qb * kTileQ, it.h, it.b);
-          int last_key0;
-          const int n = valid_tiles(it.count, last_blk, &last_key0);
-          for (int i = 0; i < n; ++i) {
-            const int k0 = k0_next;
-            if (i + 1 < n) k0_next = tile_key0(it, i + 1);  // in flight while this slot is awaited
-            MbarWait(empty(s), phase ^ 1);
-            MbarArriveExpectTx(k_full(s), Lay::kKvBytes);
+      for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ + c * kTileQ * 128, &tm_q, q_full, c * 64, q0, h, b);
+      int last_key0;
+      const int n = valid_tiles(last_blk, &last_key0);
+      int s = 0, phase = 0;
+      for (int i = 0; i < n; ++i) {
+        const int k0 = k0_next;
+        if (i + 1 < n) k0_next = tile_key0(i + 1);  // in flight while this slot is awaited
+        MbarWait(empty(s), phase ^ 1);
+        MbarArriveExpectTx(k_full(s), Lay::kKvBytes);
 #pragma unroll
-            for (int c = 0; c < D / 64; ++c)
-              TmaLoad4d(sK + s * Lay::kKvBytes + c * kN * 128, &tm_k, k_full(s), c * 64, k0, it.h, it.b);
-            MbarArriveExpectTx(v_full(s), Lay::kKvBytes);
+        for (int c = 0; c < D / 64; ++c)
+          TmaLoad4d(sK + s * Lay::kKvBytes + c * kN * 128, &tm_k, k_full(s), c * 64, k0, h, b);
+        MbarArriveExpectTx(v_full(s), Lay::kKvBytes);
 #pragma unroll
-            for (int c = 0; c < D / 64; ++c)
-              TmaLoad4d(sV + s * Lay::kKvBytes + c * kN * 128, &tm_v, v_full(s), c * 64, k0, it.h, it.b);
-            if (++s == kWsStages) s = 0, phase ^= 1;
-          }
-        } else if constexpr (kPersistent) {
-          MbarArrive(q_full);  // an empty row: the consumers only write zeros
-        }
-        if constexpr (!kPersistent) break;
-        item = next;
+        for (int c = 0; c < D / 64; ++c)
+          TmaLoad4d(sV + s * Lay::kKvBytes + c * kN * 128, &tm_v, v_full(s), c * 64, k0, h, b);
+        if (++s == kWsStages) s = 0, phase ^= 1;
       }
     }
     return;
@@ -350,169 +291,142 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int cw = wg - 1;                 // consumer warpgroup 0 or 1
   const int warp = (tid >> 5) & 3;
   const int my_bar = 1 + cw, other_bar = 2 - cw;
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * kLog2e;
   const int tig = lane & 3;
-  const uint32_t q_addr = sQ + cw * 64 * 128;  // this warpgroup's 64 rows
-  // Descriptors by one add from precomputed halves (wgmma.cuh Desc); scale_d = 0 on the first
-  // k-step replaces zeroing the S accumulator.
-  constexpr uint32_t desc_hi = DescHi(1024);
-  const uint32_t q_lo = DescLo(q_addr, 16), k_lo0 = DescLo(sK, 16), v_lo0 = DescLo(sV, kN * 128);
-  int st = 0, ph = 0;  // ring slot of the next K/V tile (continues across items)
-  // Q is free for the next item once this warp's last S GEMM of the item has completed.
-  auto release_q = [&]() {
-    if constexpr (kPersistent) {
-      if (lane == 0) MbarArrive(q_empty);
-    }
-  };
 
-  for (int j = 0;; ++j) {
-    int item = 0;
-    if constexpr (kPersistent) {
-      MbarWait(q_full, j & 1);
-      item = item_slot[j & 1];
-      if (item < 0) break;
-    }
-    const WsItem it = decode(item);
-    float o[D / 2];
+  if (count > 0) {
+    const int last_blk = lut[count - 1];  // read before the first wait: its latency hides there
+    int last_key0 = 0, n = 0;
+    const uint32_t q_addr = sQ + cw * 64 * 128;  // this warpgroup's 64 rows
+    float s_acc[kN / 2];
+    uint32_t pa[kN / 16][4];
+    float alpha[2];
+    // Descriptors by one add from precomputed halves (wgmma.cuh Desc); scale_d = 0 on the first
+    // k-step replaces zeroing the S accumulator.
+    constexpr uint32_t desc_hi = DescHi(1024);
+    const uint32_t q_lo = DescLo(q_addr, 16), k_lo0 = DescLo(sK, 16), v_lo0 = DescLo(sV, kN * 128);
+    auto issue_s = [&](int st) {
+      const uint32_t k_lo = k_lo0 + st * (Lay::kKvBytes >> 4);
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      for (int ks = 0; ks < D / 16; ++ks)
+        Wg<T>::template SS<kN>(s_acc, Desc(q_lo + KOff(kTileQ, ks), desc_hi), Desc(k_lo + KOff(kN, ks), desc_hi),
+                               ks > 0);
+    };
+    auto issue_pv = [&](int st) {
+      const uint32_t v_lo = v_lo0 + st * (Lay::kKvBytes >> 4);
+#pragma unroll
+      for (int kc = 0; kc < kN / 16; ++kc) Wg<T>::template RS<D>(o, pa[kc], Desc(v_lo + kc * 128, desc_hi));
+    };
+    // Exponentiates S in place against the new running max; O is rescaled later (after the PV
+    // GEMM that is still accumulating into it has finished).
+    auto softmax = [&](bool last) {
+      const int k0 = last_key0;
+      if (last && k0 + kN > L) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (k0 + nt * 8 + 2 * tig + (e & 1) >= L) s_acc[nt * 4 + e] = -INFINITY;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt)
+          mx = fmaxf(mx, fmaxf(s_acc[nt * 4 + 2 * r], s_acc[nt * 4 + 2 * r + 1]));
+        mx = QuadMax(mx) * scale_log2;
+        const float mnew = fmaxf(m[r], mx);
+        alpha[r] = Exp2Ftz(m[r] - mnew);
+        m[r] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          s_acc[nt * 4 + 2 * r] = Exp2Ftz(s_acc[nt * 4 + 2 * r] * scale_log2 - mnew);
+          s_acc[nt * 4 + 2 * r + 1] = Exp2Ftz(s_acc[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
+          sum += s_acc[nt * 4 + 2 * r] + s_acc[nt * 4 + 2 * r + 1];
+        }
+        l[r] = l[r] * alpha[r] + sum;
+      }
+    };
+    auto rescale_and_pack = [&]() {
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        o[nt * 4 + 0] *= alpha[0];
+        o[nt * 4 + 1] *= alpha[0];
+        o[nt * 4 + 2] *= alpha[1];
+        o[nt * 4 + 3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kc = 0; kc < kN / 16; ++kc) {
+        pa[kc][0] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 0], s_acc[(2 * kc) * 4 + 1]);
+        pa[kc][1] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 2], s_acc[(2 * kc) * 4 + 3]);
+        pa[kc][2] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 0], s_acc[(2 * kc + 1) * 4 + 1]);
+        pa[kc][3] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 2], s_acc[(2 * kc + 1) * 4 + 3]);
+      }
+    };
 
-    if (it.count > 0) {
-      const int last_blk = it.lut[it.count - 1];  // read before the first wait: its latency hides there
-      int last_key0 = 0, n = 0;
-      float s_acc[kN / 2];
-      uint32_t pa[kN / 16][4];
-      float alpha[2];
-      auto issue_s = [&](int sl) {
-        const uint32_t k_lo = k_lo0 + sl * (Lay::kKvBytes >> 4);
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-          Wg<T>::template SS<kN>(s_acc, Desc(q_lo + KOff(kTileQ, ks), desc_hi), Desc(k_lo + KOff(kN, ks), desc_hi),
-                                 ks > 0);
-      };
-      auto issue_pv = [&](int sl) {
-        const uint32_t v_lo = v_lo0 + sl * (Lay::kKvBytes >> 4);
-#pragma unroll
-        for (int kc = 0; kc < kN / 16; ++kc) Wg<T>::template RS<D>(o, pa[kc], Desc(v_lo + kc * 128, desc_hi));
-      };
-      // Exponentiates S in place against the new running max; O is rescaled later (after the PV
-      // GEMM that is still accumulating into it has finished).
-      auto softmax = [&](bool last) {
-        const int k0 = last_key0;
-        if (last && k0 + kN > L) {
-#pragma unroll
-          for (int nt = 0; nt < kN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (k0 + nt * 8 + 2 * tig + (e & 1) >= L) s_acc[nt * 4 + e] = -INFINITY;
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kN / 8; ++nt)
-            mx = fmaxf(mx, fmaxf(s_acc[nt * 4 + 2 * r], s_acc[nt * 4 + 2 * r + 1]));
-          mx = QuadMax(mx) * scale_log2;
-          const float mnew = fmaxf(m[r], mx);
-          alpha[r] = Exp2Ftz(m[r] - mnew);
-          m[r] = mnew;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < kN / 8; ++nt) {
-            s_acc[nt * 4 + 2 * r] = Exp2Ftz(s_acc[nt * 4 + 2 * r] * scale_log2 - mnew);
-            s_acc[nt * 4 + 2 * r + 1] = Exp2Ftz(s_acc[nt * 4 + 2 * r + 1] * scale_log2 - mnew);
-            sum += s_acc[nt * 4 + 2 * r] + s_acc[nt * 4 + 2 * r + 1];
-          }
-          l[r] = l[r] * alpha[r] + sum;
-        }
-      };
-      auto rescale_and_pack = [&]() {
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          o[nt * 4 + 0] *= alpha[0];
-          o[nt * 4 + 1] *= alpha[0];
-          o[nt * 4 + 2] *= alpha[1];
-          o[nt * 4 + 3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kc = 0; kc < kN / 16; ++kc) {
-          pa[kc][0] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 0], s_acc[(2 * kc) * 4 + 1]);
-          pa[kc][1] = MmaOp<T>::Pack(s_acc[(2 * kc) * 4 + 2], s_acc[(2 * kc) * 4 + 3]);
-          pa[kc][2] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 0], s_acc[(2 * kc + 1) * 4 + 1]);
-          pa[kc][3] = MmaOp<T>::Pack(s_acc[(2 * kc + 1) * 4 + 2], s_acc[(2 * kc + 1) * 4 + 3]);
-        }
-      };
-
-      // Turns alternate strictly within an item: consumer 0 takes turn 0 (consumer 1's initial
-      // arrival), every turn ends by arriving on the other's barrier, except consumer 1's last
-      // (nobody would wait on it), so both barriers are balanced again when the item ends.
-      if constexpr (!kPersistent) MbarWait(q_full, 0);
-      n = valid_tiles(it.count, last_blk, &last_key0);
+    // Turns alternate strictly: consumer 0 takes turn 0 (consumer 1's initial arrival), every turn
+    // ends by arriving on the other's barrier, except consumer 1's last (nobody would wait on it).
+    MbarWait(q_full, 0);
+    n = valid_tiles(last_blk, &last_key0);
+    int st = 0, ph = 0;
+    MbarWait(k_full(st), ph);
+    if (cw == 1) NamedBarrierArrive(1, 256);
+    NamedBarrierSync(my_bar, 256);
+    WgmmaFence();
+    issue_s(st);
+    WgmmaCommit();
+    NamedBarrierArrive(other_bar, 256);
+    WgmmaWait0();
+    softmax(n == 1);
+    rescale_and_pack();
+    for (int i = 1; i < n; ++i) {
+      const int pst = st, pph = ph;
+      if (++st == kWsStages) st = 0, ph ^= 1;
       MbarWait(k_full(st), ph);
-      if (cw == 1) NamedBarrierArrive(1, 256);
+      MbarWait(v_full(pst), pph);
       NamedBarrierSync(my_bar, 256);
       WgmmaFence();
       issue_s(st);
       WgmmaCommit();
-      NamedBarrierArrive(other_bar, 256);
-      WgmmaWait0();
-      if (n == 1) release_q();
-      softmax(n == 1);
-      rescale_and_pack();
-      for (int i = 1; i < n; ++i) {
-        const int pst = st, pph = ph;
-        if (++st == kWsStages) st = 0, ph ^= 1;
-        MbarWait(k_full(st), ph);
-        MbarWait(v_full(pst), pph);
-        NamedBarrierSync(my_bar, 256);
-        WgmmaFence();
-        issue_s(st);
-        WgmmaCommit();
-        issue_pv(pst);
-        WgmmaCommit();
-        NamedBarrierArrive(other_bar, 256);
-        WgmmaWait1();  // S(i) done; PV(i-1) may still run under the exponentials
-        if (i == n - 1) release_q();
-        softmax(i == n - 1);
-        WgmmaWait0();
-        if (lane == 0) MbarArrive(empty(pst));
-        rescale_and_pack();
-      }
-      MbarWait(v_full(st), ph);
-      NamedBarrierSync(my_bar, 256);
-      WgmmaFence();
-      issue_pv(st);
+      issue_pv(pst);
       WgmmaCommit();
-      if (cw == 0) NamedBarrierArrive(other_bar, 256);
+      NamedBarrierArrive(other_bar, 256);
+      WgmmaWait1();  // S(i) done; PV(i-1) may still run under the exponentials
+      softmax(i == n - 1);
       WgmmaWait0();
-      if constexpr (kPersistent) {  // the last tile's slot goes back to the ring
-        if (lane == 0) MbarArrive(empty(st));
-        if (++st == kWsStages) st = 0, ph ^= 1;
-      }
-    } else {
-      release_q();
+      if (lane == 0) MbarArrive(empty(pst));
+      rescale_and_pack();
     }
+    MbarWait(v_full(st), ph);
+    NamedBarrierSync(my_bar, 256);
+    WgmmaFence();
+    issue_pv(st);
+    WgmmaCommit();
+    if (cw == 0) NamedBarrierArrive(other_bar, 256);
+    WgmmaWait0();
+  }
 
-    T* obase = static_cast<T*>(p.o.ptr) + it.b * p.o.stride_b + it.h * p.o.stride_h;
-    const int q0 = it.qb * kTileQ;
-    const int g = lane >> 2;
+  T* obase = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+  const int g = lane >> 2;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float lsum = QuadSum(l[r]);
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      const int row = q0 + cw * 64 + warp * 16 + g + 8 * r;
-      if (row < L) {
-        T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = QuadSum(l[r]);
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const int row = q0 + cw * 64 + warp * 16 + g + 8 * r;
+    if (row < L) {
+      T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * tig) =
-              MmaOp<T>::Pack(o[nt * 4 + 2 * r] * inv, o[nt * 4 + 2 * r + 1] * inv);
-        }
-        if (tig == 0) p.lse[it.bh * L + row] = lsum > 0.f ? (m[r] + log2f(lsum)) / kLog2e : -INFINITY;
+      for (int nt = 0; nt < D / 8; ++nt) {
+        *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * tig) =
+            MmaOp<T>::Pack(o[nt * 4 + 2 * r] * inv, o[nt * 4 + 2 * r + 1] * inv);
       }
+      if (tig == 0) p.lse[bh * L + row] = lsum > 0.f ? (m[r] + log2f(lsum)) / kLog2e : -INFINITY;
     }
-    if constexpr (!kPersistent) break;
   }
 }
 
@@ -531,28 +445,11 @@ cudaError_t LaunchWs(const FwdParams& p, cudaStream_t stream) {
       !EncodeBlhd(&mv, p.v, shape, kN))
     return cudaErrorNotSupported;
   constexpr int smem = WsLayout<D, kN>::kBytes;
-  const dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
-  if (!p.persistent) {
-    auto kernel = FwdSm90WsKernel<T, D, kN, false>;
-    cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
-    if (err != cudaSuccess) return err;
-    return LaunchChained(kernel, grid, kWsThreads, smem, stream, p, mq, mk, mv, static_cast<int*>(nullptr));
-  }
-  // Persistent: one CTA per SM and a zeroed item counter (stream-ordered, from the launcher pool).
-  auto kernel = FwdSm90WsKernel<T, D, kN, true>;
+  auto kernel = FwdSm90WsKernel<T, D, kN>;
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
-  void* counter = nullptr;
-  err = AllocFromLauncherPool(sizeof(int), stream, &counter);
-  if (err != cudaSuccess) return err;
-  err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
-  if (err == cudaSuccess) {
-    const int items = static_cast<int>(grid.x * grid.y * grid.z);
-    err = LaunchChained(kernel, std::min(items, SmCount()), kWsThreads, smem, stream, p, mq, mk, mv,
-                        static_cast<int*>(counter));
-  }
-  const cudaError_t free_err = cudaFreeAsync(counter, stream);
-  return err != cudaSuccess ? err : free_err;
+  dim3 grid(CeilDiv(p.seqlen, kTileQ), p.heads, p.batch);
+  return LaunchKernel(kernel, grid, kWsThreads, smem, stream, p, mq, mk, mv);
 }
 
 template <typename T, int D, int kN>

@@ -9,17 +9,6 @@
 
 namespace sparge::kernels::detail {
 
-// First statement of every kernel launched through LaunchChained() (launch_utils.h): under
-// programmatic dependent launch, waits until the previous kernel in the stream has completed and
-// its writes are visible, then lets the next kernel's CTAs be scheduled. Both instructions
-// return at once for a normal launch.
-__device__ __forceinline__ void GridDependencySync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 template <typename T>
 struct MmaOp;
 

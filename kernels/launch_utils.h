@@ -1,13 +1,11 @@
 // Host helpers for the kernel launchers: raising a kernel's dynamic shared-memory limit once per
-// (kernel, device, size) instead of on every launch (thread-safe, mutex-guarded cache), and
-// launching the kernels of a chain with programmatic dependent launch.
+// (kernel, device, size) instead of on every launch (thread-safe, mutex-guarded cache), the
+// launchers' stream-ordered workspace pool, the SM count and a launch wrapper. CUDA sources only.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -29,8 +27,8 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   return err;
 }
 
-// Stream-ordered workspace (the backward's fp32 dQ accumulator, the persistent forward's item
-// counter) from a per-device memory pool that keeps its memory (like a caching allocator): after
+// Stream-ordered workspace (the backward's fp32 dQ accumulator and work list) from a per-device
+// memory pool that keeps its memory (like a caching allocator): after
 // the first call of a shape, allocation costs no driver mapping. Free with cudaFreeAsync.
 inline cudaError_t AllocFromLauncherPool(size_t bytes, cudaStream_t stream, void** out) {
   int dev = 0;
@@ -67,34 +65,13 @@ inline int SmCount() {
   return n;
 }
 
-// Programmatic dependent launch (Hopper). With SPARGE_PDL=1 the kernels of a chain (mask
-// predictor, attention forward, backward) are launched with programmatic stream serialisation:
-// the driver may schedule a kernel's CTAs while the previous kernel in the stream drains, which
-// hides the launch latency and ramp between the chain's short kernels. Every kernel launched
-// through LaunchChained() starts with GridDependencySync() (device_utils.cuh), which waits until
-// the previous kernel has completed and its writes are visible before anything touches global
-// memory, so results are identical either way. Off by default until measured (kernels/NOTES.md).
-inline bool PdlEnabled() {
-  const char* env = std::getenv("SPARGE_PDL");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx, with programmatic
-// stream serialisation when PdlEnabled(). Returns the launch error.
+// kernel<<<grid, block, smem, stream>>>(args...); returns the launch error. (Programmatic
+// dependent launch was tried here and measured no gain: kernels/NOTES.md, 2026-12-05.)
 template <typename... Params, typename... Args>
-cudaError_t LaunchChained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = PdlEnabled() ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                         Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
 }
 
 }  // namespace sparge::kernels::detail

@@ -71,7 +71,6 @@ Workspace Carve(const MaskParams& p, void* base) {
 // the pooled values are bit for bit those of the one-load-at-a-time loop.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kThreads / kLanes;
   __shared__ float red[kGroups][D];
@@ -112,7 +111,6 @@ __global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, 
 // CTA per (b, h, 32 channels): 8 warps stride over the blocks, then a fixed-order reduction.
 __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, int block, int L, int D,
                                                    float* kmean) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   __shared__ float part[8][32];
   const int bh = blockIdx.x, d = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
   float s = 0.f;
@@ -139,7 +137,6 @@ template <int D, int kT = kScoreTile>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
                                                         float* scores) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   constexpr int kC = kScoreChunk, kR = kT / 16;  // kR x kR outputs per thread
   static_assert(kT == 64 || kT == 32, "score tile");
   __shared__ __align__(16) float sq[kC][kT];
@@ -287,7 +284,6 @@ __device__ __forceinline__ int MassThreshold(const int (&key)[kE], double topp) 
 template <int kE>
 __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace w, int64_t bh0,
                                                          int64_t rows) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int words = CeilDiv(nq, 32);
@@ -409,7 +405,6 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(MaskParams p, Workspace
 
 // Warp per (b, h, key block): emits the query blocks whose bit is set, ascending, then -1s.
 __global__ void TransposeKernel(MaskParams p, Workspace w) {
-  GridDependencySync();  // programmatic dependent launch (launch_utils.h)
   const int L = p.seqlen;
   const int nq = CeilDiv(L, p.block_q), nk = CeilDiv(L, p.block_k);
   const int words = CeilDiv(nq, 32);
@@ -433,14 +428,14 @@ template <typename T>
 cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStream_t s) {
   dim3 grid(CeilDiv(p.seqlen, block), p.heads, p.batch);
   return p.head_dim == 128
-             ? LaunchChained(PoolKernel<T, 128>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out)
-             : LaunchChained(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out);
+             ? LaunchKernel(PoolKernel<T, 128>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out)
+             : LaunchKernel(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out);
 }
 
 template <int kE>
 cudaError_t SelectE(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
   constexpr int kRowsPerCta = kThreads / 32;
-  return LaunchChained(SelectKernel<kE>, static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta),
+  return LaunchKernel(SelectKernel<kE>, static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta),
                        kThreads, 0, s, p, w, bh0, rows);
 }
 
@@ -503,7 +498,7 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     if ((err = Pool<__half>(p, p.q, p.block_q, w.qpool, stream)) != cudaSuccess) return err;
     if ((err = Pool<__half>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
   }
-  err = LaunchChained(KMeanKernel, dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream,
+  err = LaunchKernel(KMeanKernel, dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream,
                       w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
   if (err != cudaSuccess) return err;
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
@@ -514,13 +509,13 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     const dim3 sgrid(CeilDiv(nq, tile), CeilDiv(nk, tile), static_cast<unsigned>(cbh));
     auto score = p.head_dim == 128 ? (small ? ScoreKernel<128, 32> : ScoreKernel<128, 64>)
                                    : (small ? ScoreKernel<64, 32> : ScoreKernel<64, 64>);
-    err = LaunchChained(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
+    err = LaunchKernel(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
   }
   if (!transposed) return cudaSuccess;
   const int64_t rows = bh * nk;
-  return LaunchChained(TransposeKernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, stream, p, w);
+  return LaunchKernel(TransposeKernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, stream, p, w);
 }
 
 }  // namespace sparge::kernels

@@ -67,10 +67,6 @@ struct FwdParams {
   // CTAs per SM. pipelined: selects the cp.async wgmma kernel (the default up to v6), for A/B.
   int tile_n = 0;
   bool pipelined = false;
-  // persistent: the warp-specialised kernel as a persistent grid (one CTA per SM, items from an
-  // atomic counter, the next item's loads under the current item's epilogue). A/B, off by default
-  // until measured (NOTES.md).
-  bool persistent = false;
 };
 
 // Backward: dQ, dK, dV from dO, O and lse, visiting kept blocks only (FlashAttention-2 style

@@ -137,7 +137,7 @@ def main():
                     help="forward variants (mask prediction + attention) timed in the same process, "
                          "NAME:ENV=VALUE[+ENV=VALUE],...; each is interleaved with the default for "
                          "--ab-rounds rounds (medians recorded as ours_fwd_NAME_ms, mask_NAME_ms and "
-                         "ours_fwd_default_interleaved_ms), e.g. pdl:SPARGE_PDL=1")
+                         "ours_fwd_default_interleaved_ms), e.g. tile64:SPARGE_FWD_TILE=64")
     ap.add_argument("--ab-rounds", type=int, default=3,
                     help="rounds of default/variant interleaving for --fwd-ab (run-to-run drift cancels)")
     ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
@@ -205,7 +205,7 @@ def main():
             del os.environ["SPARGE_FWD_PIPELINED"]
             print(f"{name} ours dense-mode fwd cp.async kernel (SPARGE_FWD_PIPELINED=1) {ours_dense_fwd_alt:.2f} ms", flush=True)
         print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
-        # The --fwd-ab variants in dense mode too (e.g. the persistent kernel should not lose there).
+        # The --fwd-ab variants in dense mode too (a variant must not lose there either).
         dense_ab = {}
         for spec in filter(None, args.fwd_ab.split(",")):
             ab_name, envs = spec.split(":", 1)

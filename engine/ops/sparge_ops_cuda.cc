@@ -165,9 +165,6 @@ std::tuple<Tensor, Tensor> AttentionFwdCuda(const Tensor& q_in, const Tensor& k_
   p.tile_n = tile_env != nullptr ? std::atoi(tile_env) : 0;
   const char* pipe_env = std::getenv("SPARGE_FWD_PIPELINED");
   p.pipelined = pipe_env != nullptr && std::string(pipe_env) == "1";
-  // SPARGE_FWD_PERSISTENT=1: the persistent warp-specialised kernel (A/B until measured).
-  const char* persistent_env = std::getenv("SPARGE_FWD_PERSISTENT");
-  p.persistent = persistent_env != nullptr && std::string(persistent_env) == "1";
   if (const char* why = k::CanImplementFwd(p)) TORCH_CHECK(false, "block_sparse_attention_fwd: ", why);
   Check(k::LaunchBlockSparseFwd(p, at::cuda::getCurrentCUDAStream()), "block_sparse_attention_fwd");
   return {o, lse};

@@ -57,10 +57,9 @@ class ScopedEnv {
 };
 
 // bwd_impl: SPARGE_BWD_IMPL for the backward launch (nullptr: the default, fused where it applies).
-// persistent: FwdParams::persistent (the persistent warp-specialised forward).
 Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const BlockMask& m,
                 double scale, kn::FwdImpl impl = kn::FwdImpl::kWgmma, int tile_n = 0,
-                bool pipelined = false, const char* bwd_impl = nullptr, bool persistent = false) {
+                bool pipelined = false, const char* bwd_impl = nullptr) {
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   Outs r;
   r.o = at::full({B, L, H, D}, NAN, q.options());
@@ -84,7 +83,6 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   f.impl = impl;
   f.tile_n = tile_n;
   f.pipelined = pipelined;
-  f.persistent = persistent;
   EXPECT_EQ(kn::CanImplementFwd(f), nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EXPECT_EQ(kn::LaunchBlockSparseFwd(f, stream), cudaSuccess);
@@ -334,45 +332,6 @@ TEST(SpargeKernelsGpu, ForwardBackwardSmallFp16) {
   }
 }
 
-// SPARGE_PDL=1 launches the mask, forward and backward chains with programmatic dependent launch
-// (each kernel may start while its predecessor drains and waits in GridDependencySync). The
-// results must be those of normal launches: mask, O, LSE, dK, dV bit for bit, dQ to fp32
-// summation order. Mask, forward and backward run back to back without host synchronisation.
-TEST(SpargeKernelsGpu, ChainedLaunchGivesTheSameResults) {
-  SKIP_WITHOUT_GPU();
-  struct Case {
-    at::ScalarType dtype;
-    int64_t D, L, bk;
-  };
-  for (const Case& c : {Case{at::kBFloat16, 128, 1000, 128}, Case{at::kBFloat16, 64, 333, 64},
-                        Case{at::kHalf, 128, 129, 128}, Case{at::kBFloat16, 128, 4100, 128}}) {
-    const int64_t B = 3, H = 2;
-    auto [q, k] = testing::StructuredQK(B, c.L, H, c.D, c.dtype, at::kCUDA, 5 + c.L);
-    Tensor v = at::randn({B, c.L, H, c.D}, q.options()), g = at::randn({B, c.L, H, c.D}, q.options());
-    Knobs kb = MixedKnobs(B);
-    const double scale = 1.0 / std::sqrt(double(c.D));
-    const std::string what = "D=" + std::to_string(c.D) + " L=" + std::to_string(c.L) +
-                             " bk=" + std::to_string(c.bk);
-    BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, c.bk);
-    Outs r0 = RunKernels(q, k, v, g, m0, scale);
-    BlockMask m0_host = m0;
-    m0_host.counts = m0.counts.cpu();
-    m0_host.indices = m0.indices.cpu();
-    m0_host.t_counts = m0.t_counts.cpu();
-    m0_host.t_indices = m0.t_indices.cpu();
-    for (int rep = 0; rep < 3; ++rep) {
-      ScopedEnv env("SPARGE_PDL", "1");
-      BlockMask m = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, c.bk);
-      Outs r = RunKernels(q, k, v, g, m, scale);
-      ExpectMaskEqual(m, m0_host, what + " (chained mask)");
-      ASSERT_TRUE(AllFinite(r.o) && AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
-      EXPECT_TRUE(r.o.equal(r0.o) && r.lse.equal(r0.lse)) << what << " O/LSE";
-      EXPECT_TRUE(r.dk.equal(r0.dk) && r.dv.equal(r0.dv)) << what << " dK/dV";
-      EXPECT_LT(testing::RelErr(r.dq, r0.dq), 1e-3) << what << " dQ";
-    }
-  }
-}
-
 // Small case for compute-sanitizer (memcheck, racecheck): partial blocks, both head dims.
 TEST(SpargeKernelsGpu, SanitizerCase) {
   SKIP_WITHOUT_GPU();
@@ -525,9 +484,6 @@ void CheckWarpSpecialized(at::ScalarType dtype, int64_t D, int64_t L, int64_t bk
     std::printf("ws %s: o %.2e lse %.2e\n", what.c_str(), eo, el);
     EXPECT_LT(eo, tol) << what;
     EXPECT_LT(el, 1e-4) << what;
-    // The persistent grid computes every item with the same instructions: equal bit for bit.
-    Outs rp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, tile, false, nullptr, true);
-    EXPECT_TRUE(rp.o.equal(r.o) && rp.lse.equal(r.lse)) << what << " (persistent)";
   }
 }
 
@@ -554,8 +510,6 @@ TEST(SpargeKernelsGpu, WarpSpecializedEmptyRows) {
   const double scale = 1.0 / std::sqrt(double(D));
   Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
   Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
-  Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, /*persistent=*/true);
-  EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "persistent";
   ASSERT_TRUE(AllFinite(ws.o));
   EXPECT_EQ(ws.o[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
   EXPECT_EQ(ws.o[0].select(1, 0).slice(0, 640, L).abs().max().item<float>(), 0.f);
@@ -582,9 +536,6 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
     Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
     Outs base = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, /*pipelined=*/true);
     ASSERT_TRUE(AllFinite(ws.o) && AllFinite(ws.lse)) << "bk=" << bk;
-    // Persistent grid: 3072 items over one CTA per SM, fetched through the counter.
-    Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, true);
-    EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "persistent bk=" << bk;
     const double eo = testing::RelErr(ws.o, base.o), el = testing::RelErr(ws.lse, base.lse);
     std::printf("ws Wan-1.3B bk=%ld sparsity %.4f: vs cp.async kernel o %.2e lse %.2e\n", long(bk),
                 ops::AchievedSparsity(m, L), eo, el);
@@ -610,31 +561,6 @@ TEST(SpargeKernelsGpu, WarpSpecializedWanShape) {
   const double ed = testing::RelErr(wd.o, od.transpose(1, 2));
   std::printf("ws dense vs SDPA: o %.2e\n", ed);
   EXPECT_LT(ed, 1e-2);
-}
-
-// The persistent forward with many more items than SMs, query blocks that keep nothing scattered
-// through the item list (the consumers learn of them through the shared item slot), both key-block
-// widths, and under programmatic dependent launch: equal to the one-CTA-per-item kernel bit for bit.
-TEST(SpargeKernelsGpu, PersistentForwardManyItemsAndEmptyRows) {
-  SKIP_WITHOUT_GPU();
-  const int64_t B = 2, L = 3000, H = 6, D = 128;
-  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 99);
-  Tensor v = at::randn_like(q);
-  const double scale = 1.0 / std::sqrt(double(D));
-  for (int64_t bk : {128, 64}) {
-    Knobs kb = MixedKnobs(B);
-    BlockMask m = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
-    m.counts = m.counts.clone();
-    const int64_t nq = m.counts.size(2);
-    for (int64_t i = 0; i < 12; ++i) m.counts[i % B][(i * 5) % H][(i * 7) % nq] = 0;
-    Outs ws = RunKernels(q, k, v, Tensor(), m, scale);
-    for (const char* pdl : {static_cast<const char*>(nullptr), "1"}) {
-      ScopedEnv env("SPARGE_PDL", pdl);
-      Outs wp = RunKernels(q, k, v, Tensor(), m, scale, kn::FwdImpl::kWgmma, 0, false, nullptr, true);
-      ASSERT_TRUE(AllFinite(wp.o)) << "bk=" << bk;
-      EXPECT_TRUE(wp.o.equal(ws.o) && wp.lse.equal(ws.lse)) << "bk=" << bk << (pdl ? " pdl" : "");
-    }
-  }
 }
 
 // Small warp-specialised cases for compute-sanitizer (memcheck, racecheck).
