@@ -382,6 +382,11 @@ __device__ __forceinline__ void BulkReduceAddF32(float* dst, uint32_t src, uint3
                "r"(src), "r"(bytes)
                : "memory");
 }
+__device__ __forceinline__ void BulkReduceAddF32Hint(float* dst, uint32_t src, uint32_t bytes, uint64_t policy) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n" ::"l"(dst),
+               "r"(src), "r"(bytes), "l"(policy)
+               : "memory");
+}
 __device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void BulkWaitRead0() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -774,7 +779,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
-                      FusedSchedule* sched) {
+                      FusedSchedule* sched, int l2_hint) {
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -841,10 +846,18 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto issue_tile = [&](int s, int b, int h, int64_t bh, int q0) {
     const uint32_t bar = full(s);
     MbarArriveExpectTx(bar, 2 * Lay::kQBytes + Lay::kLdBytes);
+    if (l2_hint >= 2) {  // A/B (SPARGE_BWD_L2HINT): Q and dO streamed with evict-first priority
+      const uint64_t pol = L2EvictFirstPolicy();
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ(s) + c * kM * 128, &tm_q, bar, c * 64, q0, h, b);
+      for (int c = 0; c < D / 64; ++c) TmaLoad4dHint(sQ(s) + c * kM * 128, &tm_q, bar, c * 64, q0, h, b, pol);
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) TmaLoad4d(sDO(s) + c * kM * 128, &tm_do, bar, c * 64, q0, h, b);
+      for (int c = 0; c < D / 64; ++c) TmaLoad4dHint(sDO(s) + c * kM * 128, &tm_do, bar, c * 64, q0, h, b, pol);
+    } else {
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) TmaLoad4d(sQ(s) + c * kM * 128, &tm_q, bar, c * 64, q0, h, b);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) TmaLoad4d(sDO(s) + c * kM * 128, &tm_do, bar, c * 64, q0, h, b);
+    }
     BulkLoad(base + Lay::kLd + s * Lay::kLdBytes, ld + (bh * (2 * nq) + q0 / kM) * (2 * kM), Lay::kLdBytes, bar);
   };
   auto tile_q0 = [](const int32_t* tlut, int i) { return tlut[i >> 1] * kTileQ + (i & 1) * kM; };
@@ -922,7 +935,10 @@ __global__ void __launch_bounds__(kFThreads, 1)
         NamedBarrierSync(3 + cw, 128);
         if (wtid == 0) {
           float* dst = dq_acc + ((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
-          BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
+          if (l2_hint >= 1)  // A/B: the accumulator kept in L2 with evict-last priority
+            BulkReduceAddF32Hint(dst, dq_smem, kDqTileFloats * 4, L2EvictLastPolicy());
+          else
+            BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
           BulkCommit();
         }
       };
@@ -1145,8 +1161,12 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     auto kernel = BwdFusedV10Kernel<T, D>;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
     if (err == cudaSuccess) {
+      // SPARGE_BWD_L2HINT (A/B): 1 = dQ accumulator reductions with L2 evict-last priority,
+      // 2 = also Q and dO loads with evict-first priority.
+      const char* hint_env = std::getenv("SPARGE_BWD_L2HINT");
+      const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 0;
       err = LaunchKernel(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
-                          sched);
+                         sched, l2_hint);
     }
   }
   return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/device_utils.cuh"
 #include "kernels/launch_utils.h"
@@ -481,6 +482,13 @@ const char* CanImplementMask(const MaskParams& p) {
 
 size_t MaskWorkspaceBytes(const MaskParams& p) { return Carve(p, nullptr).bytes; }
 
+// SPARGE_SCORE_TILE: 32 or 64 forces the score kernel's tile width; 0 (unset) chooses by size.
+static int ScoreTileOverride() {
+  const char* env = std::getenv("SPARGE_SCORE_TILE");
+  const int v = env != nullptr ? std::atoi(env) : 0;
+  return v == 32 || v == 64 ? v : 0;
+}
+
 cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (CanImplementMask(p) != nullptr) return cudaErrorInvalidValue;
   Workspace w = Carve(p, p.workspace);
@@ -503,8 +511,11 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
-    // 32-wide tiles when 64-wide ones would not give every SM two CTAs.
-    const bool small = int64_t{CeilDiv(nq, kScoreTile)} * CeilDiv(nk, kScoreTile) * cbh < 2 * SmCount();
+    // 32-wide tiles when 64-wide ones would not give every SM two CTAs (SPARGE_SCORE_TILE=32|64
+    // forces one width: A/B in bench/kernels/ncu_mask.py).
+    const bool small = ScoreTileOverride() ? ScoreTileOverride() == 32
+                                           : int64_t{CeilDiv(nq, kScoreTile)} * CeilDiv(nk, kScoreTile) * cbh <
+                                                 2 * SmCount();
     const int tile = small ? 32 : kScoreTile;
     const dim3 sgrid(CeilDiv(nq, tile), CeilDiv(nk, tile), static_cast<unsigned>(cbh));
     auto score = p.head_dim == 128 ? (small ? ScoreKernel<128, 32> : ScoreKernel<128, 64>)
