@@ -383,8 +383,8 @@ __device__ __forceinline__ void BulkReduceAddF32(float* dst, uint32_t src, uint3
                : "memory");
 }
 __device__ __forceinline__ void BulkReduceAddF32Hint(float* dst, uint32_t src, uint32_t bytes, uint64_t policy) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n" ::"l"(dst),
-               "r"(src), "r"(bytes), "l"(policy)
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n"
+               ::"l"(dst), "r"(src), "r"(bytes), "l"(policy)
                : "memory");
 }
 __device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
@@ -846,7 +846,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto issue_tile = [&](int s, int b, int h, int64_t bh, int q0) {
     const uint32_t bar = full(s);
     MbarArriveExpectTx(bar, 2 * Lay::kQBytes + Lay::kLdBytes);
-    if (l2_hint >= 2) {  // A/B (SPARGE_BWD_L2HINT): Q and dO streamed with evict-first priority
+    if (l2_hint >= 2) {  // Q and dO streamed with evict-first priority (SPARGE_BWD_L2HINT)
       const uint64_t pol = L2EvictFirstPolicy();
 #pragma unroll
       for (int c = 0; c < D / 64; ++c) TmaLoad4dHint(sQ(s) + c * kM * 128, &tm_q, bar, c * 64, q0, h, b, pol);
@@ -935,7 +935,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
         NamedBarrierSync(3 + cw, 128);
         if (wtid == 0) {
           float* dst = dq_acc + ((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
-          if (l2_hint >= 1)  // A/B: the accumulator kept in L2 with evict-last priority
+          if (l2_hint >= 1)  // the accumulator kept in L2 with evict-last priority
             BulkReduceAddF32Hint(dst, dq_smem, kDqTileFloats * 4, L2EvictLastPolicy());
           else
             BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
@@ -1082,7 +1082,7 @@ cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
   if (err != cudaSuccess) return err;
   return LaunchKernel(FusedScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched,
-                       2 * std::min(items, SmCount()));
+                      2 * std::min(items, SmCount()));
 }
 
 template <typename T, int D>
@@ -1090,7 +1090,7 @@ cudaError_t ConvertAndFree(const BwdParams& p, const float* acc, int64_t floats,
                            cudaStream_t stream) {
   if (err == cudaSuccess) {
     err = LaunchKernel(DqConvertKernel<T, D>, static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream, p,
-                        reinterpret_cast<const float4*>(acc));
+                       reinterpret_cast<const float4*>(acc));
   }
   const cudaError_t free_err = cudaFreeAsync(ws, stream);
   return err != cudaSuccess ? err : free_err;
@@ -1152,7 +1152,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes + ld_bytes);
   const int sms = SmCount();
   err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc), floats / 4,
-                      sched);
+                     sched);
   if (err == cudaSuccess) {
     err = LaunchSchedule(p, sched, stream);
   }
@@ -1161,10 +1161,11 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     auto kernel = BwdFusedV10Kernel<T, D>;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
     if (err == cudaSuccess) {
-      // SPARGE_BWD_L2HINT (A/B): 1 = dQ accumulator reductions with L2 evict-last priority,
-      // 2 = also Q and dO loads with evict-first priority.
+      // L2 priorities (kernels/NOTES.md, H100 runs): 2 (default) = dQ accumulator reductions
+      // evict-last and Q/dO loads evict-first (4% faster on the H100: the kernel is DRAM-bound
+      // there); SPARGE_BWD_L2HINT=0 none, =1 accumulator only (A/B).
       const char* hint_env = std::getenv("SPARGE_BWD_L2HINT");
-      const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 0;
+      const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 2;
       err = LaunchKernel(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
                          sched, l2_hint);
     }

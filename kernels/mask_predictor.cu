@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 
 #include "kernels/device_utils.cuh"
 #include "kernels/launch_utils.h"
@@ -131,9 +130,9 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
 // scores[c][i][j] = <qpool[i], kpool[j] - kmean> * (1/sqrt(D)) for (b, h) = bh0 + c: fp32, one
 // sequential fma chain over d per output (deterministic). A CTA computes 64 query blocks x 64 key
 // blocks, 4x4 per thread, from d-major shared tiles of 32 channels: two 16-byte shared loads feed
-// 16 fmas, so the FMA pipe, not shared memory, bounds it. kT = 32 (2x2 per thread) for short
-// sequences, where 64-wide tiles leave most SMs idle (1.3B: 192 CTAs on 132 SMs); every output is
-// the same fma chain either way, so the scores are identical.
+// 16 fmas, so the FMA pipe, not shared memory, bounds it. kT = 32 (2x2 per thread, more CTAs for
+// short sequences) computes identical scores but measured slower on an H100 (mask 0.126 vs 0.121
+// ms at Wan-1.3B, 1.129 vs 0.972 ms at 14B): the launcher uses 64.
 template <int D, int kT = kScoreTile>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
@@ -437,7 +436,7 @@ template <int kE>
 cudaError_t SelectE(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
   constexpr int kRowsPerCta = kThreads / 32;
   return LaunchKernel(SelectKernel<kE>, static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta),
-                       kThreads, 0, s, p, w, bh0, rows);
+                      kThreads, 0, s, p, w, bh0, rows);
 }
 
 // Keys per lane rounded up to an instantiated size: registers hold the row (up to 1024 key
@@ -482,13 +481,6 @@ const char* CanImplementMask(const MaskParams& p) {
 
 size_t MaskWorkspaceBytes(const MaskParams& p) { return Carve(p, nullptr).bytes; }
 
-// SPARGE_SCORE_TILE: 32 or 64 forces the score kernel's tile width; 0 (unset) chooses by size.
-static int ScoreTileOverride() {
-  const char* env = std::getenv("SPARGE_SCORE_TILE");
-  const int v = env != nullptr ? std::atoi(env) : 0;
-  return v == 32 || v == 64 ? v : 0;
-}
-
 cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (CanImplementMask(p) != nullptr) return cudaErrorInvalidValue;
   Workspace w = Carve(p, p.workspace);
@@ -507,19 +499,12 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
     if ((err = Pool<__half>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
   }
   err = LaunchKernel(KMeanKernel, dim3(static_cast<unsigned>(bh), p.head_dim / 32), 256, 0, stream,
-                      w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
+                     w.kpool, nk, p.block_k, L, p.head_dim, w.kmean);
   if (err != cudaSuccess) return err;
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
-    // 32-wide tiles when 64-wide ones would not give every SM two CTAs (SPARGE_SCORE_TILE=32|64
-    // forces one width: A/B in bench/kernels/ncu_mask.py).
-    const bool small = ScoreTileOverride() ? ScoreTileOverride() == 32
-                                           : int64_t{CeilDiv(nq, kScoreTile)} * CeilDiv(nk, kScoreTile) * cbh <
-                                                 2 * SmCount();
-    const int tile = small ? 32 : kScoreTile;
-    const dim3 sgrid(CeilDiv(nq, tile), CeilDiv(nk, tile), static_cast<unsigned>(cbh));
-    auto score = p.head_dim == 128 ? (small ? ScoreKernel<128, 32> : ScoreKernel<128, 64>)
-                                   : (small ? ScoreKernel<64, 32> : ScoreKernel<64, 64>);
+    const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
+    auto score = p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>;
     err = LaunchKernel(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
