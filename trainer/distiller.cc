@@ -221,7 +221,7 @@ absl::StatusOr<std::unique_ptr<Distiller>> Distiller::Create(const TrainerConfig
     LogInfo(absl::StrCat(
         "sparsity.block_k ", config.sparsity.block_k, ": the backward pass takes the split "
         "kernels; the fused one needs block_k a multiple of 128 (at the Wan-1.3B shape it is "
-        "1.67x faster, kernels/NOTES.md)"));
+        "1.68x faster, kernels/NOTES.md)"));
   }
   std::unique_ptr<Distiller> d(new Distiller(config, comm, device, dtype));
   SPARGE_RETURN_IF_ERROR(d->Build());

@@ -44,7 +44,7 @@ struct SparsityConfig {
   float topk = 0.05f;
   float topp = 0.9f;
   int block_q = 128;
-  int block_k = 64;
+  int block_k = 128;  // 128: the fused backward kernel (config/trainer.yaml)
 };
 
 struct TrainingConfig {

@@ -63,7 +63,7 @@ def test_latents_match_the_vae_and_the_trainer_reads_them(tmp_path, tiny_vae):
                      ('latents_dir: ""', f"latents_dir: {out}/latents"),
                      ("width: 832", "width: 64"), ("height: 480", "height: 64"),
                      ("num_frames: 81", "num_frames: 5"), ("block_q: 128", "block_q: 16"),
-                     ("block_k: 64", "block_k: 16"), ("mode: hybrid", "mode: topk"),
+                     ("block_k: 128", "block_k: 16"), ("mode: hybrid", "mode: topk"),
                      ("topk: 0.05", "topk: 0.5")]:
         assert old in config, old
         config = config.replace(old, new)

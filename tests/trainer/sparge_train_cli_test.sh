@@ -25,7 +25,7 @@ printf 'a red fox running through snow\nwaves breaking on a rocky beach\n' > "$w
 sed -e "s|prompts: \"\"|prompts: $work/prompts.txt|" \
     -e 's|width: 832|width: 64|' -e 's|height: 480|height: 64|' -e 's|num_frames: 81|num_frames: 5|' \
     -e 's|teacher_steps: 30|teacher_steps: 2|' -e 's|block_q: 128|block_q: 16|' \
-    -e 's|block_k: 64|block_k: 16|' -e 's|topk: 0.05|topk: 0.5|' \
+    -e 's|block_k: 128|block_k: 16|' -e 's|topk: 0.05|topk: 0.5|' \
     -e 's|  mode: hybrid|  mode: topk|' -e 's|lr: 1.0e-5|lr: 1.0e-4|' \
     -e 's|warmup_steps: 50|warmup_steps: 0|' \
     -e 's|every_steps: 200|every_steps: 2|' "$src/config/trainer.yaml" > "$work/train.yaml"
