@@ -4,7 +4,9 @@
 #   bash bench/kernels/device_run.sh [build] [test] [sanitize] [bench] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
 # libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
-# that a hung kernel cannot eat a whole device call.
+# that a hung kernel cannot eat a whole device call. The device tool's copy of the tree may carry
+# stale git metadata: put SPARGE_COMMIT=<hash of the tree that runs> in front of the command so
+# that the JSON records the right commit.
 set -u
 OUT=${OUT:-/tmp/sparge-out}
 mkdir -p "$OUT"
