@@ -3,8 +3,12 @@
 # DiT block ops) with its GPU tests, and the standalone DiT benchmark; run the fused-op tests; time
 # diffusers' WanTransformer3DModel and the engine's WanDiT (dense fused and unfused in one process,
 # then TOPK 0.05) at Wan2.1 1.3B 480x832x81; profile one forward of each (kernel-time breakdown);
-# write bench/results/dit_forward_<card>_<date>.json into $OUT. Carry .whl (diffusers wheel),
-# .benchdeps (Abseil headers + libs) and .devdeps (GTest debs for the kernels-only configure).
+# write bench/results/dit_forward_<card>_<date>.json into $OUT. Carry .whl, .benchdeps, .devdeps:
+#   .whl:  pip download --no-deps -d .whl diffusers==0.35.1 importlib_metadata zipp, and pillow
+#          for cp312 (--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64)
+#   .benchdeps/absl: include/ and lib/ (the .so files) of Debian's libabsl-dev + libabsl20220623
+#          (apt-get download, dpkg -x)
+#   .devdeps/gtest: apt-get download libgtest-dev libgmock-dev googletest
 #   OUT=/tmp/o bash bench/engine/run_device.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/sparge-out}
