@@ -71,3 +71,22 @@ function(sparge_cc_test)
   gtest_discover_tests(${A_NAME} DISCOVERY_TIMEOUT 120 DISCOVERY_MODE PRE_TEST
     PROPERTIES LABELS "${A_LABELS}" ENVIRONMENT "SPARGE_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
 endfunction()
+
+# sparge_py_test(NAME name FILE test.py LABELS ... [TIMEOUT s] [ENV VAR=value ...]): a pytest file
+# run by ctest with the project venv's interpreter (scripts/setup.sh makes .venv), from the
+# current binary directory, with SPARGE_SOURCE_DIR set. Registers nothing when .venv is missing.
+function(sparge_py_test)
+  cmake_parse_arguments(A "" "NAME;FILE;TIMEOUT" "LABELS;ENV" ${ARGN})
+  set(_python ${CMAKE_SOURCE_DIR}/.venv/bin/python)
+  if(NOT EXISTS ${_python})
+    return()
+  endif()
+  if(NOT A_TIMEOUT)
+    set(A_TIMEOUT 600)
+  endif()
+  add_test(NAME ${A_NAME}
+    COMMAND ${_python} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/${A_FILE}
+    WORKING_DIRECTORY ${CMAKE_CURRENT_BINARY_DIR})
+  set_tests_properties(${A_NAME} PROPERTIES LABELS "${A_LABELS}" TIMEOUT ${A_TIMEOUT}
+    ENVIRONMENT "SPARGE_SOURCE_DIR=${CMAKE_SOURCE_DIR};${A_ENV}")
+endfunction()
