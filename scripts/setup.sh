@@ -41,9 +41,23 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  # torch and its CUDA wheels take ~5 GB installed plus ~3.5 GB of downloads while pip works.
+  # Downloads go to a folder beside the venv (same filesystem; /tmp may be a small tmpfs) and no
+  # second copy is kept in pip's cache, so ~9 GB free where the checkout is is enough.
+  need_kb=$((9 * 1024 * 1024))
+  have_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+  if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" = "" ] && [ "$have_kb" -lt "$need_kb" ]; then
+    log "ERROR: the Python packages need ~9 GB free on the checkout's filesystem; $((have_kb / 1024)) MB free here ($(df -P . | awk 'NR == 2 { print $6 }'))"
+    exit 1
+  fi
   log "installing Python packages from $REQ (torch is large: a few minutes the first time)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ"
+  PIP_TMP="$PWD/.venv/.pip-tmp"
+  rm -rf "$PIP_TMP" && mkdir -p "$PIP_TMP"
+  trap 'rm -rf "$PIP_TMP"' EXIT
+  export TMPDIR="$PIP_TMP"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -r "$REQ"
+  rm -rf "$PIP_TMP"; unset TMPDIR; trap - EXIT
   echo "$want" > "$STAMP"
 else
   log "Python venv: up to date"
