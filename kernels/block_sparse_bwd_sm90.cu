@@ -342,11 +342,39 @@ constexpr int kDqTileFloats = kM * 64;  // one warpgroup's dQ partial: 64 rows x
 
 // Work list of the persistent fused kernel, in the workspace after the dQ accumulator.
 struct FusedSchedule {
-  int next;   // next position to take (zeroed with the accumulator)
-  int items;
+  int next;    // next position to take (zeroed with the accumulator)
+  int items;   // entries in order[]
+  // FusedChunkScheduleKernel only: chunked key tiles, heavy-first entries, first tail entry of
+  // the body (the entries after the heavy-first ones), body entries.
+  int nslots, heavy_total, tail_from, body_total;
   int pad[2];
-  int order[1];  // [items]
+  // [items], or with chunking [ChunkPlan::capacity], then part[capacity], slot_item[max_slots],
+  // seg[B * H] (first body entry of each head), scratch[2 * capacity] (FusedSortScheduleKernel)
+  int order[1];
 };
+
+// Chunked heavy items (v12, SPARGE_BWD_CHUNK=<query blocks>; kernels/NOTES.md "Backward v12"):
+// a key tile kept by many more query blocks than the mean (attention sinks and other popular
+// keys: at 1.3B, 95%, 8% of the tiles with 32% of the tile pairs) is split into chunks of at most
+// chunk_blocks query blocks that run side by side on different CTAs in their head's turn,
+// instead of all heavy tiles first, which spreads the run's first third over every head's Q, dO
+// and dQ accumulator (an L2 working set far beyond the cache). The chunks of a tile add their
+// fp32 dK/dV into the tile's slot (red.global.add.v4.f32; zeroed with the dQ accumulator), and
+// DkDvChunkConvertKernel scales and converts the slots: dK/dV of chunked tiles are, like dQ, not
+// bitwise reproducible (fp32 addition order). partial == nullptr: no chunking.
+struct ChunkPlan {
+  float* partial;    // [max_slots][kChunkPartialFloats<D>], fragment order, zeroed
+  int chunk_blocks;  // query blocks per chunk at most
+  int max_slots;     // chunked key tiles at most (candidates past it stay whole, first in the list)
+  int extra;         // list entries beyond one per item at most (chunks - 1 summed over slots)
+  int capacity;      // list entries: items + extra
+  int sort;          // FusedSortScheduleKernel orders each head's body by median query block
+};
+template <int D>
+constexpr int kChunkPartialFloats = 2 * kFKeys * D;  // dK then dV, 128 keys x D, fp32
+
+// Query blocks of chunk j of n of a key tile kept by c: [ChunkLo(c, n, j), ChunkLo(c, n, j + 1)).
+__host__ __device__ __forceinline__ int ChunkLo(int c, int n, int j) { return static_cast<int>(int64_t(j) * c / n); }
 
 // Shared layout (bytes from a 1024-aligned base): K, V [D/64][128][64]; per stage Q, dO
 // [D/64][64][64]; dS^T double buffer [128 keys][64 queries]; dQ partial per consumer warpgroup
@@ -611,6 +639,27 @@ __global__ void __launch_bounds__(kFThreads, 1) BwdFusedSm90Kernel(BwdParams p, 
 // of them, again longest-first (a short tail). One CTA; hist holds nq + 1 ints of dynamic
 // shared memory.
 constexpr int kSchedThreads = 1024;
+
+// The work lists' two counting sorts in one histogram hist[0..nq]: counts above `above` (heavy,
+// first) and the tail's counts (at most `above`), each largest first. Turns the counts into
+// exclusive offsets (the tail's start after the heavy ones and `tail_from` body entries) and
+// returns the number of heavy entries.
+__device__ __forceinline__ int HeavyAndTailOffsets(int* hist, int nq, int above, int tail_from) {
+  int acc = 0;
+  for (int c = nq; c > above && c >= 0; --c) {
+    const int n = hist[c];
+    hist[c] = acc;
+    acc += n;
+  }
+  const int heavy = acc;
+  acc += tail_from;
+  for (int c = min(above, nq); c >= 0; --c) {
+    const int n = hist[c];
+    hist[c] = acc;
+    acc += n;
+  }
+  return heavy;
+}
 __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p, FusedSchedule* sched,
                                                                       int tail_items) {
   using Scan = cub::BlockScan<int, kSchedThreads>;
@@ -656,19 +705,7 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
   }
   __syncthreads();
   if (tid == 0) {  // exclusive offsets of the heavy counts, then of the tail's, largest first
-    int acc = 0;
-    for (int c = nq; c > heavy_above && c >= 0; --c) {
-      const int n = hist[c];
-      hist[c] = acc;
-      acc += n;
-    }
-    heavy_total = acc;
-    acc += tail_from;
-    for (int c = min(heavy_above, nq); c >= 0; --c) {
-      const int n = hist[c];
-      hist[c] = acc;
-      acc += n;
-    }
+    heavy_total = HeavyAndTailOffsets(hist, nq, heavy_above, tail_from);
     sched->items = items;
   }
   __syncthreads();
@@ -678,6 +715,248 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
     const bool tail = !heavy && light_before >= tail_from;
     sched->order[heavy || tail ? atomicAdd(&hist[c], 1) : heavy_total + light_before] = w;
     if (!heavy) ++light_before;
+  }
+}
+
+// The work list with chunked heavy items (ChunkPlan). Candidates: key tiles kept by more than
+// split_above = max(2 * mean + 4, chunk_blocks) query blocks. In item order, a candidate gets a
+// slot while slots (max_slots) and list entries (extra: the chunks beyond the first, summed)
+// last, and becomes ceil(count / chunk_blocks) near-equal chunks at its place in head order
+// (part[] = chunk << 20 | slot; -1 for a whole item); candidates without a slot stay whole and go
+// first, longest first, as in FusedScheduleKernel. The last tail_items entries go longest-first.
+// Light counts and chunk sizes are <= split_above < heavy-first counts, so both counting sorts
+// share hist (nq + 1 ints of dynamic shared memory). Deterministic but for the order inside one
+// count of the two counting sorts (timing only).
+__global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdParams p, FusedSchedule* sched,
+                                                                           int tail_items, ChunkPlan cp) {
+  using Scan = cub::BlockScan<int, kSchedThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int total, heavy_total, slots_used;
+  extern __shared__ int hist[];
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int L = p.seqlen;
+  const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
+  const int items = p.batch * p.heads * nkt;
+  int* order = sched->order;
+  int* part = order + cp.capacity;
+  int* slot_item = part + cp.capacity;
+  int* seg = slot_item + cp.max_slots;
+  auto count_of = [&](int w) {
+    const int64_t bh = w / nkt;
+    return p.t_counts[bh * nk + (w % nkt) * kFKeys / p.block_k];
+  };
+  if (tid == 0) total = slots_used = 0;
+  for (int c = tid; c <= nq; c += kSchedThreads) hist[c] = 0;
+  __syncthreads();
+  const int chunk = CeilDiv(items, kSchedThreads), w0 = tid * chunk, w1 = min(items, w0 + chunk);
+  int sum = 0;
+  for (int w = w0; w < w1; ++w) sum += count_of(w);
+  sum = __reduce_add_sync(0xffffffffu, sum);
+  if (lane == 0) atomicAdd(&total, sum);
+  __syncthreads();
+  const int split_above = max(2 * (total / max(items, 1)) + 4, cp.chunk_blocks);
+  auto parts_of = [&](int c) { return CeilDiv(c, cp.chunk_blocks); };
+  // Candidates before this thread's items, and their extra entries (prefixes in item order).
+  int cand = 0, extra = 0;
+  for (int w = w0; w < w1; ++w) {
+    const int c = count_of(w);
+    if (c > split_above) ++cand, extra += parts_of(c) - 1;
+  }
+  int cand_before = 0, extra_before = 0;
+  Scan(scan_tmp).ExclusiveSum(cand, cand_before);
+  __syncthreads();  // scan_tmp is reused
+  Scan(scan_tmp).ExclusiveSum(extra, extra_before);
+  __syncthreads();
+  // A candidate is chunked iff its slot and its extra entries fit (both prefixes only grow, so
+  // the chunked candidates are the first ones in item order).
+  auto fits = [&](int slot, int xb, int c) { return slot < cp.max_slots && xb + parts_of(c) - 1 <= cp.extra; };
+  int entries = 0;
+  {
+    int slot = cand_before, xb = extra_before, mine = 0;
+    for (int w = w0; w < w1; ++w) {
+      const int c = count_of(w);
+      if (c <= split_above) {
+        ++entries;
+        continue;
+      }
+      if (fits(slot, xb, c)) {
+        entries += parts_of(c);
+        ++mine;
+      } else {
+        atomicAdd(&hist[c], 1);  // heavy without a slot: first, longest first
+      }
+      ++slot;
+      xb += parts_of(c) - 1;
+    }
+    if (mine) atomicAdd(&slots_used, mine);
+  }
+  int body_before = 0, body_total = 0;
+  Scan(scan_tmp).ExclusiveSum(entries, body_before, body_total);
+  const int tail_from = body_total - min(body_total, tail_items);
+  {
+    int e = body_before, slot = cand_before, xb = extra_before;
+    for (int w = w0; w < w1; ++w) {
+      const int c = count_of(w);
+      if (c <= split_above) {
+        if (e++ >= tail_from) atomicAdd(&hist[c], 1);
+        continue;
+      }
+      if (fits(slot, xb, c)) {
+        const int n = parts_of(c);
+        for (int j = 0; j < n; ++j)
+          if (e++ >= tail_from) atomicAdd(&hist[ChunkLo(c, n, j + 1) - ChunkLo(c, n, j)], 1);
+      }
+      ++slot;
+      xb += parts_of(c) - 1;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {  // exclusive offsets: heavy-first counts, the body, then the tail's, largest first
+    heavy_total = HeavyAndTailOffsets(hist, nq, split_above, tail_from);
+    sched->items = heavy_total + body_total;
+    sched->nslots = slots_used;
+    sched->heavy_total = heavy_total;
+    sched->tail_from = tail_from;
+    sched->body_total = body_total;
+  }
+  __syncthreads();
+  int e = body_before, slot = cand_before, xb = extra_before;
+  for (int w = w0; w < w1; ++w) {
+    const int c = count_of(w);
+    if (w % nkt == 0) seg[w / nkt] = e;  // a head's body starts at its first item's first entry
+    if (c <= split_above) {
+      const int pos = e >= tail_from ? atomicAdd(&hist[c], 1) : heavy_total + e;
+      ++e;
+      order[pos] = w;
+      part[pos] = -1;
+      continue;
+    }
+    if (fits(slot, xb, c)) {
+      slot_item[slot] = w;
+      const int n = parts_of(c);
+      for (int j = 0; j < n; ++j, ++e) {
+        const int cc = ChunkLo(c, n, j + 1) - ChunkLo(c, n, j);
+        const int pos = e >= tail_from ? atomicAdd(&hist[cc], 1) : heavy_total + e;
+        order[pos] = w;
+        part[pos] = (j << 20) | slot;
+      }
+    } else {
+      const int pos = atomicAdd(&hist[c], 1);
+      order[pos] = w;
+      part[pos] = -1;
+    }
+    ++slot;
+    xb += parts_of(c) - 1;
+  }
+}
+
+// Orders each head's body entries (FusedChunkScheduleKernel's list between the heavy-first ones
+// and the tail) by the median query block of the entry (its middle transposed-LUT entry), so that
+// the entries running side by side touch nearby query tiles: the L2 keeps a head's Q, dO and dQ
+// accumulator tiles while they are shared (kernels/NOTES.md, "Backward v12": DRAM bytes -25% in
+// the model on top of the chunking). One CTA per (batch, head): a counting sort over nq buckets
+// (nq + 1 ints of dynamic shared memory) through a scratch copy; the order among equal medians
+// is arbitrary (timing only).
+constexpr int kSortThreads = 256;
+__global__ void __launch_bounds__(kSortThreads) FusedSortScheduleKernel(BwdParams p, FusedSchedule* sched, ChunkPlan cp) {
+  using Scan = cub::BlockScan<int, kSortThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  extern __shared__ int hist[];
+  const int tid = threadIdx.x, bh = blockIdx.x, nbh = gridDim.x;
+  const int L = p.seqlen;
+  const int nq = CeilDiv(L, kTileQ), nk = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
+  int* order = sched->order;
+  int* part = order + cp.capacity;
+  const int* seg = part + cp.capacity + cp.max_slots;
+  int* scratch = const_cast<int*>(seg) + nbh;
+  const int tail_from = sched->tail_from, base = sched->heavy_total;
+  const int lo = min(seg[bh], tail_from);
+  const int hi = min(bh + 1 < nbh ? seg[bh + 1] : sched->body_total, tail_from);
+  if (hi - lo < 2) return;
+  auto key_of = [&](int w, int pt) {
+    const int64_t ibh = w / nkt;
+    const int kb = (w % nkt) * kFKeys / p.block_k;
+    int c = p.t_counts[ibh * nk + kb], first = 0;
+    if (pt >= 0) {
+      const int n = CeilDiv(c, cp.chunk_blocks), j = pt >> 20;
+      first = ChunkLo(c, n, j);
+      c = ChunkLo(c, n, j + 1) - first;
+    }
+    return c > 0 ? p.t_indices[(ibh * nk + kb) * nq + first + c / 2] : 0;
+  };
+  for (int b = tid; b <= nq; b += kSortThreads) hist[b] = 0;
+  __syncthreads();
+  for (int i = lo + tid; i < hi; i += kSortThreads) {
+    const int w = order[base + i], pt = part[base + i];
+    scratch[2 * i] = w;
+    scratch[2 * i + 1] = pt;
+    atomicAdd(&hist[key_of(w, pt)], 1);
+  }
+  __syncthreads();
+  // Exclusive offsets over the nq + 1 buckets: each thread scans a contiguous run of them.
+  const int per = CeilDiv(nq + 1, kSortThreads), b0 = min(nq + 1, tid * per), b1 = min(nq + 1, b0 + per);
+  int run = 0;
+  for (int b = b0; b < b1; ++b) run += hist[b];
+  int before = 0;
+  Scan(scan_tmp).ExclusiveSum(run, before);
+  for (int b = b0; b < b1; ++b) {
+    const int n = hist[b];
+    hist[b] = before;
+    before += n;
+  }
+  __syncthreads();
+  for (int i = lo + tid; i < hi; i += kSortThreads) {
+    const int w = scratch[2 * i], pt = scratch[2 * i + 1];
+    const int dst = base + lo + atomicAdd(&hist[key_of(w, pt)], 1);
+    order[dst] = w;
+    part[dst] = pt;
+  }
+}
+
+// dK, dV of the chunked key tiles from their slots (the sum of their chunks' partials), scaled
+// (dK) and converted into the [B, L, H, D] strides. One CTA of 128 threads per (slot, dK or dV,
+// 64-key half); slots past sched->nslots return at once.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) DkDvChunkConvertKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp) {
+  const int slot = blockIdx.x >> 2, which = (blockIdx.x >> 1) & 1, cw = blockIdx.x & 1;
+  if (slot >= sched->nslots) return;
+  const int L = p.seqlen;
+  const int nkt = CeilDiv(L, kFKeys);
+  const int w = sched->order[2 * cp.capacity + slot];
+  const int64_t bh = w / nkt;
+  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), k0 = (w % nkt) * kFKeys;
+  const int t = threadIdx.x, lane = t & 31, g = lane >> 2, tig = lane & 3;
+  const float4* src = reinterpret_cast<const float4*>(cp.partial) +
+                      static_cast<int64_t>(slot) * (kChunkPartialFloats<D> / 4) + (which * 2 + cw) * (D / 8) * 128 + t;
+  const Tensor4& out = which ? p.dv : p.dk;
+  const float sc = which ? 1.f : p.scale;
+  T* base = static_cast<T*>(out.ptr) + b * out.stride_b + h * out.stride_h;
+  const int row0 = k0 + cw * 64 + (t >> 5) * 16 + g;
+#pragma unroll 4
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const float4 a = src[nt * 128];
+    if (row0 < L)
+      *reinterpret_cast<uint32_t*>(base + static_cast<int64_t>(row0) * out.stride_l + nt * 8 + 2 * tig) =
+          MmaOp<T>::Pack(a.x * sc, a.y * sc);
+    if (row0 + 8 < L)
+      *reinterpret_cast<uint32_t*>(base + static_cast<int64_t>(row0 + 8) * out.stride_l + nt * 8 + 2 * tig) =
+          MmaOp<T>::Pack(a.z * sc, a.w * sc);
+  }
+}
+
+__device__ __forceinline__ void RedAddF32x4(float* dst, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+// A chunk's fp32 dK/dV (this thread's m64nD fragments) added into its tile's slot, in the
+// fragment order DkDvChunkConvertKernel reads: float4 ((which * 2 + cw) * (D / 8) + nt) * 128 + t.
+template <int D>
+__device__ __forceinline__ void AddDkDvPartial(float* dst, int cw, int wtid, const float* dk, const float* dv) {
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    RedAddF32x4(dst + ((cw * (D / 8) + nt) * 128 + wtid) * 4, dk[nt * 4], dk[nt * 4 + 1], dk[nt * 4 + 2], dk[nt * 4 + 3]);
+    RedAddF32x4(dst + (((2 + cw) * (D / 8) + nt) * 128 + wtid) * 4, dv[nt * 4], dv[nt * 4 + 1], dv[nt * 4 + 2],
+                dv[nt * 4 + 3]);
   }
 }
 
@@ -750,9 +1029,11 @@ struct V10Layout {
   // kv_full, full[S], dsready[2][bufs], empty[S]
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
-  // release counters [S], work-item records [2][4] (item, count, tiles, first query row)
+  // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
+  // first transposed-LUT entry, chunk part or -1)
   static constexpr int kMisc = kBar + kNumBars * 8;
-  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 8) + 1024;  // + alignment slack
+  static constexpr int kRecInts = 8;
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
 
@@ -779,7 +1060,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
-                      FusedSchedule* sched, int l2_hint) {
+                      FusedSchedule* sched, int l2_hint, ChunkPlan cp) {
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -811,23 +1092,35 @@ __global__ void __launch_bounds__(kFThreads, 1)
     FenceMbarInit();
   }
 
-  // Work items travel through shared records (item, count, tiles, first query row) that thread 0
-  // fills with the item's global reads (count, last and first transposed-LUT entries) while the
-  // previous item still runs; every thread then decodes the rest arithmetically.
-  auto publish = [&](int slot, int item) {
-    int* r = sItem + 4 * slot;
+  // Work items travel through shared records (item, count, tiles, first query row, first LUT
+  // entry, chunk part) that thread 0 fills with the item's global reads (count, last and first
+  // transposed-LUT entries) while the previous item still runs; every thread then decodes the
+  // rest arithmetically. e: the item's list position (its chunk part, with a ChunkPlan).
+  auto publish = [&](int slot, int item, int e) {
+    int* r = sItem + Lay::kRecInts * slot;
     r[0] = item;
     if (item < 0) return;
     const int64_t bh = item / nkt;
     const int kb = (item % nkt) * kFKeys / p.block_k;
-    const int count = p.t_counts[bh * nk + kb];
+    int count = p.t_counts[bh * nk + kb];
     const int32_t* tlut = p.t_indices + (bh * nk + kb) * nq;
+    int lo = 0, part = -1;
+    if (cp.partial != nullptr) {
+      part = sched->order[cp.capacity + e];
+      if (part >= 0) {
+        const int n = CeilDiv(count, cp.chunk_blocks), j = part >> 20;
+        lo = ChunkLo(count, n, j);
+        count = ChunkLo(count, n, j + 1) - lo;
+      }
+    }
     r[1] = count;
-    r[2] = count > 0 ? FusedValidTiles(count, tlut[count - 1], L) : 0;
-    r[3] = count > 0 ? tlut[0] * kTileQ : 0;
+    r[2] = count > 0 ? FusedValidTiles(count, tlut[lo + count - 1], L) : 0;
+    r[3] = count > 0 ? tlut[lo] * kTileQ : 0;
+    r[4] = lo;
+    r[5] = part;
   };
   auto decode = [&](int slot) {
-    const int* r = sItem + 4 * slot;
+    const int* r = sItem + Lay::kRecInts * slot;
     V10Item x;
     x.item = r[0];
     const int item = max(x.item, 0);
@@ -839,7 +1132,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     x.count = r[1];
     x.n = r[2];
     x.q0 = r[3];
-    x.tlut = p.t_indices + (x.bh * nk + kb) * nq;
+    x.tlut = p.t_indices + (x.bh * nk + kb) * nq + r[4];
     return x;
   };
   // Q, dO (TMA, rows past L zero-filled) and the packed LSE / delta of one 64-row query tile.
@@ -879,7 +1172,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     PrefetchTensorMap(&tm_k);
     PrefetchTensorMap(&tm_v);
     const int w0 = atomicAdd(&sched->next, 1);
-    publish(0, w0 < sched->items ? sched->order[w0] : -1);
+    publish(0, w0 < sched->items ? sched->order[w0] : -1, w0);
     const V10Item x = decode(0);
     if (x.item >= 0 && x.n > 0) issue_item(x, 0);
   }
@@ -965,7 +1258,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
         WgmmaCommit();
         if (tid == 0) {  // the next item: its list entry now, its record one tile later
           if (i == 0) item_next = w_next < sched->items ? sched->order[w_next] : -1;
-          if (i == min(1, x.n - 1)) publish((it + 1) & 1, item_next);
+          if (i == min(1, x.n - 1)) publish((it + 1) & 1, item_next, w_next);
         }
         WgmmaWaitN<1>();  // S^T(i) done; dP^T(i) runs under the exponentials
 
@@ -1039,14 +1332,21 @@ __global__ void __launch_bounds__(kFThreads, 1)
       g0 += x.n;
       ++kv_it;
     } else if (tid == 0) {
-      publish((it + 1) & 1, w_next < sched->items ? sched->order[w_next] : -1);
+      publish((it + 1) & 1, w_next < sched->items ? sched->order[w_next] : -1, w_next);
     }
+    // The chunk part, read while this item's record is still there (the next publish into this
+    // record slot comes after the barrier).
+    const int part = cp.partial != nullptr ? sItem[Lay::kRecInts * (it & 1) + 5] : -1;
     __syncthreads();  // K, V, the dS^T buffers and every slot of this item are free
     if (tid == 0) {
       const V10Item y = decode((it + 1) & 1);
       if (y.item >= 0 && y.n > 0) issue_item(y, g0);
     }
-    StoreDkDv<T, D>(p, x.b, x.h, x.k0 + cw * 64 + warp * 16, lane, dk, dv);
+    if (part < 0) {
+      StoreDkDv<T, D>(p, x.b, x.h, x.k0 + cw * 64 + warp * 16, lane, dk, dv);
+    } else {
+      AddDkDvPartial<D>(cp.partial + static_cast<int64_t>(part & 0xFFFFF) * kChunkPartialFloats<D>, cw, wtid, dk, dv);
+    }
   }
   if (wtid == 0) BulkWait0();
 }
@@ -1076,13 +1376,33 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
 // by the workspace's release (also after an earlier error, which it then returns).
-cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_t stream) {
+cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_t stream,
+                           const ChunkPlan* cp = nullptr) {
   const int hist_bytes = (CeilDiv(p.seqlen, kTileQ) + 1) * 4;
   const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
+  const int tail_items = 2 * std::min(items, SmCount());
+  if (cp != nullptr && cp->partial != nullptr) {
+    cudaError_t err =
+        detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedChunkScheduleKernel), hist_bytes);
+    if (err != cudaSuccess) return err;
+    err = LaunchKernel(FusedChunkScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched, tail_items, *cp);
+    if (err != cudaSuccess || !cp->sort) return err;
+    err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedSortScheduleKernel), hist_bytes);
+    if (err != cudaSuccess) return err;
+    return LaunchKernel(FusedSortScheduleKernel, p.batch * p.heads, kSortThreads, hist_bytes, stream, p, sched, *cp);
+  }
   cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedScheduleKernel), hist_bytes);
   if (err != cudaSuccess) return err;
-  return LaunchKernel(FusedScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched,
-                      2 * std::min(items, SmCount()));
+  return LaunchKernel(FusedScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched, tail_items);
+}
+
+// SPARGE_BWD_CHUNK: query blocks per chunk of a heavy key tile (ChunkPlan), 0 or unset = off;
+// SPARGE_BWD_SORT=1: with chunking, each head's entries by median query block. Both off by default
+// until measured on a GPU (kernels/NOTES.md, "Backward v12").
+int BwdEnvInt(const char* name) {
+  const char* env = std::getenv(name);
+  const int v = env != nullptr ? std::atoi(env) : 0;
+  return v > 0 ? v : 0;
 }
 
 template <typename T, int D>
@@ -1143,18 +1463,34 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads * (2 * nq);
   const int64_t floats = tiles * (D / 64) * kDqTileFloats;
   const size_t acc_bytes = floats * 4, ld_bytes = tiles * 2 * kM * 4;
-  const size_t bytes = acc_bytes + ld_bytes + sizeof(FusedSchedule) + static_cast<size_t>(items) * 4;
+  // Chunked heavy items: slots for an eighth of the items plus one per (batch, head) (at 1.3B,
+  // 90-97%, 2-9% of the items are candidates), zeroed with the accumulator (their 128 KB each
+  // follow it: 1/4 more at most); list entries for three more chunks per item.
+  ChunkPlan cp{};
+  cp.chunk_blocks = BwdEnvInt("SPARGE_BWD_CHUNK");
+  cp.sort = BwdEnvInt("SPARGE_BWD_SORT") > 0 ? 1 : 0;
+  cp.max_slots = items / 8 + p.batch * p.heads;
+  cp.extra = 3 * items;
+  const bool chunked = cp.chunk_blocks > 0 && CeilDiv(nq, cp.chunk_blocks) < 2048 && cp.max_slots < (1 << 20) &&
+                       items < (1 << 29) / 4;
+  cp.capacity = chunked ? items + cp.extra : items;
+  const int64_t slot_floats = chunked ? static_cast<int64_t>(cp.max_slots) * kChunkPartialFloats<D> : 0;
+  const size_t list_bytes =
+      sizeof(FusedSchedule) +
+      static_cast<size_t>(chunked ? 4 * cp.capacity + cp.max_slots + p.batch * p.heads : items) * 4;
+  const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
-  float* acc = static_cast<float*>(ws);
-  float* ld = acc + floats;
-  FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(static_cast<char*>(ws) + acc_bytes + ld_bytes);
+  float* acc = static_cast<float*>(ws);  // then the slots (zeroed together)
+  cp.partial = chunked ? acc + floats : nullptr;
+  float* ld = acc + floats + slot_floats;
+  FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
   const int sms = SmCount();
-  err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc), floats / 4,
-                     sched);
+  err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                     (floats + slot_floats) / 4, sched);
   if (err == cudaSuccess) {
-    err = LaunchSchedule(p, sched, stream);
+    err = LaunchSchedule(p, sched, stream, &cp);
   }
   if (err == cudaSuccess) {
     constexpr int smem = V10Layout<D>::kBytes;
@@ -1167,8 +1503,12 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       const char* hint_env = std::getenv("SPARGE_BWD_L2HINT");
       const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 2;
       err = LaunchKernel(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
-                         sched, l2_hint);
+                         sched, l2_hint, cp);
     }
+  }
+  if (err == cudaSuccess && cp.partial != nullptr) {
+    err = LaunchKernel(DkDvChunkConvertKernel<T, D>, static_cast<unsigned>(cp.max_slots) * 4, 128, 0, stream, p,
+                       static_cast<const FusedSchedule*>(sched), cp);
   }
   return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);
 }

@@ -365,7 +365,19 @@ TEST(SpargeKernelsGpu, DenseModeEqualsSdpa) {
 // Wan shapes: full outputs finite and written; forward, lse and dQ checked on sampled query blocks,
 // dK and dV on sampled key blocks (summing every query block that keeps them), in float64.
 // bk = 128 runs the fused backward (the default there) and also compares it with the split one.
-void CheckLarge(int64_t L, int64_t H, int64_t mask_heads, int64_t bk = 64) {
+// Backward schedule variant "<chunk>[s]": SPARGE_BWD_CHUNK=<chunk>, and SPARGE_BWD_SORT=1 with
+// the "s" (nullptr: both unset).
+struct ScopedBwdSchedule {
+  explicit ScopedBwdSchedule(const char* spec)
+      : chunk("SPARGE_BWD_CHUNK", spec),
+        sort("SPARGE_BWD_SORT", spec != nullptr && std::string(spec).back() == 's' ? "1" : nullptr) {}
+  ScopedEnv chunk, sort;
+};
+
+// bwd_chunk: backward schedule variant (ScopedBwdSchedule); with chunking, dK/dV of chunked key
+// tiles add fp32 partials in a varying order, so run to run they agree to rounding.
+void CheckLarge(int64_t L, int64_t H, int64_t mask_heads, int64_t bk = 64, const char* bwd_chunk = nullptr) {
+  ScopedBwdSchedule schedule(bwd_chunk);
   const int64_t B = 1, D = 128;
   auto [q, k] = testing::StructuredQK(B, L, H, D, at::kBFloat16, at::kCUDA, 4242 + L);
   Tensor v = at::randn_like(q), g = at::randn_like(q);
@@ -393,7 +405,12 @@ void CheckLarge(int64_t L, int64_t H, int64_t mask_heads, int64_t bk = 64) {
     EXPECT_LT(ek, 1e-2);
     EXPECT_LT(ev, 1e-2);
     Outs r2 = RunKernels(q, k, v, g, m, scale);  // run to run: dK, dV bitwise, dQ to rounding
-    EXPECT_TRUE(r2.dk.equal(r.dk) && r2.dv.equal(r.dv));
+    if (bwd_chunk == nullptr) {
+      EXPECT_TRUE(r2.dk.equal(r.dk) && r2.dv.equal(r.dv));
+    } else {
+      EXPECT_LT(testing::RelErr(r2.dk, r.dk), 1e-3);
+      EXPECT_LT(testing::RelErr(r2.dv, r.dv), 1e-3);
+    }
     EXPECT_LT(testing::RelErr(r2.dq, r.dq), 1e-3);
   }
   Tensor counts = m.counts.cpu(), indices = m.indices.cpu(), tcounts = m.t_counts.cpu(), tind = m.t_indices.cpu();
@@ -454,6 +471,93 @@ TEST(SpargeKernelsGpu, Wan14BShape) {
 TEST(SpargeKernelsGpu, FusedBackwardWan13BShape) {
   SKIP_WITHOUT_GPU();
   CheckLarge(32760, 12, 1, 128);
+}
+
+// The same with heavy key tiles chunked and each head's entries sorted by median query block
+// (SPARGE_BWD_CHUNK=32, SPARGE_BWD_SORT=1, the v12 candidate): the sampled key blocks include
+// block 0, the benchmark masks' sink, which every query block keeps.
+TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
+  SKIP_WITHOUT_GPU();
+  CheckLarge(32760, 12, 1, 128, "32s");
+}
+
+// Block mask from a keep matrix [B, H, Nq, Nk] (bool, CPU): ascending LUTs padded with -1, both ways.
+BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
+  auto lut = [](const Tensor& kp) {  // [..., N] bool -> counts [...], indices [..., N]
+    const int64_t n = kp.size(-1);
+    Tensor pos = at::arange(n, at::kInt).expand_as(kp);
+    Tensor key = at::where(kp, pos, at::full({}, int(n), at::kInt));
+    Tensor idx = std::get<0>(key.sort(-1));
+    idx = at::where(idx == n, at::full({}, -1, at::kInt), idx).to(at::kInt).contiguous();
+    return std::make_pair(kp.sum(-1).to(at::kInt).contiguous(), idx);
+  };
+  auto [c, i] = lut(keep);
+  auto [tc, ti] = lut(keep.transpose(2, 3).contiguous());
+  return BlockMask{c.cuda(), i.cuda(), tc.cuda(), ti.cuda(), bq, bk};
+}
+
+// Chunked heavy key tiles (and sorted schedules, "s") against the float64 reference, with more
+// candidates than slots (chunks of 4: 60 sink tiles, items / 8 + B * H = 30 slots; the rest go
+// whole, first), more chunks than list entries (of 1: 32 chunks per sink tile, 3 * items = 576
+// extra entries fit 18 tiles) and no candidate at all (of 32: no tile is kept by more than 32):
+// ten key blocks per head kept by every query block, a random 6% and the diagonal, one key
+// block kept by none (dK = dV = 0 there), a partial last block.
+// (SanitizerCaseChunked: L = 2000, two sink blocks per head, chunks of 4, no float64 reference.)
+void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "1s", "32s"},
+                            bool reference = true) {
+  const int64_t B = 2, H = 3, nb = (L + 127) / 128;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
+  Tensor keep = at::rand({B, H, nb, nb}, gen) < 0.06;
+  keep.logical_or_(at::eye(nb, at::kBool).expand({B, H, nb, nb}));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < sinks; ++j) keep[b][h].select(1, (3 * j + b + h) % (nb - 1)).fill_(true);
+  keep.select(3, nb - 1).fill_(false);  // every query block still keeps its sink blocks
+  BlockMask m = MaskFromKeep(keep, 128, 128);
+  auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+  Tensor q = at::randn({B, L, H, D}, opts), k = at::randn({B, L, H, D}, opts), v = at::randn({B, L, H, D}, opts),
+         g = at::randn({B, L, H, D}, opts);
+  const double scale = 1.0 / std::sqrt(double(D));
+  testing::DenseRef ref;
+  if (reference) ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, 128, scale);
+  const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
+  Outs off;
+  if (chunks.front() != nullptr) chunks.insert(chunks.begin(), nullptr);  // the unchunked run first
+  for (const char* chunk : chunks) {
+    ScopedBwdSchedule schedule(chunk);
+    Outs r = RunKernels(q, k, v, g, m, scale);
+    const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
+                             " chunk=" + (chunk ? chunk : "off");
+    ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
+    if (reference) {
+      const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
+                   ev = testing::RelErr(r.dv, ref.dv);
+      std::printf("chunked heavy tiles %s: dq %.2e dk %.2e dv %.2e\n", what.c_str(), eq, ek, ev);
+      EXPECT_LT(eq, 2.5 * tol) << what;
+      EXPECT_LT(ek, 2.5 * tol) << what;
+      EXPECT_LT(ev, 2.5 * tol) << what;
+    }
+    EXPECT_EQ(r.dk.slice(1, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
+    if (chunk == nullptr) {
+      off = r;
+    } else {
+      EXPECT_LT(testing::RelErr(r.dk, off.dk), 1e-3) << what << " vs off";
+      EXPECT_LT(testing::RelErr(r.dv, off.dv), 1e-3) << what << " vs off";
+      EXPECT_LT(testing::RelErr(r.dq, off.dq), 1e-3) << what << " vs off";
+    }
+  }
+}
+
+TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
+  SKIP_WITHOUT_GPU();
+  CheckChunkedHeavyTiles(at::kBFloat16, 128);
+  CheckChunkedHeavyTiles(at::kHalf, 64);
+}
+
+TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
+  SKIP_WITHOUT_GPU();
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"4s"}, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
