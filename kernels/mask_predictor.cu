@@ -130,15 +130,15 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
 // scores[c][i][j] = <qpool[i], kpool[j] - kmean> * (1/sqrt(D)) for (b, h) = bh0 + c: fp32, one
 // sequential fma chain over d per output (deterministic). A CTA computes 64 query blocks x 64 key
 // blocks, 4x4 per thread, from d-major shared tiles of 32 channels: two 16-byte shared loads feed
-// 16 fmas, so the FMA pipe, not shared memory, bounds it. kT = 32 (2x2 per thread, more CTAs for
-// short sequences) computes identical scores but measured slower on an H100 (mask 0.126 vs 0.121
-// ms at Wan-1.3B, 1.129 vs 0.972 ms at 14B): the launcher uses 64.
-template <int D, int kT = kScoreTile>
+// 16 fmas, so the FMA pipe, not shared memory, bounds it. (32 x 32 tiles, 2x2 per thread, gave
+// identical scores but measured slower on an H100: mask 0.126 vs 0.121 ms at Wan-1.3B, 1.129 vs
+// 0.972 ms at 14B; removed.)
+template <int D>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
                                                         float* scores) {
-  constexpr int kC = kScoreChunk, kR = kT / 16;  // kR x kR outputs per thread
-  static_assert(kT == 64 || kT == 32, "score tile");
+  constexpr int kT = kScoreTile, kC = kScoreChunk, kR = kT / 16;  // kR x kR outputs per thread
+  static_assert(kT == 64, "score tile: 4 x 4 outputs per thread of 256");
   __shared__ __align__(16) float sq[kC][kT];
   __shared__ __align__(16) float sk[kC][kT];
   const int i0 = blockIdx.x * kT, j0 = blockIdx.y * kT;
@@ -174,18 +174,9 @@ __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, cons
     __syncthreads();
 #pragma unroll 8
     for (int dd = 0; dd < kC; ++dd) {
-      float av[kR], bv[kR];
-      if constexpr (kR == 4) {
-        const float4 a = *reinterpret_cast<const float4*>(&sq[dd][tr * 4]);
-        const float4 b = *reinterpret_cast<const float4*>(&sk[dd][tk * 4]);
-        av[0] = a.x, av[1] = a.y, av[2] = a.z, av[3] = a.w;
-        bv[0] = b.x, bv[1] = b.y, bv[2] = b.z, bv[3] = b.w;
-      } else {
-        const float2 a = *reinterpret_cast<const float2*>(&sq[dd][tr * 2]);
-        const float2 b = *reinterpret_cast<const float2*>(&sk[dd][tk * 2]);
-        av[0] = a.x, av[1] = a.y;
-        bv[0] = b.x, bv[1] = b.y;
-      }
+      const float4 a = *reinterpret_cast<const float4*>(&sq[dd][tr * 4]);
+      const float4 b = *reinterpret_cast<const float4*>(&sk[dd][tk * 4]);
+      const float av[kR] = {a.x, a.y, a.z, a.w}, bv[kR] = {b.x, b.y, b.z, b.w};
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
 #pragma unroll

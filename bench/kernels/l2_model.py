@@ -156,13 +156,14 @@ def split_items(items, parts, heavy_only_above=None):
 
 
 class L2:
-    """LRU over tiles; class 'first' tiles are inserted at the LRU end (evicted first) when
-    hints are on, class 'last' ones are only evicted when nothing else is left (approximation
-    of evict_last)."""
+    """LRU over whole tiles in three priority classes, evicted in this order: evict-first lines
+    (Q, dO, LSE/delta at hint level 2), normal lines, evict-last lines (the accumulator from hint
+    level 1), each class least recently used first."""
 
     def __init__(self, cap, hints=0):
         self.cap, self.hints = cap, hints  # SPARGE_BWD_L2HINT: 1 accumulator evict-last, 2 also Q/dO evict-first
-        self.lru = collections.OrderedDict()  # key -> (size, dirty, cls)
+        self.first = collections.OrderedDict()  # key -> (size, dirty)
+        self.lru = collections.OrderedDict()
         self.keep = collections.OrderedDict()
         self.used = 0
         self.rd = self.wr = 0
@@ -170,32 +171,36 @@ class L2:
 
     def _evict(self):
         while self.used > self.cap:
-            src = self.lru if self.lru else self.keep
-            key, (size, dirty, cls) = src.popitem(last=False)
+            src = self.first if self.first else self.lru if self.lru else self.keep
+            _, (size, dirty) = src.popitem(last=False)
             self.used -= size
             if dirty:
                 self.wr += size
 
+    def _cls(self, cls):
+        if self.hints >= 1 and cls == "last":
+            return self.keep
+        if self.hints >= 2 and cls == "first":
+            return self.first
+        return self.lru
+
     def access(self, key, size, write=False, rmw=False, cls=None):
-        keep = self.hints >= 1 and cls == "last"
-        d = self.keep if keep else self.lru
+        d = self._cls(cls)
         if key in d:
-            s, dirty, c = d.pop(key)
-            d[key] = (s, dirty or write or rmw, c)
+            s, dirty = d.pop(key)
+            d[key] = (s, dirty or write or rmw)
             self.hit += 1
             return
         self.miss += 1
         if rmw or not write:
             self.rd += size
-        d[key] = (size, write or rmw, cls)
-        if self.hints >= 2 and cls == "first":
-            d.move_to_end(key, last=False)
+        d[key] = (size, write or rmw)
         self.used += size
         self._evict()
 
     def flush(self):
-        for d in (self.lru, self.keep):
-            for size, dirty, _ in d.values():
+        for d in (self.first, self.lru, self.keep):
+            for size, dirty in d.values():
                 if dirty:
                     self.wr += size
 
