@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on the GPU machine: build the kernels-only configuration, run the kernel tests,
 # compute-sanitizer (memcheck + racecheck) on a small case, and the benchmark. Logs go to $OUT.
-#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [bench] [bench-args...]
+#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [bench] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
 # libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
 # that a hung kernel cannot eat a whole device call. The device tool's copy of the tree may carry
@@ -46,10 +46,27 @@ if [[ $stages == *" sanitize "* ]]; then
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
   done
 fi
+if [[ $stages == *" ncu "* ]]; then
+  # DRAM bytes, L2 hit rate and duration of the fused backward kernel (the model's quantities,
+  # bench/kernels/l2_model.py) for the default and each NCU_VARIANTS entry
+  # ("name:ENV=VALUE[+ENV=VALUE],..."), at NCU_SHAPES (default 1.3B).
+  for shape in ${NCU_SHAPES:-1.3B}; do
+    for spec in default ${NCU_VARIANTS//,/ }; do
+      name=${spec%%:*}; envs=""; [[ $spec == *:* ]] && envs=${spec#*:}
+      log "ncu $name $shape"
+      ( for kv in ${envs//+/ }; do export "$kv"; done
+        timeout "${TEST_TIMEOUT:-240}" ncu -k regex:BwdFusedV10 --launch-skip 1 --launch-count 1 \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
+          python3 "$root/bench/kernels/ncu_bwd.py" "$bdir/engine/ops/libsparge_ops.so" "$shape" \
+          > "$OUT/ncu-bwd-$name-$shape.txt" 2>&1 )
+      grep -E "dram__bytes|hit_rate|gpu__time" "$OUT/ncu-bwd-$name-$shape.txt" | sed "s/^/  $name $shape /"
+    done
+  done
+fi
 if [[ $stages == *" bench "* ]]; then
   log "bench"
   shift_args=()
-  for a in "$@"; do case $a in build|test|sanitize|bench) ;; *) shift_args+=("$a");; esac; done
+  for a in "$@"; do case $a in build|test|sanitize|ncu|bench) ;; *) shift_args+=("$a");; esac; done
   timeout "${BENCH_TIMEOUT:-420}" python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
     --out "$OUT" "${shift_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^{" 
 fi
