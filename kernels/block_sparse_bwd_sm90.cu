@@ -1463,21 +1463,23 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads * (2 * nq);
   const int64_t floats = tiles * (D / 64) * kDqTileFloats;
   const size_t acc_bytes = floats * 4, ld_bytes = tiles * 2 * kM * 4;
-  // Chunked heavy items: slots for an eighth of the items plus one per (batch, head) (at 1.3B,
-  // 90-97%, 2-9% of the items are candidates), zeroed with the accumulator (their 128 KB each
-  // follow it: 1/4 more at most); list entries for three more chunks per item.
+  // Chunked heavy items: slots for an eighth of the items plus one per (batch, head) (at 1.3B and
+  // 14B, 90-97%, 2-12% of the items are candidates), zeroed with the accumulator (their 128 KB
+  // each follow it: a quarter of its size at long sequences, more at short ones where the
+  // B x H term dominates); list entries for three more chunks per item. Off when no tile can be
+  // a candidate (chunk_blocks >= query blocks) or the list would not fit in int indices.
   ChunkPlan cp{};
   cp.chunk_blocks = BwdEnvInt("SPARGE_BWD_CHUNK");
   cp.sort = BwdEnvInt("SPARGE_BWD_SORT") > 0 ? 1 : 0;
-  cp.max_slots = items / 8 + p.batch * p.heads;
-  cp.extra = 3 * items;
-  const bool chunked = cp.chunk_blocks > 0 && CeilDiv(nq, cp.chunk_blocks) < 2048 && cp.max_slots < (1 << 20) &&
-                       items < (1 << 29) / 4;
-  cp.capacity = chunked ? items + cp.extra : items;
-  const int64_t slot_floats = chunked ? static_cast<int64_t>(cp.max_slots) * kChunkPartialFloats<D> : 0;
-  const size_t list_bytes =
-      sizeof(FusedSchedule) +
-      static_cast<size_t>(chunked ? 4 * cp.capacity + cp.max_slots + p.batch * p.heads : items) * 4;
+  const bool chunked = cp.chunk_blocks > 0 && cp.chunk_blocks < nq && CeilDiv(nq, cp.chunk_blocks) < 2048 &&
+                       items < (1 << 26) && items / 8 + p.batch * p.heads < (1 << 20);
+  cp.max_slots = chunked ? items / 8 + p.batch * p.heads : 0;
+  cp.extra = chunked ? 3 * items : 0;
+  cp.capacity = items + cp.extra;
+  const int64_t slot_floats = static_cast<int64_t>(cp.max_slots) * kChunkPartialFloats<D>;
+  const size_t list_ints = chunked ? 4 * static_cast<size_t>(cp.capacity) + cp.max_slots + p.batch * p.heads
+                                   : static_cast<size_t>(items);
+  const size_t list_bytes = sizeof(FusedSchedule) + list_ints * 4;
   const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
@@ -1502,7 +1504,8 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       // there); SPARGE_BWD_L2HINT=0 none, =1 accumulator only (A/B).
       const char* hint_env = std::getenv("SPARGE_BWD_L2HINT");
       const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 2;
-      err = LaunchKernel(kernel, std::min(items, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
+      // Chunked lists can hold more entries than items (short sequences: more CTAs than items).
+      err = LaunchKernel(kernel, std::min(cp.capacity, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
                          sched, l2_hint, cp);
     }
   }

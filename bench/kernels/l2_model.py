@@ -268,25 +268,28 @@ def chunk_items(items, max_tiles):
 def order_kernel_chunk(items, sms, chunk_blocks, max_slots, sort_median=False):
     """FusedChunkScheduleKernel (SPARGE_BWD_CHUNK=chunk_blocks): key tiles kept by more than
     split_above = max(2 * mean + 4, chunk_blocks) query blocks take slots in item order while
-    max_slots last and become ceil(count / chunk_blocks) near-equal chunks in place; candidates
+    max_slots and the list's room (3 x items extra entries) last and become ceil(count /
+    chunk_blocks) near-equal chunks in place; candidates
     without a slot go first, longest first; the last 2 * min(items, SMs) entries longest-first.
     sort_median: each head's body entries (not the tail) ordered by their median query tile, so
     that concurrently running entries share query tiles (FusedSortScheduleKernel)."""
     per = 2  # 64-row tiles per 128-row query block
     blocks = [-(-len(it.tiles) // per) for it in items]
     split_above = max(2 * (sum(blocks) // len(items)) + 4, chunk_blocks)
-    heavy, body, slot = [], [], 0
+    heavy, body, slot, xb, extra = [], [], 0, 0, 3 * len(items)
     for it, c in zip(items, blocks):
+        n = -(-c // chunk_blocks)
         if c <= split_above:
             body.append(it)
-        elif slot < max_slots:
+        elif slot < max_slots and xb + n - 1 <= extra:  # a slot and list room for its chunks
             slot += 1
-            n = -(-c // chunk_blocks)
+            xb += n - 1
             for j in range(n):
                 lo, hi = j * c // n, (j + 1) * c // n
                 body.append(Item(it.h, it.kt, it.tiles[lo * per:hi * per], chunked=True))
         else:
             slot += 1
+            xb += n - 1
             heavy.append(it)
     heavy.sort(key=lambda it: -len(it.tiles))
     n_tail = min(len(body), 2 * min(len(items), sms))

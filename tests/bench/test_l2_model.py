@@ -117,3 +117,19 @@ def test_sharing_query_tiles_needs_fewer_dram_bytes():
     scattered = m.simulate(shuffled, sms=4, cap=cap)
     assert grouped["read_gb"] < 0.8 * scattered["read_gb"]
     assert grouped["makespan"] == scattered["makespan"]
+
+
+def test_list_room_limits_chunking_like_the_kernel():
+    """Chunks of one block: each sink tile needs nq - 1 = 31 extra entries; with 3 x items of room
+    only the first ones in item order are chunked, the others go first and whole."""
+    nk = nq = 32
+    tc, ti = synthetic_mask(H=4, nk=nk, nq=nq, heavy=(0, 5, 9, 17, 30))
+    items = m.make_items(tc, ti, nq * 128, 128)
+    order = m.order_kernel_chunk(items, sms=4, chunk_blocks=1, max_slots=1000)
+    chunked = {(it.h, it.kt) for it in order if it.chunked}
+    assert len(chunked) == (3 * len(items)) // (nq - 1) == 12  # of 20 sink tiles
+    assert chunked == {(h, kt) for h in range(4) for kt in (0, 5, 9, 17, 30)
+                       if h * 5 + (0, 5, 9, 17, 30).index(kt) < 12}
+    whole_first = order[:8]
+    assert all(len(it.tiles) == 2 * nq and not it.chunked for it in whole_first)
+    assert pairs(order) == pairs(items)

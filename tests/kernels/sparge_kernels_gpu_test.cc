@@ -497,12 +497,14 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 }
 
 // Chunked heavy key tiles (and sorted schedules, "s") against the float64 reference, with more
-// candidates than slots (chunks of 4: 60 sink tiles, items / 8 + B * H = 30 slots; the rest go
+// candidates than slots (chunks of 4: 66 sink tiles, items / 8 + B * H = 30 slots; the rest go
 // whole, first), more chunks than list entries (of 1: 32 chunks per sink tile, 3 * items = 576
-// extra entries fit 18 tiles) and no candidate at all (of 32: no tile is kept by more than 32):
-// ten key blocks per head kept by every query block, a random 6% and the diagonal, one key
-// block kept by none (dK = dV = 0 there), a partial last block.
-// (SanitizerCaseChunked: L = 2000, two sink blocks per head, chunks of 4, no float64 reference.)
+// extra entries fit 18 tiles) and chunks as long as the sequence (of 32 = all query blocks: the
+// launcher turns chunking off): per head `sinks` key blocks and the partial last one kept by
+// every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
+// diagonal, the block before the last kept by none (dK = dV = 0 there).
+// (SanitizerCaseChunked: L = 8000, two sinks per head, chunks of 4 and the sort, whose 648 list
+// entries leave 384 before the 264-entry tail; no float64 reference.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
                             std::vector<const char*> chunks = {nullptr, "4", "4s", "1s", "32s"},
                             bool reference = true) {
@@ -512,8 +514,9 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
   keep.logical_or_(at::eye(nb, at::kBool).expand({B, H, nb, nb}));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < sinks; ++j) keep[b][h].select(1, (3 * j + b + h) % (nb - 1)).fill_(true);
-  keep.select(3, nb - 1).fill_(false);  // every query block still keeps its sink blocks
+      for (int64_t j = 0; j < sinks; ++j) keep[b][h].select(1, (3 * j + b + h) % (nb - 2)).fill_(true);
+  keep.select(3, nb - 1).fill_(true);   // the partial last key block: a sink too
+  keep.select(3, nb - 2).fill_(false);  // every query block still keeps its sink blocks
   BlockMask m = MaskFromKeep(keep, 128, 128);
   auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
   Tensor q = at::randn({B, L, H, D}, opts), k = at::randn({B, L, H, D}, opts), v = at::randn({B, L, H, D}, opts),
@@ -538,7 +541,8 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       EXPECT_LT(ek, 2.5 * tol) << what;
       EXPECT_LT(ev, 2.5 * tol) << what;
     }
-    EXPECT_EQ(r.dk.slice(1, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
+    EXPECT_EQ(r.dk.slice(1, (nb - 2) * 128, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
+    EXPECT_EQ(r.dv.slice(1, (nb - 2) * 128, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
     if (chunk == nullptr) {
       off = r;
     } else {
@@ -557,7 +561,7 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"4s"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 8000, 2, {"4s"}, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
