@@ -15,6 +15,10 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <utility>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #if defined(SPARGE_WITH_CUDA) && defined(USE_C10D_NCCL)
 #include <c10/cuda/CUDAFunctions.h>
 
@@ -162,6 +166,23 @@ absl::StatusOr<DistEnv> DistEnvFromEnvironment() {
     SPARGE_ASSIGN_OR_RETURN(env.master_port,
                             ParseIntInRange("MASTER_PORT", *port, 1, 65535, "[1, 65535]"));
   }
+  if (const std::optional<std::string> fd_s = GetEnv("SPARGE_MASTER_LISTEN_FD"); fd_s && env.rank == 0) {
+    SPARGE_ASSIGN_OR_RETURN(const int fd,
+                            ParseIntInRange("SPARGE_MASTER_LISTEN_FD", *fd_s, 0, 1 << 20, "[0, 1048576]"));
+    sockaddr_in addr{};
+    socklen_t len = sizeof(addr);
+    int listening = 0;
+    socklen_t optlen = sizeof(listening);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 || addr.sin_family != AF_INET ||
+        getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || listening == 0 ||
+        ntohs(addr.sin_port) != env.master_port) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "SPARGE_MASTER_LISTEN_FD: must be a listening IPv4 TCP socket bound to MASTER_PORT %d, got "
+          "descriptor %d",
+          env.master_port, fd));
+    }
+    env.master_listen_fd = fd;
+  }
   return env;
 }
 
@@ -193,6 +214,7 @@ class Communicator::Impl {
       c10d::TCPStoreOptions opts;
       opts.port = static_cast<uint16_t>(env_.master_port);
       opts.isServer = env_.rank == 0;
+      if (env_.rank == 0 && env_.master_listen_fd >= 0) opts.masterListenFd = env_.master_listen_fd;
       opts.numWorkers = env_.world_size;
       opts.waitWorkers = true;
       opts.timeout = ToMillis(timeout_);

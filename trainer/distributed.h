@@ -28,10 +28,15 @@ struct DistEnv {
   int local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
+  // Rank 0 only: a socket already listening on master_port, inherited from LaunchWorkers
+  // (SPARGE_MASTER_LISTEN_FD), which the store's server takes over, so no other process can take
+  // the port between the launcher's pick and rank 0's bind. -1: rank 0 binds the port itself.
+  int master_listen_fd = -1;
 };
 
 // Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (as torchrun and LaunchWorkers
-// set them). None set: a single process. RANK and WORLD_SIZE come together; LOCAL_RANK defaults
+// set them), and on rank 0 SPARGE_MASTER_LISTEN_FD (LaunchWorkers: it must be a listening TCP
+// socket bound to MASTER_PORT). None set: a single process. RANK and WORLD_SIZE come together; LOCAL_RANK defaults
 // to RANK. Invalid or inconsistent values are INVALID_ARGUMENT naming the variable and its range.
 absl::StatusOr<DistEnv> DistEnvFromEnvironment();
 

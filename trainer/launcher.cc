@@ -28,7 +28,7 @@ namespace {
 // The variables a launcher sets for its workers (an inherited value of these is replaced).
 constexpr const char* kWorkerVars[] = {
     "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"};
+    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "SPARGE_MASTER_LISTEN_FD"};
 
 absl::StatusOr<int> IntFromEnv(const char* name, int default_value, int lo, int hi) {
   const char* v = std::getenv(name);
@@ -41,9 +41,11 @@ absl::StatusOr<int> IntFromEnv(const char* name, int default_value, int lo, int 
   return value;
 }
 
-// A TCP port that nothing listens on right now (the kernel's pick). Another process could take it
-// before rank 0 binds it; torchrun accepts the same small window.
-absl::StatusOr<int> PickFreePort() {
+// A TCP socket listening on a port the kernel picks, for rank 0's store to take over
+// (SPARGE_MASTER_LISTEN_FD): the port stays taken from the pick to the store's start, so no other
+// process can grab it in between (torchrun's free-port pick leaves that window open). Returns
+// the descriptor (inheritable: no close-on-exec) and sets *port.
+absl::StatusOr<int> ListenOnFreePort(int* port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
   sockaddr_in addr{};
@@ -51,14 +53,14 @@ absl::StatusOr<int> PickFreePort() {
   addr.sin_addr.s_addr = htonl(INADDR_ANY);
   addr.sin_port = 0;
   socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(fd, SOMAXCONN) != 0 ||
       getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
     const int err = errno;
     close(fd);
-    return absl::InternalError(absl::StrCat("picking a free MASTER_PORT: ", std::strerror(err)));
+    return absl::InternalError(absl::StrCat("listening on a free MASTER_PORT: ", std::strerror(err)));
   }
-  close(fd);
-  return static_cast<int>(ntohs(addr.sin_port));
+  *port = static_cast<int>(ntohs(addr.sin_port));
+  return fd;
 }
 
 std::string DescribeWaitStatus(int status) {
@@ -123,11 +125,20 @@ absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv,
         "MASTER_ADDR: must be set to node 0's host name when NNODES is %d", nnodes));
   }
   int master_port = 0;
+  int listen_fd = -1;  // held from here until every worker is started (rank 0 keeps its copy)
   if (std::getenv("MASTER_PORT") != nullptr || nnodes > 1) {
     SPARGE_ASSIGN_OR_RETURN(master_port, IntFromEnv("MASTER_PORT", 29500, 1, 65535));
   } else {
-    SPARGE_ASSIGN_OR_RETURN(master_port, PickFreePort());
+    SPARGE_ASSIGN_OR_RETURN(listen_fd, ListenOnFreePort(&master_port));
   }
+  struct FdCloser {
+    int& fd;
+    void Close() {
+      if (fd >= 0) close(fd);
+      fd = -1;
+    }
+    ~FdCloser() { Close(); }
+  } listen_closer{listen_fd};
 
   // Every worker's environment is built before the first fork: between fork and exec the child
   // may only make async-signal-safe calls (the parent may hold malloc's lock on another thread).
@@ -153,6 +164,7 @@ absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv,
     envs[local].push_back(absl::StrCat("NODE_RANK=", node_rank));
     envs[local].push_back(absl::StrCat("MASTER_ADDR=", master_addr));
     envs[local].push_back(absl::StrCat("MASTER_PORT=", master_port));
+    if (listen_fd >= 0 && w.rank == 0) envs[local].push_back(absl::StrCat("SPARGE_MASTER_LISTEN_FD=", listen_fd));
   }
   std::vector<char*> child_argv(argv, argv + argc);
   child_argv.push_back(nullptr);
@@ -191,6 +203,7 @@ absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv,
       // Worker: die with the launcher, take signals normally again, become the program.
       prctl(PR_SET_PDEATHSIG, SIGTERM);
       if (getppid() != launcher_pid) _exit(128 + SIGTERM);
+      if (listen_fd >= 0 && workers[local].rank != 0) close(listen_fd);  // rank 0's alone
       pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
       execve(options.executable.c_str(), child_argv.data(), child_env.data());
       static constexpr char kMsg[] = "sparge-train launcher: exec failed\n";
@@ -202,6 +215,7 @@ absl::Status LaunchWorkers(int nproc_per_node, int argc, char** argv,
     workers[local].running = true;
     ++running;
   }
+  listen_closer.Close();  // rank 0 holds the listening socket now (or nobody needs it)
   if (!spawn_error.ok()) terminate_all(SIGTERM);
 
   while (running > 0) {

@@ -9,8 +9,12 @@
 #include <ATen/Context.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
+#include <cerrno>
 
 #include <cmath>
 #include <cstdio>
@@ -128,6 +132,22 @@ int RunWorker(const WorkerArgs& args) {
     return 0;
   }
 
+  if (args.scenario == "port_held") {
+    // The launcher picked MASTER_PORT by listening on it and handed that socket to rank 0 alone:
+    // the port is taken before any store exists, so no other process can grab it first.
+    WORKER_CHECK((env->rank == 0) == (env->master_listen_fd >= 0));
+    WORKER_CHECK((env->rank == 0) == (std::getenv("SPARGE_MASTER_LISTEN_FD") != nullptr));
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    WORKER_CHECK(fd >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    addr.sin_port = htons(static_cast<uint16_t>(env->master_port));
+    const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    const int err = errno;
+    close(fd);
+    WORKER_CHECK(!bound && err == EADDRINUSE);
+  }
   const at::Device device =
       args.device == "cuda" ? at::Device(at::kCUDA, env->local_rank) : at::Device(at::kCPU);
   const absl::Duration timeout = args.scenario == "peer_death" || args.scenario == "host_death"
@@ -162,7 +182,7 @@ int RunWorker(const WorkerArgs& args) {
     WORKER_CHECK(!comm.Broadcast(mine, comm.world_size()).ok());  // root out of range
     return 0;
   }
-  if (args.scenario == "sum_barrier") {
+  if (args.scenario == "sum_barrier" || args.scenario == "port_held") {
     for (int round = 0; round < 20; ++round) {
       absl::StatusOr<double> sum = comm.AllReduceSum(comm.rank() + 0.25 * round);
       WORKER_CHECK_OK(sum.status());
@@ -269,7 +289,8 @@ ScopedEnv CleanJobEnv() {
                     {"MASTER_PORT", std::nullopt},
                     {"NNODES", std::nullopt},
                     {"NODE_RANK", std::nullopt},
-                    {"JOB_COMPLETION_INDEX", std::nullopt}});
+                    {"JOB_COMPLETION_INDEX", std::nullopt},
+                    {"SPARGE_MASTER_LISTEN_FD", std::nullopt}});
 }
 
 absl::Status LaunchScenario(int nproc, const std::string& scenario,
@@ -353,6 +374,38 @@ TEST(DistEnvTest, RejectsInvalidValuesNamingTheVariable) {
   }
 }
 
+// SPARGE_MASTER_LISTEN_FD (rank 0 only) must be a listening socket bound to MASTER_PORT.
+TEST(DistEnvTest, ListenFdMustBeAListeningSocketOnMasterPort) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string port = std::to_string(ntohs(addr.sin_port)), fds = std::to_string(fd);
+  auto parse = [&](const char* rank, const std::string& p, const std::string& f) {
+    ScopedEnv env({{"RANK", rank}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", std::nullopt}, {"MASTER_ADDR", "h"},
+                   {"MASTER_PORT", p}, {"SPARGE_MASTER_LISTEN_FD", f}});
+    return DistEnvFromEnvironment();
+  };
+  EXPECT_EQ(parse("0", port, fds).status().code(), absl::StatusCode::kInvalidArgument);  // not listening
+  ASSERT_EQ(listen(fd, 4), 0);
+  absl::StatusOr<DistEnv> ok = parse("0", port, fds);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->master_listen_fd, fd);
+  const std::string other = std::to_string(ntohs(addr.sin_port) == 65535 ? 1 : ntohs(addr.sin_port) + 1);
+  EXPECT_THAT(std::string(parse("0", other, fds).status().message()),
+              HasSubstr("SPARGE_MASTER_LISTEN_FD: must be a listening IPv4 TCP socket bound to MASTER_PORT"));
+  EXPECT_EQ(parse("0", port, "0").status().code(), absl::StatusCode::kInvalidArgument);  // stdin
+  EXPECT_EQ(parse("0", port, "x").status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<DistEnv> rank1 = parse("1", port, fds);  // other ranks ignore it
+  ASSERT_TRUE(rank1.ok()) << rank1.status();
+  EXPECT_EQ(rank1->master_listen_fd, -1);
+  close(fd);
+}
+
 TEST(CommunicatorTest, WorldSizeOneIsANoOp) {
   DistEnv env;
   env.master_port = 1;  // nothing may connect anywhere
@@ -426,6 +479,8 @@ INSTANTIATE_TEST_SUITE_P(
         // The real 25 MiB buckets, with a 26 MiB tensor (chunked through the store).
         Scenario{"allreduce_default_buckets", 2}, Scenario{"broadcast", 3},  // from the last rank
         Scenario{"sum_barrier", 3},
+        // Rank 0's store serves on the socket the launcher listened on (and held) from the pick.
+        Scenario{"port_held", 3},
         // Ranks whose tensor lists differ get INVALID_ARGUMENT, not garbage.
         Scenario{"mismatch", 2},
         // Ranks that issue different collectives fail, naming the other rank's collective.
