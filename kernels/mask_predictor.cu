@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 
@@ -22,7 +23,7 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int kMaxNk = 4096;
 constexpr int kScoreTile = 64;   // query blocks and key blocks per ScoreKernel CTA
-constexpr int kScoreChunk = 32;  // channels per shared-memory stage of ScoreKernel
+constexpr int kScoreChunk = 32;  // channels per shared-memory stage of ScoreKernel (default)
 // Scores are staged in global memory for a chunk of (b, h) at a time: 32 MB keeps a chunk
 // L2-resident between the score and selection kernels and bounds the workspace for long inputs.
 constexpr int64_t kScoreBudgetBytes = int64_t{32} << 20;
@@ -132,13 +133,16 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
 // blocks, 4x4 per thread, from d-major shared tiles of 32 channels: two 16-byte shared loads feed
 // 16 fmas, so the FMA pipe, not shared memory, bounds it. (32 x 32 tiles, 2x2 per thread, gave
 // identical scores but measured slower on an H100: mask 0.126 vs 0.121 ms at Wan-1.3B, 1.129 vs
-// 0.972 ms at 14B; removed.)
-template <int D>
+// 0.972 ms at 14B; removed.) kC: channels per stage (a load, a barrier, kC x 16 fmas, a
+// barrier); 64 halves the exposed load latencies per CTA (prepared, SPARGE_SCORE_CHUNK=64, not
+// yet measured); the fma order per output, and so the scores, are the same for every kC.
+template <int D, int kC = kScoreChunk>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
                                                         float* scores) {
-  constexpr int kT = kScoreTile, kC = kScoreChunk, kR = kT / 16;  // kR x kR outputs per thread
+  constexpr int kT = kScoreTile, kR = kT / 16;  // kR x kR outputs per thread
   static_assert(kT == 64, "score tile: 4 x 4 outputs per thread of 256");
+  static_assert(kC % 4 == 0 && D % kC == 0 && kT * (kC / 4) % kThreads == 0, "score chunk");
   __shared__ __align__(16) float sq[kC][kT];
   __shared__ __align__(16) float sk[kC][kT];
   const int i0 = blockIdx.x * kT, j0 = blockIdx.y * kT;
@@ -149,27 +153,34 @@ __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, cons
   const float* km = kmean + bh * D;
   float acc[kR][kR] = {};
   for (int d0 = 0; d0 < D; d0 += kC) {
-    // kT rows x 32 channels = kT * 8 float4 per operand (64: two per thread). Lanes walk rows, so
-    // the transposing stores hit consecutive banks.
+    // kT rows x kC channels = kT * kC / 4 float4 per operand (kC = 32: two per thread), all
+    // loads issued before the first shared store, so they are in flight together whatever the
+    // compiler can prove about the source pointers. Lanes walk rows, so the transposing stores
+    // hit consecutive banks.
+    constexpr int kIt = kT * (kC / 4) / kThreads;
+    float4 qv[kIt], kv[kIt];
 #pragma unroll
-    for (int it = 0; it < kT * 8 / kThreads; ++it) {
-      const int x = tid + it * kThreads, r = x % kT, c4 = x / kT;
-      const int d = d0 + c4 * 4;
-      float4 qv = make_float4(0.f, 0.f, 0.f, 0.f), kv = qv;
-      if (i0 + r < nq) qv = *reinterpret_cast<const float4*>(qp + static_cast<int64_t>(i0 + r) * D + d);
+    for (int it = 0; it < kIt; ++it) {
+      const int x = tid + it * kThreads, r = x % kT, d = d0 + (x / kT) * 4;
+      qv[it] = kv[it] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (i0 + r < nq) qv[it] = *reinterpret_cast<const float4*>(qp + static_cast<int64_t>(i0 + r) * D + d);
       if (j0 + r < nk) {
         const float4 raw = *reinterpret_cast<const float4*>(kp + static_cast<int64_t>(j0 + r) * D + d);
         const float4 m = *reinterpret_cast<const float4*>(km + d);
-        kv = make_float4(raw.x - m.x, raw.y - m.y, raw.z - m.z, raw.w - m.w);
+        kv[it] = make_float4(raw.x - m.x, raw.y - m.y, raw.z - m.z, raw.w - m.w);
       }
-      sq[c4 * 4 + 0][r] = qv.x;
-      sq[c4 * 4 + 1][r] = qv.y;
-      sq[c4 * 4 + 2][r] = qv.z;
-      sq[c4 * 4 + 3][r] = qv.w;
-      sk[c4 * 4 + 0][r] = kv.x;
-      sk[c4 * 4 + 1][r] = kv.y;
-      sk[c4 * 4 + 2][r] = kv.z;
-      sk[c4 * 4 + 3][r] = kv.w;
+    }
+#pragma unroll
+    for (int it = 0; it < kIt; ++it) {
+      const int x = tid + it * kThreads, r = x % kT, c4 = x / kT;
+      sq[c4 * 4 + 0][r] = qv[it].x;
+      sq[c4 * 4 + 1][r] = qv[it].y;
+      sq[c4 * 4 + 2][r] = qv[it].z;
+      sq[c4 * 4 + 3][r] = qv[it].w;
+      sk[c4 * 4 + 0][r] = kv[it].x;
+      sk[c4 * 4 + 1][r] = kv[it].y;
+      sk[c4 * 4 + 2][r] = kv[it].z;
+      sk[c4 * 4 + 3][r] = kv[it].w;
     }
     __syncthreads();
 #pragma unroll 8
@@ -472,6 +483,14 @@ const char* CanImplementMask(const MaskParams& p) {
 
 size_t MaskWorkspaceBytes(const MaskParams& p) { return Carve(p, nullptr).bytes; }
 
+namespace {
+// SPARGE_SCORE_CHUNK=64: the score kernel's 64-channel stages (A/B, kernels/NOTES.md).
+bool ScoreChunk64() {
+  const char* env = std::getenv("SPARGE_SCORE_CHUNK");
+  return env != nullptr && std::atoi(env) == 64;
+}
+}  // namespace
+
 cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (CanImplementMask(p) != nullptr) return cudaErrorInvalidValue;
   Workspace w = Carve(p, p.workspace);
@@ -495,7 +514,8 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
     const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
-    auto score = p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>;
+    auto score = ScoreChunk64() ? (p.head_dim == 128 ? ScoreKernel<128, 64> : ScoreKernel<64, 64>)
+                                : (p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>);
     err = LaunchKernel(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;
