@@ -153,9 +153,13 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
       for (int64_t L : {1, 63, 127, 129, 1000, 5000}) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
-        BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk));
+        for (const char* chunk : {static_cast<const char*>(nullptr), "64"}) {  // score stages (A/B)
+          ScopedEnv env("SPARGE_SCORE_CHUNK", chunk);
+          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+          ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
+                                      " score chunk " + (chunk ? chunk : "32"));
+        }
         ++cases;
       }
   EXPECT_EQ(cases, 24);
