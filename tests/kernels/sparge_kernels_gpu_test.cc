@@ -370,11 +370,16 @@ TEST(SpargeKernelsGpu, DenseModeEqualsSdpa) {
 // dK and dV on sampled key blocks (summing every query block that keeps them), in float64.
 // bk = 128 runs the fused backward (the default there) and also compares it with the split one.
 // Backward schedule variant "<chunk>[s]": SPARGE_BWD_CHUNK=<chunk>, and SPARGE_BWD_SORT=1 with
-// the "s" (nullptr: both unset).
+// the "s", =0 without; nullptr: both 0 (chunking off, the bitwise-reproducible order); "default":
+// both unset (the launcher's defaults, chunks of 32 with the sort).
 struct ScopedBwdSchedule {
-  explicit ScopedBwdSchedule(const char* spec)
-      : chunk("SPARGE_BWD_CHUNK", spec),
-        sort("SPARGE_BWD_SORT", spec != nullptr && std::string(spec).back() == 's' ? "1" : nullptr) {}
+  static bool IsDefault(const char* spec) { return spec != nullptr && std::string(spec) == "default"; }
+  static const char* Chunk(const char* spec) { return IsDefault(spec) ? nullptr : spec != nullptr ? spec : "0"; }
+  static const char* Sort(const char* spec) {
+    if (IsDefault(spec)) return nullptr;
+    return spec != nullptr && std::string(spec).back() == 's' ? "1" : "0";
+  }
+  explicit ScopedBwdSchedule(const char* spec) : chunk("SPARGE_BWD_CHUNK", Chunk(spec)), sort("SPARGE_BWD_SORT", Sort(spec)) {}
   ScopedEnv chunk, sort;
 };
 
@@ -477,12 +482,12 @@ TEST(SpargeKernelsGpu, FusedBackwardWan13BShape) {
   CheckLarge(32760, 12, 1, 128);
 }
 
-// The same with heavy key tiles chunked and each head's entries sorted by median query block
-// (SPARGE_BWD_CHUNK=32, SPARGE_BWD_SORT=1, the v12 candidate): the sampled key blocks include
-// block 0, the benchmark masks' sink, which every query block keeps.
+// The same with the default schedule (SPARGE_BWD_CHUNK and SPARGE_BWD_SORT unset: heavy key
+// tiles chunked by 32 query blocks, each head's entries sorted by median query block, v12): the
+// sampled key blocks include block 0, the benchmark masks' sink, which every query block keeps.
 TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
   SKIP_WITHOUT_GPU();
-  CheckLarge(32760, 12, 1, 128, "32s");
+  CheckLarge(32760, 12, 1, 128, "default");
 }
 
 // Block mask from a keep matrix [B, H, Nq, Nk] (bool, CPU): ascending LUTs padded with -1, both ways.
@@ -511,7 +516,7 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "1s", "32s"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
