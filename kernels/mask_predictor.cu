@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 
@@ -134,8 +133,9 @@ __global__ void __launch_bounds__(256) KMeanKernel(const float* kpool, int nk, i
 // 16 fmas, so the FMA pipe, not shared memory, bounds it. (32 x 32 tiles, 2x2 per thread, gave
 // identical scores but measured slower on an H100: mask 0.126 vs 0.121 ms at Wan-1.3B, 1.129 vs
 // 0.972 ms at 14B; removed.) kC: channels per stage (a load, a barrier, kC x 16 fmas, a
-// barrier); 64 halves the exposed load latencies per CTA (prepared, SPARGE_SCORE_CHUNK=64, not
-// yet measured); the fma order per output, and so the scores, are the same for every kC.
+// barrier); the fma order per output, and so the scores, are the same for every kC. (kC = 64,
+// half the exposed load latencies per CTA, measured slower on an H100: mask + attention 0.748 vs
+// 0.727 ms at Wan-1.3B, 11.49 vs 11.46 ms at 14B; its switch was removed, kernels/NOTES.md.)
 template <int D, int kC = kScoreChunk>
 __global__ void __launch_bounds__(kThreads) ScoreKernel(const float* qpool, const float* kpool,
                                                         const float* kmean, int nq, int nk, int64_t bh0,
@@ -483,14 +483,6 @@ const char* CanImplementMask(const MaskParams& p) {
 
 size_t MaskWorkspaceBytes(const MaskParams& p) { return Carve(p, nullptr).bytes; }
 
-namespace {
-// SPARGE_SCORE_CHUNK=64: the score kernel's 64-channel stages (A/B, kernels/NOTES.md).
-bool ScoreChunk64() {
-  const char* env = std::getenv("SPARGE_SCORE_CHUNK");
-  return env != nullptr && std::atoi(env) == 64;
-}
-}  // namespace
-
 cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   if (CanImplementMask(p) != nullptr) return cudaErrorInvalidValue;
   Workspace w = Carve(p, p.workspace);
@@ -514,8 +506,7 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   for (int64_t c0 = 0; c0 < bh; c0 += w.chunk_bh) {
     const int64_t cbh = std::min(w.chunk_bh, bh - c0);
     const dim3 sgrid(CeilDiv(nq, kScoreTile), CeilDiv(nk, kScoreTile), static_cast<unsigned>(cbh));
-    auto score = ScoreChunk64() ? (p.head_dim == 128 ? ScoreKernel<128, 64> : ScoreKernel<64, 64>)
-                                : (p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>);
+    auto score = p.head_dim == 128 ? ScoreKernel<128> : ScoreKernel<64>;
     err = LaunchKernel(score, sgrid, kThreads, 0, stream, w.qpool, w.kpool, w.kmean, nq, nk, c0, w.scores);
     if (err != cudaSuccess) return err;
     if ((err = Select(p, w, c0, cbh * nq, stream)) != cudaSuccess) return err;

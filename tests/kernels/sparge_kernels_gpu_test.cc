@@ -154,12 +154,8 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        for (const char* chunk : {static_cast<const char*>(nullptr), "64"}) {  // score stages (A/B)
-          ScopedEnv env("SPARGE_SCORE_CHUNK", chunk);
-          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
-          ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
-                                      " score chunk " + (chunk ? chunk : "32"));
-        }
+        BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+        ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk));
         ++cases;
       }
   EXPECT_EQ(cases, 24);
