@@ -727,8 +727,13 @@ __global__ void __launch_bounds__(kSchedThreads) FusedScheduleKernel(BwdParams p
 // Light counts and chunk sizes are <= split_above < heavy-first counts, so both counting sorts
 // share hist (nq + 1 ints of dynamic shared memory). Deterministic but for the order inside one
 // count of the two counting sorts (timing only).
+// counts_in_smem: the items' counts are first copied (coalesced) into dynamic shared memory
+// after hist, and the five passes below read them there (the passes go through each thread's
+// contiguous run of items: from global memory that was a chain of dependent ~0.5 us reads per
+// item, 22 us at Wan-1.3B and 188 us at 14B on an H100).
 __global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdParams p, FusedSchedule* sched,
-                                                                           int tail_items, ChunkPlan cp) {
+                                                                           int tail_items, ChunkPlan cp,
+                                                                           int counts_in_smem) {
   using Scan = cub::BlockScan<int, kSchedThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int total, heavy_total, slots_used;
@@ -741,12 +746,16 @@ __global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdPar
   int* part = order + cp.capacity;
   int* slot_item = part + cp.capacity;
   int* seg = slot_item + cp.max_slots;
-  auto count_of = [&](int w) {
+  auto global_count = [&](int w) {
     const int64_t bh = w / nkt;
     return p.t_counts[bh * nk + (w % nkt) * kFKeys / p.block_k];
   };
+  int* shared_counts = hist + nq + 1;
+  auto count_of = [&](int w) { return counts_in_smem ? shared_counts[w] : global_count(w); };
   if (tid == 0) total = slots_used = 0;
   for (int c = tid; c <= nq; c += kSchedThreads) hist[c] = 0;
+  if (counts_in_smem)
+    for (int w = tid; w < items; w += kSchedThreads) shared_counts[w] = global_count(w);
   __syncthreads();
   const int chunk = CeilDiv(items, kSchedThreads), w0 = tid * chunk, w1 = min(items, w0 + chunk);
   int sum = 0;
@@ -913,35 +922,58 @@ __global__ void __launch_bounds__(kSortThreads) FusedSortScheduleKernel(BwdParam
   }
 }
 
+// One 64 x 64 fp32 tile in m64n64 fragment order (thread t's rows warp*16 + g (+8), columns
+// nt*8 + 2*tig (+1) at float4 index nt*128 + t), scaled, into 64 rows of dst (row r at
+// dst + r * stride_l, rows >= valid_rows skipped), by a CTA of 256 threads: coalesced float4
+// reads, rows reassembled in shared memory, then 16-byte row-contiguous writes.
+template <typename T>
+__device__ __forceinline__ void ConvertFragmentTile(const float4* src, float scale, T* dst, int64_t stride_l,
+                                                    int valid_rows) {
+  __shared__ uint32_t rows[kM][33];  // 64 rows x 32 bf16 pairs, padded against bank conflicts
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int f = threadIdx.x + it * 256, nt = f / 128, t = f % 128, lane = t & 31;
+    const int row = (t >> 5) * 16 + (lane >> 2), pair = nt * 4 + (lane & 3);
+    const float4 v = src[f];
+    rows[row][pair] = MmaOp<T>::Pack(v.x * scale, v.y * scale);
+    rows[row + 8][pair] = MmaOp<T>::Pack(v.z * scale, v.w * scale);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * 256, r = c / 8, q = c % 8;  // 8 chunks of 8 values per row
+    if (r < valid_rows) {
+      const uint4 w = make_uint4(rows[r][4 * q], rows[r][4 * q + 1], rows[r][4 * q + 2], rows[r][4 * q + 3]);
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * stride_l + q * 8) = w;
+    }
+  }
+}
+
 // dK, dV of the chunked key tiles from their slots (the sum of their chunks' partials), scaled
-// (dK) and converted into the [B, L, H, D] strides. One CTA of 128 threads per (slot, dK or dV,
-// 64-key half); slots past sched->nslots return at once.
+// (dK) and converted into the [B, L, H, D] strides. One CTA of 256 threads per (slot, dK or dV,
+// 64-key half, 64-column block): the slot's m64nD fragments of one half are D/64 consecutive
+// m64n64 tiles in ConvertFragmentTile's order. Slots past sched->nslots return at once. (The
+// first version wrote 4-byte pieces of 16 rows per warp straight from the fragments: 52 us at
+// Wan-1.3B and 679 us at 14B on an H100, 2-4x the bytes' time.)
 template <typename T, int D>
-__global__ void __launch_bounds__(128) DkDvChunkConvertKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp) {
-  const int slot = blockIdx.x >> 2, which = (blockIdx.x >> 1) & 1, cw = blockIdx.x & 1;
+__global__ void __launch_bounds__(256) DkDvChunkConvertKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp) {
+  constexpr int kCb = D / 64;
+  const int cb = blockIdx.x % kCb, half = blockIdx.x / kCb;  // half = (slot * 2 + which) * 2 + cw
+  const int slot = half >> 2, which = (half >> 1) & 1, cw = half & 1;
   if (slot >= sched->nslots) return;
   const int L = p.seqlen;
   const int nkt = CeilDiv(L, kFKeys);
   const int w = sched->order[2 * cp.capacity + slot];
   const int64_t bh = w / nkt;
-  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads), k0 = (w % nkt) * kFKeys;
-  const int t = threadIdx.x, lane = t & 31, g = lane >> 2, tig = lane & 3;
+  const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+  const int row0 = (w % nkt) * kFKeys + cw * 64;
   const float4* src = reinterpret_cast<const float4*>(cp.partial) +
-                      static_cast<int64_t>(slot) * (kChunkPartialFloats<D> / 4) + (which * 2 + cw) * (D / 8) * 128 + t;
+                      static_cast<int64_t>(slot) * (kChunkPartialFloats<D> / 4) +
+                      ((which * 2 + cw) * (D / 8) + cb * 8) * 128;
   const Tensor4& out = which ? p.dv : p.dk;
-  const float sc = which ? 1.f : p.scale;
-  T* base = static_cast<T*>(out.ptr) + b * out.stride_b + h * out.stride_h;
-  const int row0 = k0 + cw * 64 + (t >> 5) * 16 + g;
-#pragma unroll 4
-  for (int nt = 0; nt < D / 8; ++nt) {
-    const float4 a = src[nt * 128];
-    if (row0 < L)
-      *reinterpret_cast<uint32_t*>(base + static_cast<int64_t>(row0) * out.stride_l + nt * 8 + 2 * tig) =
-          MmaOp<T>::Pack(a.x * sc, a.y * sc);
-    if (row0 + 8 < L)
-      *reinterpret_cast<uint32_t*>(base + static_cast<int64_t>(row0 + 8) * out.stride_l + nt * 8 + 2 * tig) =
-          MmaOp<T>::Pack(a.z * sc, a.w * sc);
-  }
+  T* dst = static_cast<T*>(out.ptr) + b * out.stride_b + h * out.stride_h + cb * 64 +
+           static_cast<int64_t>(row0) * out.stride_l;
+  ConvertFragmentTile<T>(src, which ? 1.f : p.scale, dst, out.stride_l, L - row0);
 }
 
 __device__ __forceinline__ void RedAddF32x4(float* dst, float a, float b, float c, float d) {
@@ -961,38 +993,18 @@ __device__ __forceinline__ void AddDkDvPartial(float* dst, int cw, int wtid, con
 }
 
 // dQ = scale * accumulator, into the [B, L, H, D] strides. One CTA of 256 threads per 64 x 64
-// accumulator tile, which holds the m64n64 fragment of thread t (row warp*16 + g (+8), columns
-// nt*8 + 2*tig (+1)) at float4 index nt*128 + t: coalesced float4 reads, rows reassembled in
-// shared memory, then 16-byte row-contiguous writes.
+// accumulator tile (ConvertFragmentTile).
 template <typename T, int D>
 __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc) {
-  __shared__ uint32_t rows[kM][33];  // 64 rows x 32 bf16 pairs, padded against bank conflicts
   const int64_t tile = blockIdx.x;  // (bh, query tile, column block)
   const int cb = tile % (D / 64);
   const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
   const int qt = (tile / (D / 64)) % nq2;
   const int64_t bhi = tile / (D / 64) / nq2;
   const int b = bhi / p.heads, h = bhi % p.heads;
-  const float4* src = acc + tile * (kDqTileFloats / 4);
-#pragma unroll
-  for (int it = 0; it < 4; ++it) {
-    const int f = threadIdx.x + it * 256, nt = f / 128, t = f % 128, lane = t & 31;
-    const int row = (t >> 5) * 16 + (lane >> 2), pair = nt * 4 + (lane & 3);
-    const float4 v = src[f];
-    rows[row][pair] = MmaOp<T>::Pack(v.x * p.scale, v.y * p.scale);
-    rows[row + 8][pair] = MmaOp<T>::Pack(v.z * p.scale, v.w * p.scale);
-  }
-  __syncthreads();
-  T* base = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64;
-#pragma unroll
-  for (int it = 0; it < 2; ++it) {
-    const int c = threadIdx.x + it * 256, r = c / 8, q = c % 8;  // 8 chunks of 8 values per row
-    const int row = qt * kM + r;
-    if (row < p.seqlen) {
-      const uint4 w = make_uint4(rows[r][4 * q], rows[r][4 * q + 1], rows[r][4 * q + 2], rows[r][4 * q + 3]);
-      *reinterpret_cast<uint4*>(base + static_cast<int64_t>(row) * p.dq.stride_l + q * 8) = w;
-    }
-  }
+  T* base = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64 +
+            static_cast<int64_t>(qt) * kM * p.dq.stride_l;
+  ConvertFragmentTile<T>(acc + tile * (kDqTileFloats / 4), p.scale, base, p.dq.stride_l, p.seqlen - qt * kM);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1382,10 +1394,16 @@ cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_
   const int items = p.batch * p.heads * CeilDiv(p.seqlen, kFKeys);
   const int tail_items = 2 * std::min(items, SmCount());
   if (cp != nullptr && cp->partial != nullptr) {
-    cudaError_t err =
-        detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedChunkScheduleKernel), hist_bytes);
+    // The counts in shared memory beside hist while they fit (Wan-14B-720p: 23640 items, 92 KB).
+    // SPARGE_BWD_SCHED_COUNTS=global forces the global-memory reads (tests cover both paths).
+    const char* where = std::getenv("SPARGE_BWD_SCHED_COUNTS");
+    const bool force_global = where != nullptr && std::strcmp(where, "global") == 0;
+    const int counts_in_smem = !force_global && hist_bytes + items * 4 <= 160 * 1024 ? 1 : 0;
+    const int smem = hist_bytes + (counts_in_smem ? items * 4 : 0);
+    cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedChunkScheduleKernel), smem);
     if (err != cudaSuccess) return err;
-    err = LaunchKernel(FusedChunkScheduleKernel, 1, kSchedThreads, hist_bytes, stream, p, sched, tail_items, *cp);
+    err = LaunchKernel(FusedChunkScheduleKernel, 1, kSchedThreads, smem, stream, p, sched, tail_items, *cp,
+                       counts_in_smem);
     if (err != cudaSuccess || !cp->sort) return err;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedSortScheduleKernel), hist_bytes);
     if (err != cudaSuccess) return err;
@@ -1515,7 +1533,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     }
   }
   if (err == cudaSuccess && cp.partial != nullptr) {
-    err = LaunchKernel(DkDvChunkConvertKernel<T, D>, static_cast<unsigned>(cp.max_slots) * 4, 128, 0, stream, p,
+    err = LaunchKernel(DkDvChunkConvertKernel<T, D>, static_cast<unsigned>(cp.max_slots) * 4 * (D / 64), 256, 0, stream, p,
                        static_cast<const FusedSchedule*>(sched), cp);
   }
   return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);

@@ -512,7 +512,7 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "1s", "32s", "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -533,11 +533,18 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
   const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
   Outs off;
   if (chunks.front() != nullptr) chunks.insert(chunks.begin(), nullptr);  // the unchunked run first
-  for (const char* chunk : chunks) {
+  for (const char* chunk_spec : chunks) {
+    // "<spec>g": the chunk schedule reads the counts from global memory instead of shared (the
+    // path for lists too long for shared memory).
+    std::string spec = chunk_spec ? chunk_spec : "";
+    const bool global_counts = !spec.empty() && spec.back() == 'g';
+    if (global_counts) spec.pop_back();
+    const char* chunk = chunk_spec ? spec.c_str() : nullptr;
+    ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
-                             " chunk=" + (chunk ? chunk : "off");
+                             " chunk=" + (chunk_spec ? chunk_spec : "off");
     ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
     if (reference) {
       const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
