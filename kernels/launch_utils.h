@@ -1,5 +1,5 @@
-// Host helpers for the kernel launchers: raising a kernel's dynamic shared-memory limit once per
-// (kernel, device, size) instead of on every launch (thread-safe, mutex-guarded cache), the
+// Host helpers for the kernel launchers: raising a kernel's dynamic shared-memory limit only when a
+// launch needs more than it was raised to (per kernel and device, thread-safe), the
 // launchers' stream-ordered workspace pool, the SM count and a launch wrapper. CUDA sources only.
 #pragma once
 
@@ -7,9 +7,9 @@
 
 #include <cstdint>
 #include <mutex>
-#include <set>
-#include <tuple>
 #include <utility>
+
+#include "kernels/smem_limits.h"
 
 namespace sparge::kernels::detail {
 
@@ -18,12 +18,11 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int>> done;
+  static DynamicSmemLimits limits;  // raised only, never lowered (smem_limits.h says why)
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(func, dev, bytes);
-  if (done.count(key)) return cudaSuccess;
+  if (!limits.NeedsRaise(func, dev, bytes)) return cudaSuccess;
   err = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.insert(key);
+  if (err == cudaSuccess) limits.Raised(func, dev, bytes);
   return err;
 }
 
