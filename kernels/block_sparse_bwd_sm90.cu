@@ -994,9 +994,14 @@ __device__ __forceinline__ void AddDkDvPartial(float* dst, int cw, int wtid, con
 
 // dQ = scale * accumulator, into the [B, L, H, D] strides. One CTA of 256 threads per 64 x 64
 // accumulator tile (ConvertFragmentTile).
+// heads_fastest (SPARGE_HEADS_FASTEST): CTA x = (query tile, column block) x B*H + bh, so the
+// CTAs running together write the same rows of every head.
 template <typename T, int D>
-__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc) {
-  const int64_t tile = blockIdx.x;  // (bh, query tile, column block)
+__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc, int heads_fastest) {
+  const int64_t nbh = static_cast<int64_t>(p.batch) * p.heads;
+  const int64_t tile = heads_fastest ? (static_cast<int64_t>(blockIdx.x) % nbh) * (2 * CeilDiv(p.seqlen, kTileQ)) * (D / 64) +
+                                           static_cast<int64_t>(blockIdx.x) / nbh
+                                     : static_cast<int64_t>(blockIdx.x);  // (bh, query tile, column block)
   const int cb = tile % (D / 64);
   const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
   const int qt = (tile / (D / 64)) % nq2;
@@ -1433,7 +1438,7 @@ cudaError_t ConvertAndFree(const BwdParams& p, const float* acc, int64_t floats,
                            cudaStream_t stream) {
   if (err == cudaSuccess) {
     err = LaunchKernel(DqConvertKernel<T, D>, static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream, p,
-                       reinterpret_cast<const float4*>(acc));
+                       reinterpret_cast<const float4*>(acc), HeadsFastest() ? 1 : 0);
   }
   const cudaError_t free_err = cudaFreeAsync(ws, stream);
   return err != cudaSuccess ? err : free_err;

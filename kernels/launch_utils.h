@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <utility>
 
@@ -24,6 +25,15 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   err = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess) limits.Raised(func, dev, bytes);
   return err;
+}
+
+// SPARGE_HEADS_FASTEST=1 (prepared A/B, off until measured; kernels/NOTES.md "Grid order"): the
+// bandwidth-bound kernels over token-major [B, L, H, D] tensors (mask pooling, dQ convert) number
+// their CTAs heads fastest, so that the CTAs running together read or write whole token rows
+// (H x D x 2 bytes) instead of one head's 256-byte slice of many rows.
+inline bool HeadsFastest() {
+  const char* env = std::getenv("SPARGE_HEADS_FASTEST");
+  return env != nullptr && env[0] == '1' && env[1] == '\0';
 }
 
 // Stream-ordered workspace (the backward's fp32 dQ accumulator and work list) from a per-device

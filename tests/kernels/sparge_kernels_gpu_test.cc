@@ -154,8 +154,12 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
-        ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk));
+        for (const char* hf : {static_cast<const char*>(nullptr), "1"}) {  // pooling grid order (A/B)
+          ScopedEnv env("SPARGE_HEADS_FASTEST", hf);
+          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+          ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
+                                      (hf ? " heads fastest" : ""));
+        }
         ++cases;
       }
   EXPECT_EQ(cases, 24);
@@ -484,6 +488,32 @@ TEST(SpargeKernelsGpu, FusedBackwardWan13BShape) {
 TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
   SKIP_WITHOUT_GPU();
   CheckLarge(32760, 12, 1, 128, "default");
+}
+
+// SPARGE_HEADS_FASTEST=1 (the pooling and dQ convert kernels' grids numbered heads fastest, A/B):
+// mask, O and LSE bitwise the default's, dK and dV too (chunking off: a fixed order), dQ to the
+// accumulator's addition order.
+TEST(SpargeKernelsGpu, HeadsFastestGridsGiveTheSameResults) {
+  SKIP_WITHOUT_GPU();
+  const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
+  for (const auto& [dtype, D] : cases) {
+    const int64_t B = 2, L = 3000, H = 5;
+    auto [q, k] = testing::StructuredQK(B, L, H, D, dtype, at::kCUDA, 77 + D);
+    Tensor v = at::randn_like(q), g = at::randn_like(q);
+    Knobs kb = MixedKnobs(B);
+    ScopedBwdSchedule off(nullptr);
+    const double scale = 1.0 / std::sqrt(double(D));
+    BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
+    Outs r0 = RunKernels(q, k, v, g, m0, scale);
+    ScopedEnv hf("SPARGE_HEADS_FASTEST", "1");
+    BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
+    const std::string what = "heads fastest D=" + std::to_string(D);
+    ExpectMaskEqual(m1, m0, what);
+    Outs r1 = RunKernels(q, k, v, g, m1, scale);
+    EXPECT_TRUE(r1.o.equal(r0.o) && r1.lse.equal(r0.lse)) << what;
+    EXPECT_TRUE(r1.dk.equal(r0.dk) && r1.dv.equal(r0.dv)) << what;
+    EXPECT_LT(testing::RelErr(r1.dq, r0.dq), 1e-3) << what;
+  }
 }
 
 // Block mask from a keep matrix [B, H, Nq, Nk] (bool, CPU): ascending LUTs padded with -1, both ways.
