@@ -1517,10 +1517,26 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   float* ld = acc + floats + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
   const int sms = SmCount();
-  err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                     (floats + slot_floats) / 4, sched);
+  // SPARGE_BWD_SCHED_STREAM=1 (prepared A/B, off until measured; kernels/NOTES.md): the one-CTA
+  // schedule kernels (22 + 8 us at Wan-1.3B, 162 + 15 us at 14B on an H100) run on a side stream
+  // under the bandwidth-bound prep kernel (80 / 634 us); they share no memory with it (prep
+  // zeroes the accumulator, the slots and sched->next, the schedule writes the list and the
+  // other header fields). Joined before the fused kernel, also after an error, since the
+  // workspace is freed on the caller's stream.
+  cudaStream_t sched_stream = stream;
+  const bool side = EnvFlagOn("SPARGE_BWD_SCHED_STREAM");
+  if (side && (err = SideStream(&sched_stream)) == cudaSuccess) err = OrderAfter(sched_stream, stream);
+  const bool forked = side && err == cudaSuccess;
   if (err == cudaSuccess) {
-    err = LaunchSchedule(p, sched, stream, &cp);
+    err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                       (floats + slot_floats) / 4, sched);
+  }
+  if (err == cudaSuccess) {
+    err = LaunchSchedule(p, sched, sched_stream, &cp);
+  }
+  if (forked) {
+    const cudaError_t join_err = OrderAfter(stream, sched_stream);
+    if (err == cudaSuccess) err = join_err;
   }
   if (err == cudaSuccess) {
     constexpr int smem = V10Layout<D>::kBytes;

@@ -31,9 +31,44 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
 // bandwidth-bound kernels over token-major [B, L, H, D] tensors (mask pooling, dQ convert) number
 // their CTAs heads fastest, so that the CTAs running together read or write whole token rows
 // (H x D x 2 bytes) instead of one head's 256-byte slice of many rows.
-inline bool HeadsFastest() {
-  const char* env = std::getenv("SPARGE_HEADS_FASTEST");
+inline bool EnvFlagOn(const char* name) {
+  const char* env = std::getenv(name);
   return env != nullptr && env[0] == '1' && env[1] == '\0';
+}
+inline bool HeadsFastest() { return EnvFlagOn("SPARGE_HEADS_FASTEST"); }
+
+// A second stream per device (non-blocking, created on first use, kept) for work a launcher can
+// overlap with its own chain on the caller's stream, ordered by OrderAfter at both ends.
+inline cudaError_t SideStream(cudaStream_t* out) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 64) return cudaErrorInvalidDevice;
+  static std::mutex mu;
+  static cudaStream_t streams[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (streams[dev] == nullptr) {
+    err = cudaStreamCreateWithFlags(&streams[dev], cudaStreamNonBlocking);
+    if (err != cudaSuccess) {
+      streams[dev] = nullptr;
+      return err;
+    }
+  }
+  *out = streams[dev];
+  return cudaSuccess;
+}
+
+// Work enqueued on `later` from now on runs after everything enqueued on `earlier` so far (an
+// event of its own per call, so concurrent callers on other streams cannot mix their points up;
+// works under stream capture as a fork or join).
+inline cudaError_t OrderAfter(cudaStream_t later, cudaStream_t earlier) {
+  cudaEvent_t ev = nullptr;
+  cudaError_t err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+  if (err != cudaSuccess) return err;
+  err = cudaEventRecord(ev, earlier);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(later, ev, 0);
+  const cudaError_t destroy_err = cudaEventDestroy(ev);  // legal once the wait is enqueued
+  return err != cudaSuccess ? err : destroy_err;
 }
 
 // Stream-ordered workspace (the backward's fp32 dQ accumulator and work list) from a per-device

@@ -490,30 +490,40 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
   CheckLarge(32760, 12, 1, 128, "default");
 }
 
-// SPARGE_HEADS_FASTEST=1 (the pooling and dQ convert kernels' grids numbered heads fastest, A/B):
-// mask, O and LSE bitwise the default's, dK and dV too (chunking off: a fixed order), dQ to the
-// accumulator's addition order.
-TEST(SpargeKernelsGpu, HeadsFastestGridsGiveTheSameResults) {
+// Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
+// pooling and dQ convert grids numbered heads fastest) and SPARGE_BWD_SCHED_STREAM=1 (the
+// backward's schedule kernels on a side stream under the prep kernel): mask, O and LSE bitwise
+// the default's, dK and dV too with chunking off (a fixed order), dQ to the accumulator's
+// addition order; with the default (chunked) schedule, dK/dV to rounding as well.
+TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
-  for (const auto& [dtype, D] : cases) {
-    const int64_t B = 2, L = 3000, H = 5;
-    auto [q, k] = testing::StructuredQK(B, L, H, D, dtype, at::kCUDA, 77 + D);
-    Tensor v = at::randn_like(q), g = at::randn_like(q);
-    Knobs kb = MixedKnobs(B);
-    ScopedBwdSchedule off(nullptr);
-    const double scale = 1.0 / std::sqrt(double(D));
-    BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
-    Outs r0 = RunKernels(q, k, v, g, m0, scale);
-    ScopedEnv hf("SPARGE_HEADS_FASTEST", "1");
-    BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
-    const std::string what = "heads fastest D=" + std::to_string(D);
-    ExpectMaskEqual(m1, m0, what);
-    Outs r1 = RunKernels(q, k, v, g, m1, scale);
-    EXPECT_TRUE(r1.o.equal(r0.o) && r1.lse.equal(r0.lse)) << what;
-    EXPECT_TRUE(r1.dk.equal(r0.dk) && r1.dv.equal(r0.dv)) << what;
-    EXPECT_LT(testing::RelErr(r1.dq, r0.dq), 1e-3) << what;
-  }
+  for (const char* variant : {"SPARGE_HEADS_FASTEST", "SPARGE_BWD_SCHED_STREAM"})
+    for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
+      for (const auto& [dtype, D] : cases) {
+        const int64_t B = 2, L = 5000, H = 5;
+        auto [q, k] = testing::StructuredQK(B, L, H, D, dtype, at::kCUDA, 77 + D);
+        Tensor v = at::randn_like(q), g = at::randn_like(q);
+        Knobs kb = MixedKnobs(B);
+        ScopedBwdSchedule order(schedule);
+        const double scale = 1.0 / std::sqrt(double(D));
+        BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
+        Outs r0 = RunKernels(q, k, v, g, m0, scale);
+        ScopedEnv on(variant, "1");
+        BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
+        const std::string what = std::string(variant) + " D=" + std::to_string(D) +
+                                 " schedule=" + (schedule ? schedule : "unchunked");
+        ExpectMaskEqual(m1, m0, what);
+        Outs r1 = RunKernels(q, k, v, g, m1, scale);
+        EXPECT_TRUE(r1.o.equal(r0.o) && r1.lse.equal(r0.lse)) << what;
+        if (schedule == nullptr) {
+          EXPECT_TRUE(r1.dk.equal(r0.dk) && r1.dv.equal(r0.dv)) << what;
+        } else {
+          EXPECT_LT(testing::RelErr(r1.dk, r0.dk), 1e-3) << what;
+          EXPECT_LT(testing::RelErr(r1.dv, r0.dv), 1e-3) << what;
+        }
+        EXPECT_LT(testing::RelErr(r1.dq, r0.dq), 1e-3) << what;
+      }
 }
 
 // Block mask from a keep matrix [B, H, Nq, Nk] (bool, CPU): ascending LUTs padded with -1, both ways.
