@@ -1523,10 +1523,14 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   // zeroes the accumulator, the slots and sched->next, the schedule writes the list and the
   // other header fields). Joined before the fused kernel, also after an error, since the
   // workspace is freed on the caller's stream.
+  // Without a side stream (its creation failed, e.g. under global-mode stream capture) the
+  // schedule stays on the caller's stream.
   cudaStream_t sched_stream = stream;
-  const bool side = EnvFlagOn("SPARGE_BWD_SCHED_STREAM");
-  if (side && (err = SideStream(&sched_stream)) == cudaSuccess) err = OrderAfter(sched_stream, stream);
-  const bool forked = side && err == cudaSuccess;
+  if (EnvFlagOn("SPARGE_BWD_SCHED_STREAM") && SideStream(&sched_stream) == cudaSuccess) {
+    err = OrderAfter(sched_stream, stream);
+    if (err != cudaSuccess) sched_stream = stream;
+  }
+  const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
     err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
                        (floats + slot_floats) / 4, sched);

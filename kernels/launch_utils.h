@@ -51,6 +51,7 @@ inline cudaError_t SideStream(cudaStream_t* out) {
     err = cudaStreamCreateWithFlags(&streams[dev], cudaStreamNonBlocking);
     if (err != cudaSuccess) {
       streams[dev] = nullptr;
+      (void)cudaGetLastError();  // returned here; not left for the next launch's check
       return err;
     }
   }
