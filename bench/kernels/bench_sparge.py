@@ -139,7 +139,7 @@ def main():
                          "--ab-rounds rounds (medians recorded as ours_fwd_NAME_ms, mask_NAME_ms and "
                          "ours_fwd_default_interleaved_ms), e.g. tile64:SPARGE_FWD_TILE=64")
     ap.add_argument("--ab-rounds", type=int, default=3,
-                    help="rounds of default/variant interleaving for --fwd-ab (run-to-run drift cancels)")
+                    help="rounds of default/variant interleaving for --fwd-ab and --bwd-ab (run-to-run drift cancels)")
     ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
                     help="stream: calls enqueued back to back (default); sync: synchronise after each call")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
@@ -297,19 +297,35 @@ def main():
             del os.environ["SPARGE_BWD_IMPL"]
             bwd_ab = {}
             ref_grads = ours_bwd() if args.bwd_ab else None
+            bwd_default_runs = []
             for spec in filter(None, args.bwd_ab.split(",")):
                 ab_name, envs = spec.split(":", 1)
                 pairs = [e.split("=", 1) for e in envs.split("+")]
+                # Default and variant interleaved for --ab-rounds rounds (medians), as in the
+                # forward A/B: sequential timings drift by several percent between minutes.
+                runs = []
+                for _ in range(max(1, args.ab_rounds)):
+                    bwd_default_runs.append(timed(ours_bwd))
+                    for k_, v_ in pairs:
+                        os.environ[k_] = v_
+                    runs.append(timed(ours_bwd))
+                    for k_, _ in pairs:
+                        del os.environ[k_]
                 for k_, v_ in pairs:
                     os.environ[k_] = v_
-                bwd_ab[f"ours_bwd_{ab_name}_ms"] = timed(ours_bwd)
+                bwd_ab[f"ours_bwd_{ab_name}_ms"] = statistics.median(runs)
                 bwd_ab[f"bwd_{ab_name}_vs_default_relerr"] = {
                     n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
                     for n_, a_, b_ in zip(("dq", "dk", "dv"), ours_bwd(), ref_grads)}
                 for k_, _ in pairs:
                     del os.environ[k_]
-                print(f"{name} {target:.2f} bwd variant {ab_name}: {bwd_ab[f'ours_bwd_{ab_name}_ms']:.3f} ms, "
+                print(f"{name} {target:.2f} bwd variant {ab_name}: {bwd_ab[f'ours_bwd_{ab_name}_ms']:.3f} ms "
+                      f"(rounds {[round(x, 3) for x in runs]}), "
                       f"rel. diff to default {bwd_ab[f'bwd_{ab_name}_vs_default_relerr']}", flush=True)
+            if bwd_default_runs:
+                bwd_ab["ours_bwd_default_interleaved_ms"] = statistics.median(bwd_default_runs)
+                print(f"{name} {target:.2f} bwd default interleaved: {bwd_ab['ours_bwd_default_interleaved_ms']:.3f} ms "
+                      f"(rounds {[round(x, 3) for x in bwd_default_runs]})", flush=True)
             del ref_grads
             # A/B in the same process: the deterministic two-kernel backward (v4..v8 default).
             os.environ["SPARGE_BWD_IMPL"] = "split"

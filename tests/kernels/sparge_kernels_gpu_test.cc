@@ -125,11 +125,12 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 
 bool AllFinite(const Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
-void ExpectMaskEqual(const BlockMask& gpu, const BlockMask& cpu, const std::string& what) {
-  EXPECT_TRUE(gpu.counts.cpu().equal(cpu.counts)) << what << " counts";
-  EXPECT_TRUE(gpu.indices.cpu().equal(cpu.indices)) << what << " indices";
-  EXPECT_TRUE(gpu.t_counts.cpu().equal(cpu.t_counts)) << what << " t_counts";
-  EXPECT_TRUE(gpu.t_indices.cpu().equal(cpu.t_indices)) << what << " t_indices";
+// Either mask may live on either device: both sides are compared on the CPU.
+void ExpectMaskEqual(const BlockMask& a, const BlockMask& b, const std::string& what) {
+  EXPECT_TRUE(a.counts.cpu().equal(b.counts.cpu())) << what << " counts";
+  EXPECT_TRUE(a.indices.cpu().equal(b.indices.cpu())) << what << " indices";
+  EXPECT_TRUE(a.t_counts.cpu().equal(b.t_counts.cpu())) << what << " t_counts";
+  EXPECT_TRUE(a.t_indices.cpu().equal(b.t_indices.cpu())) << what << " t_indices";
 }
 
 struct Knobs {
