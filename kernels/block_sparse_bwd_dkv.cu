@@ -230,6 +230,13 @@ cudaError_t LaunchDelta(const BwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+cudaError_t LaunchBwdDelta(const BwdParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::kBF16) {
+    return p.head_dim == 128 ? LaunchDelta<__nv_bfloat16, 128>(p, stream) : LaunchDelta<__nv_bfloat16, 64>(p, stream);
+  }
+  return p.head_dim == 128 ? LaunchDelta<__half, 128>(p, stream) : LaunchDelta<__half, 64>(p, stream);
+}
+
 cudaError_t LaunchBwdDkv(const BwdParams& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) {
     return p.head_dim == 128 ? LaunchDkv<__nv_bfloat16, 128>(p, stream)
@@ -260,16 +267,9 @@ const char* CanImplementBwd(const BwdParams& p) {
 
 cudaError_t LaunchBlockSparseBwd(const BwdParams& p, cudaStream_t stream) {
   if (CanImplementBwd(p) != nullptr) return cudaErrorInvalidValue;
-  cudaError_t err;
-  if (p.dtype == DType::kBF16) {
-    err = p.head_dim == 128 ? detail::LaunchDelta<__nv_bfloat16, 128>(p, stream)
-                            : detail::LaunchDelta<__nv_bfloat16, 64>(p, stream);
-  } else {
-    err = p.head_dim == 128 ? detail::LaunchDelta<__half, 128>(p, stream)
-                            : detail::LaunchDelta<__half, 64>(p, stream);
-  }
-  if (err != cudaSuccess) return err;
   if (p.impl == FwdImpl::kWgmma) return detail::LaunchBwdSm90(p, stream);
+  cudaError_t err = detail::LaunchBwdDelta(p, stream);
+  if (err != cudaSuccess) return err;
   err = detail::LaunchBwdDkv(p, stream);
   if (err != cudaSuccess) return err;
   return detail::LaunchBwdDq(p, stream);

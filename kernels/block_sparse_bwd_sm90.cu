@@ -1391,6 +1391,56 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 }
 
 
+// The v10 prep with delta fused in (default; SPARGE_BWD_PREP_DELTA=0 runs DeltaKernel and then
+// BwdPrepKernel, the A/B): delta = sum_d dO * O computed here from the token rows, packed with
+// LSE into ld as above, and the same zeroing. D/8 lanes per row with 16-byte loads and the same
+// summation order as DeltaKernel (the values are bitwise equal); rows numbered query-row fastest
+// within (b, h), so ld and LSE are walked in order and each row's O and dO are whole 128/256-byte
+// segments. p.delta is not written (nothing after the prep reads it on this path). Saves one
+// launch and its tail, and the delta array's round trip.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
+                                                          FusedSchedule* sched) {
+  constexpr int kLanes = D / 8;
+  const int L = p.seqlen;
+  const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
+  const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int sub = threadIdx.x % kLanes;
+  if (t0 == 0) sched->next = 0;
+  // total is a multiple of 128 rows and a warp holds 32 / kLanes consecutive rows, so every
+  // lane of a warp runs the same number of iterations (the shuffles below need all 32).
+  for (int64_t i = t0 / kLanes; i < total; i += threads / kLanes) {
+    const int64_t bh = i / rows_pad;
+    const int r = static_cast<int>(i % rows_pad);
+    const bool ok = r < L;
+    float acc_d = 0.f;
+    if (ok) {
+      const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+      const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h +
+                   static_cast<int64_t>(r) * p.o.stride_l + sub * 8;
+      const T* d = static_cast<const T*>(p.d_o.ptr) + b * p.d_o.stride_b + h * p.d_o.stride_h +
+                   static_cast<int64_t>(r) * p.d_o.stride_l + sub * 8;
+      const uint4 ov = *reinterpret_cast<const uint4*>(o);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc_d += MmaOp<T>::ToFloat(oe[e]) * MmaOp<T>::ToFloat(de[e]);
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) acc_d += __shfl_xor_sync(0xffffffff, acc_d, off);
+    if (sub == 0) {
+      float* dst = ld + (bh * (rows_pad / kM) + r / kM) * (2 * kM) + r % kM;
+      dst[0] = ok ? p.lse[bh * L + r] * kLog2e : INFINITY;
+      dst[kM] = acc_d;
+    }
+  }
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t i = t0; i < acc_vec4; i += threads) acc[i] = z;
+}
+
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
 // by the workspace's release (also after an earlier error, which it then returns).
 cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_t stream,
@@ -1532,8 +1582,16 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   }
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
-    err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                       (floats + slot_floats) / 4, sched);
+    if (BwdEnvInt("SPARGE_BWD_PREP_DELTA", 1) > 0) {
+      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                         (floats + slot_floats) / 4, sched);
+    } else {
+      err = LaunchBwdDelta(p, stream);
+      if (err == cudaSuccess) {
+        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                           (floats + slot_floats) / 4, sched);
+      }
+    }
   }
   if (err == cudaSuccess) {
     err = LaunchSchedule(p, sched, sched_stream, &cp);
@@ -1597,14 +1655,14 @@ bool UseFusedBwd(const BwdParams& p) { return p.block_k % kFKeys == 0 && !EnvIs(
 
 template <typename T, int D>
 cudaError_t Launch(const BwdParams& p, cudaStream_t stream) {
-  if (UseFusedBwd(p)) {
-    if (!EnvIs("v9")) {
-      const cudaError_t err = LaunchFusedV10<T, D>(p, stream);
-      if (err != cudaErrorNotSupported) return err;
-    }
-    return LaunchFused<T, D>(p, stream);
+  if (UseFusedBwd(p) && !EnvIs("v9")) {
+    const cudaError_t err = LaunchFusedV10<T, D>(p, stream);  // delta in its prep kernel
+    if (err != cudaErrorNotSupported) return err;
   }
-  cudaError_t err = p.block_k % 128 == 0 ? LaunchDkv<T, D, 2>(p, stream) : LaunchDkv<T, D, 1>(p, stream);
+  cudaError_t err = LaunchBwdDelta(p, stream);
+  if (err != cudaSuccess) return err;
+  if (UseFusedBwd(p)) return LaunchFused<T, D>(p, stream);
+  err = p.block_k % 128 == 0 ? LaunchDkv<T, D, 2>(p, stream) : LaunchDkv<T, D, 1>(p, stream);
   if (err != cudaSuccess) return err;
   return LaunchDq<T, D>(p, stream);
 }

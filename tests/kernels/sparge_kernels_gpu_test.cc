@@ -493,13 +493,16 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
 // pooling and dQ convert grids numbered heads fastest) and SPARGE_BWD_SCHED_STREAM=1 (the
-// backward's schedule kernels on a side stream under the prep kernel): mask, O and LSE bitwise
+// backward's schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=0
+// (delta by its own kernel instead of inside the prep kernel): mask, O and LSE bitwise
 // the default's, dK and dV too with chunking off (a fixed order), dQ to the accumulator's
 // addition order; with the default (chunked) schedule, dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
-  for (const char* variant : {"SPARGE_HEADS_FASTEST", "SPARGE_BWD_SCHED_STREAM"})
+  const std::pair<const char*, const char*> variants[] = {
+      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "0"}};
+  for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
         const int64_t B = 2, L = 5000, H = 5;
@@ -510,9 +513,9 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
         const double scale = 1.0 / std::sqrt(double(D));
         BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
         Outs r0 = RunKernels(q, k, v, g, m0, scale);
-        ScopedEnv on(variant, "1");
+        ScopedEnv on(variant, value);
         BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
-        const std::string what = std::string(variant) + " D=" + std::to_string(D) +
+        const std::string what = std::string(variant) + "=" + value + " D=" + std::to_string(D) +
                                  " schedule=" + (schedule ? schedule : "unchunked");
         ExpectMaskEqual(m1, m0, what);
         Outs r1 = RunKernels(q, k, v, g, m1, scale);
