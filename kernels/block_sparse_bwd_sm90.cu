@@ -1451,8 +1451,8 @@ cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_
   if (cp != nullptr && cp->partial != nullptr) {
     // The counts in shared memory beside hist while they fit (Wan-14B-720p: 23640 items, 92 KB).
     // SPARGE_BWD_SCHED_COUNTS=global forces the global-memory reads (tests cover both paths).
-    const char* where = std::getenv("SPARGE_BWD_SCHED_COUNTS");
-    const bool force_global = where != nullptr && std::strcmp(where, "global") == 0;
+    static const char* const kWhere[] = {"global", nullptr};
+    const bool force_global = EnvIs("SPARGE_BWD_SCHED_COUNTS", "global", kWhere);
     const int counts_in_smem = !force_global && hist_bytes + items * 4 <= 160 * 1024 ? 1 : 0;
     const int smem = hist_bytes + (counts_in_smem ? items * 4 : 0);
     cudaError_t err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(FusedChunkScheduleKernel), smem);
@@ -1472,15 +1472,7 @@ cudaError_t LaunchSchedule(const BwdParams& p, FusedSchedule* sched, cudaStream_
 // SPARGE_BWD_CHUNK: query blocks per chunk of a heavy key tile (ChunkPlan), default 32, 0 = off;
 // SPARGE_BWD_SORT: with chunking, each head's entries by median query block, default 1, 0 = off.
 // Chunks of 32 with the sort measured fastest on the H100 (kernels/NOTES.md, "Backward v12").
-// Unset, empty or not a number: the default; negative: off.
-int BwdEnvInt(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  if (end == env) return fallback;
-  return v > 0 ? static_cast<int>(std::min<long>(v, 1 << 20)) : 0;
-}
+// Parsed by EnvInt (env_knobs.h): a value outside the range is reported and means the default.
 constexpr int kDefaultChunkBlocks = 32;
 
 template <typename T, int D>
@@ -1547,8 +1539,8 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   // B x H term dominates); list entries for three more chunks per item. Off when no tile can be
   // a candidate (chunk_blocks >= query blocks) or the list would not fit in int indices.
   ChunkPlan cp{};
-  cp.chunk_blocks = BwdEnvInt("SPARGE_BWD_CHUNK", kDefaultChunkBlocks);
-  cp.sort = BwdEnvInt("SPARGE_BWD_SORT", 1) > 0 ? 1 : 0;
+  cp.chunk_blocks = EnvInt("SPARGE_BWD_CHUNK", kDefaultChunkBlocks, 0, 1 << 20);
+  cp.sort = EnvInt("SPARGE_BWD_SORT", 1, 0, 1);
   const bool chunked = cp.chunk_blocks > 0 && cp.chunk_blocks < nq && CeilDiv(nq, cp.chunk_blocks) < 2048 &&
                        items < (1 << 26) && items / 8 + p.batch * p.heads < (1 << 20);
   cp.max_slots = chunked ? items / 8 + p.batch * p.heads : 0;
@@ -1582,7 +1574,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   }
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
-    if (BwdEnvInt("SPARGE_BWD_PREP_DELTA", 1) > 0) {
+    if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
       err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
                          (floats + slot_floats) / 4, sched);
     } else {
@@ -1608,8 +1600,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       // L2 priorities (kernels/NOTES.md, H100 runs): 2 (default) = dQ accumulator reductions
       // evict-last and Q/dO loads evict-first (4% faster on the H100: the kernel is DRAM-bound
       // there); SPARGE_BWD_L2HINT=0 none, =1 accumulator only (A/B).
-      const char* hint_env = std::getenv("SPARGE_BWD_L2HINT");
-      const int l2_hint = hint_env != nullptr ? std::atoi(hint_env) : 2;
+      const int l2_hint = EnvInt("SPARGE_BWD_L2HINT", 2, 0, 2);
       // Chunked lists can hold more entries than items (short sequences: more CTAs than items).
       err = LaunchKernel(kernel, std::min(cp.capacity, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
                          sched, l2_hint, cp);
@@ -1647,15 +1638,15 @@ cudaError_t LaunchDq(const BwdParams& p, cudaStream_t stream) {
 // SPARGE_BWD_IMPL=split selects the deterministic two-kernel path, =v9 the v9 fused kernel (A/B);
 // the fused kernels need 128-wide key blocks (a CTA walks one transposed-LUT row for all 128
 // keys). bf16 and fp16 (the fp16 fused instantiation passed the GPU tests from v10 on).
-bool EnvIs(const char* value) {
-  const char* env = std::getenv("SPARGE_BWD_IMPL");
-  return env != nullptr && std::strcmp(env, value) == 0;
+bool BwdImplIs(const char* value) {
+  static const char* const kImpls[] = {"fused", "v9", "split", nullptr};
+  return EnvIs("SPARGE_BWD_IMPL", value, kImpls);
 }
-bool UseFusedBwd(const BwdParams& p) { return p.block_k % kFKeys == 0 && !EnvIs("split"); }
+bool UseFusedBwd(const BwdParams& p) { return p.block_k % kFKeys == 0 && !BwdImplIs("split"); }
 
 template <typename T, int D>
 cudaError_t Launch(const BwdParams& p, cudaStream_t stream) {
-  if (UseFusedBwd(p) && !EnvIs("v9")) {
+  if (UseFusedBwd(p) && !BwdImplIs("v9")) {
     const cudaError_t err = LaunchFusedV10<T, D>(p, stream);  // delta in its prep kernel
     if (err != cudaErrorNotSupported) return err;
   }

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <utility>
 
+#include "kernels/env_knobs.h"
 #include "kernels/smem_limits.h"
 
 namespace sparge::kernels::detail {
@@ -31,10 +32,6 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
 // bandwidth-bound kernels over token-major [B, L, H, D] tensors (mask pooling, dQ convert) number
 // their CTAs heads fastest, so that the CTAs running together read or write whole token rows
 // (H x D x 2 bytes) instead of one head's 256-byte slice of many rows.
-inline bool EnvFlagOn(const char* name) {
-  const char* env = std::getenv(name);
-  return env != nullptr && env[0] == '1' && env[1] == '\0';
-}
 inline bool HeadsFastest() { return EnvFlagOn("SPARGE_HEADS_FASTEST"); }
 
 // A second stream per device (non-blocking, created on first use, kept) for work a launcher can

@@ -375,12 +375,21 @@ TEST(SpargeKernelsGpu, DenseModeEqualsSdpa) {
 // both unset (the launcher's defaults, chunks of 32 with the sort).
 struct ScopedBwdSchedule {
   static bool IsDefault(const char* spec) { return spec != nullptr && std::string(spec) == "default"; }
-  static const char* Chunk(const char* spec) { return IsDefault(spec) ? nullptr : spec != nullptr ? spec : "0"; }
+  // The number alone: the launcher rejects (and reports) values with trailing characters.
+  static std::string Digits(const char* spec) {
+    if (spec == nullptr) return "0";
+    const std::string s(spec);
+    return s.substr(0, s.find_first_not_of("0123456789"));
+  }
   static const char* Sort(const char* spec) {
     if (IsDefault(spec)) return nullptr;
     return spec != nullptr && std::string(spec).back() == 's' ? "1" : "0";
   }
-  explicit ScopedBwdSchedule(const char* spec) : chunk("SPARGE_BWD_CHUNK", Chunk(spec)), sort("SPARGE_BWD_SORT", Sort(spec)) {}
+  explicit ScopedBwdSchedule(const char* spec)
+      : chunk_value(Digits(spec)),
+        chunk("SPARGE_BWD_CHUNK", IsDefault(spec) ? nullptr : chunk_value.c_str()),
+        sort("SPARGE_BWD_SORT", Sort(spec)) {}
+  std::string chunk_value;
   ScopedEnv chunk, sort;
 };
 
