@@ -1391,13 +1391,13 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 }
 
 
-// The v10 prep with delta fused in (default; SPARGE_BWD_PREP_DELTA=0 runs DeltaKernel and then
-// BwdPrepKernel, the A/B): delta = sum_d dO * O computed here from the token rows, packed with
-// LSE into ld as above, and the same zeroing. D/8 lanes per row with 16-byte loads and the same
-// summation order as DeltaKernel (the values are bitwise equal); rows numbered query-row fastest
-// within (b, h), so ld and LSE are walked in order and each row's O and dO are whole 128/256-byte
-// segments. p.delta is not written (nothing after the prep reads it on this path). Saves one
-// launch and its tail, and the delta array's round trip.
+// The v10 prep with delta fused in (prepared A/B, SPARGE_BWD_PREP_DELTA=1, off until measured on a
+// GPU; kernels/NOTES.md): delta = sum_d dO * O computed here from the token rows instead of by
+// DeltaKernel, packed with LSE into ld as above, and the same zeroing. D/8 lanes per row with
+// 16-byte loads and DeltaKernel's summation order (the values are bitwise equal); rows numbered
+// query-row fastest within (b, h), so ld and LSE are walked in order and each row's O and dO are
+// whole 128/256-byte segments. p.delta is not written (nothing after the prep reads it on this
+// path). Saves one launch and its tail, and the delta array's round trip.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
                                                           FusedSchedule* sched) {
@@ -1574,7 +1574,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   }
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
-    if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
+    if (EnvInt("SPARGE_BWD_PREP_DELTA", 0, 0, 1) > 0) {
       err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
                          (floats + slot_floats) / 4, sched);
     } else {

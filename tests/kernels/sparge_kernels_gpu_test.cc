@@ -501,16 +501,16 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 }
 
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
-// pooling and dQ convert grids numbered heads fastest) and SPARGE_BWD_SCHED_STREAM=1 (the
-// backward's schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=0
-// (delta by its own kernel instead of inside the prep kernel): mask, O and LSE bitwise
-// the default's, dK and dV too with chunking off (a fixed order), dQ to the accumulator's
-// addition order; with the default (chunked) schedule, dK/dV to rounding as well.
+// pooling and dQ convert grids numbered heads fastest), SPARGE_BWD_SCHED_STREAM=1 (the backward's
+// schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=1 (delta
+// inside the prep kernel, same summation order): mask, O and LSE bitwise the default's, dK and dV
+// too with chunking off (a fixed order), dQ to the accumulator's addition order; with the default
+// (chunked) schedule, dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
-      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "0"}};
+      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
