@@ -342,6 +342,7 @@ def main():
                 os.environ["SPARGE_FWD_IMPL"] = "mma"
                 bwd_mma_ms = timed(ours_bwd)
                 del os.environ["SPARGE_FWD_IMPL"]
+            row_trace = {}
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -355,15 +356,18 @@ def main():
                 import tempfile
                 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
                 from summarize_trace import summarize
-                with profile(activities=[ProfilerActivity.CUDA]) as prof_fwd:
-                    for _ in range(5):
-                        ours_fwd()
-                    torch.cuda.synchronize()
-                with tempfile.NamedTemporaryFile(suffix=".json") as tf:
-                    prof_fwd.export_chrome_trace(tf.name)
-                    st = summarize(tf.name)
-                print(f"{name} {target:.2f} fwd x5 trace: GPU span {st['gpu_span_ms']:.3f} ms, kernels "
-                      f"{st['total_kernel_ms']:.3f} ms, idle {st['gpu_idle_ms']:.3f} ms", flush=True)
+                # The same for 5 back-to-back backwards (per-gap timelines: trace_bwd.py).
+                for what, fn in (("fwd", ours_fwd), ("bwd", ours_bwd)):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof_one:
+                        for _ in range(5):
+                            fn()
+                        torch.cuda.synchronize()
+                    with tempfile.NamedTemporaryFile(suffix=".json") as tf:
+                        prof_one.export_chrome_trace(tf.name)
+                        st = summarize(tf.name)
+                    row_trace[f"{what}_x5_trace_ms"] = {k_: st[k_] for k_ in ("gpu_span_ms", "total_kernel_ms", "gpu_idle_ms")}
+                    print(f"{name} {target:.2f} {what} x5 trace: GPU span {st['gpu_span_ms']:.3f} ms, kernels "
+                          f"{st['total_kernel_ms']:.3f} ms, idle {st['gpu_idle_ms']:.3f} ms", flush=True)
             row = dict(name=name, sparsity=round(sp, 4), target_sparsity=target, topk=topk, topp=args.topp,
                        timing=args.timing,
                        block_q=bq, block_k=bk, B=B, H=H, L=L, D=D, dtype="bf16",
@@ -373,6 +377,7 @@ def main():
             row.update(dense)
             row.update(bwd_ab)
             row.update(fwd_ab)
+            row.update(row_trace)
             row.update(dense_ab)
             if flex is not None:
                 try:

@@ -79,17 +79,13 @@ def main():
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
                  key=lambda e: e["ts"])
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e]
-    # Calls split at the first kernel of each call: the kernel that starts the chain.
-    first = short(gpu[0]["name"]) if gpu else ""
-    calls, cur = [], []
-    for e in gpu:
-        if short(e["name"]) == first and cur:
-            calls.append(cur)
-            cur = []
-        cur.append(e)
-    if cur:
-        calls.append(cur)
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    # Every call launches the same sequence, so the timeline splits into equal runs.
+    per_call = len(gpu) // args.calls if args.calls > 0 else 0
+    if per_call == 0 or len(gpu) % args.calls != 0:
+        print(f"warning: {len(gpu)} GPU activities for {args.calls} calls: not an equal split", flush=True)
+        per_call = max(per_call, 1)
+    calls = [gpu[n:n + per_call] for n in range(0, len(gpu), per_call)]
     rows = []
     for n, evs in enumerate(calls):
         span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
