@@ -956,9 +956,10 @@ __device__ __forceinline__ void ConvertFragmentTile(const float4* src, float sca
 // first version wrote 4-byte pieces of 16 rows per warp straight from the fragments: 52 us at
 // Wan-1.3B and 679 us at 14B on an H100, 2-4x the bytes' time.)
 template <typename T, int D>
-__global__ void __launch_bounds__(256) DkDvChunkConvertKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp) {
+__device__ __forceinline__ void DkDvChunkConvertTile(const BwdParams& p, const FusedSchedule* sched, const ChunkPlan& cp,
+                                                     unsigned block) {
   constexpr int kCb = D / 64;
-  const int cb = blockIdx.x % kCb, half = blockIdx.x / kCb;  // half = (slot * 2 + which) * 2 + cw
+  const int cb = block % kCb, half = block / kCb;  // half = (slot * 2 + which) * 2 + cw
   const int slot = half >> 2, which = (half >> 1) & 1, cw = half & 1;
   if (slot >= sched->nslots) return;
   const int L = p.seqlen;
@@ -974,6 +975,10 @@ __global__ void __launch_bounds__(256) DkDvChunkConvertKernel(BwdParams p, const
   T* dst = static_cast<T*>(out.ptr) + b * out.stride_b + h * out.stride_h + cb * 64 +
            static_cast<int64_t>(row0) * out.stride_l;
   ConvertFragmentTile<T>(src, which ? 1.f : p.scale, dst, out.stride_l, L - row0);
+}
+template <typename T, int D>
+__global__ void __launch_bounds__(256) DkDvChunkConvertKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp) {
+  DkDvChunkConvertTile<T, D>(p, sched, cp, blockIdx.x);
 }
 
 __device__ __forceinline__ void RedAddF32x4(float* dst, float a, float b, float c, float d) {
@@ -997,11 +1002,11 @@ __device__ __forceinline__ void AddDkDvPartial(float* dst, int cw, int wtid, con
 // heads_fastest (SPARGE_HEADS_FASTEST): CTA x = (query tile, column block) x B*H + bh, so the
 // CTAs running together write the same rows of every head.
 template <typename T, int D>
-__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc, int heads_fastest) {
+__device__ __forceinline__ void DqConvertTile(const BwdParams& p, const float4* acc, int heads_fastest, unsigned block) {
   const int64_t nbh = static_cast<int64_t>(p.batch) * p.heads;
-  const int64_t tile = heads_fastest ? (static_cast<int64_t>(blockIdx.x) % nbh) * (2 * CeilDiv(p.seqlen, kTileQ)) * (D / 64) +
-                                           static_cast<int64_t>(blockIdx.x) / nbh
-                                     : static_cast<int64_t>(blockIdx.x);  // (bh, query tile, column block)
+  const int64_t tile = heads_fastest ? (static_cast<int64_t>(block) % nbh) * (2 * CeilDiv(p.seqlen, kTileQ)) * (D / 64) +
+                                           static_cast<int64_t>(block) / nbh
+                                     : static_cast<int64_t>(block);  // (bh, query tile, column block)
   const int cb = tile % (D / 64);
   const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
   const int qt = (tile / (D / 64)) % nq2;
@@ -1010,6 +1015,24 @@ __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4
   T* base = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64 +
             static_cast<int64_t>(qt) * kM * p.dq.stride_l;
   ConvertFragmentTile<T>(acc + tile * (kDqTileFloats / 4), p.scale, base, p.dq.stride_l, p.seqlen - qt * kM);
+}
+template <typename T, int D>
+__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc, int heads_fastest) {
+  DqConvertTile<T, D>(p, acc, heads_fastest, blockIdx.x);
+}
+
+// SPARGE_BWD_ONE_CONVERT=1 (prepared A/B, off until measured): the dK/dV chunk convert and the dQ
+// convert as one launch, the chunk slots' CTAs first (most return at once: slots past
+// sched->nslots), then the dQ tiles: one launch boundary and tail fewer, and the chunk convert's
+// few busy CTAs run beside the dQ tiles instead of before them.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp,
+                                                        unsigned chunk_blocks, const float4* acc, int heads_fastest) {
+  if (blockIdx.x < chunk_blocks) {
+    DkDvChunkConvertTile<T, D>(p, sched, cp, blockIdx.x);
+  } else {
+    DqConvertTile<T, D>(p, acc, heads_fastest, blockIdx.x - chunk_blocks);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1606,8 +1629,16 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
                          sched, l2_hint, cp);
     }
   }
+  const unsigned chunk_blocks = static_cast<unsigned>(cp.max_slots) * 4 * (D / 64);
+  if (err == cudaSuccess && cp.partial != nullptr && EnvFlagOn("SPARGE_BWD_ONE_CONVERT")) {
+    err = LaunchKernel(ConvertAllKernel<T, D>, chunk_blocks + static_cast<unsigned>(floats / kDqTileFloats), 256, 0,
+                       stream, p, static_cast<const FusedSchedule*>(sched), cp, chunk_blocks,
+                       reinterpret_cast<const float4*>(acc), HeadsFastest() ? 1 : 0);
+    const cudaError_t free_err = cudaFreeAsync(ws, stream);
+    return err != cudaSuccess ? err : free_err;
+  }
   if (err == cudaSuccess && cp.partial != nullptr) {
-    err = LaunchKernel(DkDvChunkConvertKernel<T, D>, static_cast<unsigned>(cp.max_slots) * 4 * (D / 64), 256, 0, stream, p,
+    err = LaunchKernel(DkDvChunkConvertKernel<T, D>, chunk_blocks, 256, 0, stream, p,
                        static_cast<const FusedSchedule*>(sched), cp);
   }
   return ConvertAndFree<T, D>(p, acc, floats, ws, err, stream);

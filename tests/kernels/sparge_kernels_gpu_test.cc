@@ -383,7 +383,7 @@ struct ScopedBwdSchedule {
   }
   static const char* Sort(const char* spec) {
     if (IsDefault(spec)) return nullptr;
-    return spec != nullptr && std::string(spec).back() == 's' ? "1" : "0";
+    return spec != nullptr && std::string(spec).find('s') != std::string::npos ? "1" : "0";
   }
   explicit ScopedBwdSchedule(const char* spec)
       : chunk_value(Digits(spec)),
@@ -503,14 +503,16 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
 // pooling and dQ convert grids numbered heads fastest), SPARGE_BWD_SCHED_STREAM=1 (the backward's
 // schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=1 (delta
-// inside the prep kernel, same summation order): mask, O and LSE bitwise the default's, dK and dV
+// inside the prep kernel, same summation order) and SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and
+// dQ converts as one launch): mask, O and LSE bitwise the default's, dK and dV
 // too with chunking off (a fixed order), dQ to the accumulator's addition order; with the default
 // (chunked) schedule, dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
-      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"}};
+      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"},
+      {"SPARGE_BWD_ONE_CONVERT", "1"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -561,11 +563,13 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // launcher turns chunking off): per head `sinks` key blocks and the partial last one kept by
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
-// (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort, whose
+// "4sop": chunks of 4 and the sort with the prepared prep-delta kernel and the one-launch convert.
+// (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
+// "op"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "1s", "32s", "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4sop", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -587,13 +591,22 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
   Outs off;
   if (chunks.front() != nullptr) chunks.insert(chunks.begin(), nullptr);  // the unchunked run first
   for (const char* chunk_spec : chunks) {
-    // "<spec>g": the chunk schedule reads the counts from global memory instead of shared (the
-    // path for lists too long for shared memory).
+    // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
+    // reads the counts from global memory instead of shared (the path for lists too long for
+    // shared memory); "o" the converts as one launch (SPARGE_BWD_ONE_CONVERT); "p" delta inside
+    // the prep kernel (SPARGE_BWD_PREP_DELTA).
     std::string spec = chunk_spec ? chunk_spec : "";
-    const bool global_counts = !spec.empty() && spec.back() == 'g';
-    if (global_counts) spec.pop_back();
+    const bool is_default = spec == "default";
+    auto take = [&](char c) {
+      const size_t at = is_default ? std::string::npos : spec.find(c);
+      if (at != std::string::npos) spec.erase(at, 1);
+      return at != std::string::npos;
+    };
+    const bool global_counts = take('g'), one_convert = take('o'), prep_delta = take('p');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
+    ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", one_convert ? "1" : nullptr);
+    ScopedEnv prep("SPARGE_BWD_PREP_DELTA", prep_delta ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -627,7 +640,7 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1sop"}, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
