@@ -4,7 +4,8 @@
 #   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [bench] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
 # libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
-# that a hung kernel cannot eat a whole device call. The device tool's copy of the tree may carry
+# that a hung kernel cannot eat a whole device call. At the end the logs go into
+# $OUT/logs.tar.gz (KEEP_LOGS=1 leaves them loose). The device tool's copy of the tree may carry
 # stale git metadata: put SPARGE_COMMIT=<hash of the tree that runs> in front of the command so
 # that the JSON records the right commit.
 set -u
@@ -69,5 +70,10 @@ if [[ $stages == *" bench "* ]]; then
   for a in "$@"; do case $a in build|test|sanitize|ncu|bench) ;; *) shift_args+=("$a");; esac; done
   timeout "${BENCH_TIMEOUT:-420}" python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
     --out "$OUT" "${shift_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^{" 
+fi
+# The device tool brings back at most eight files from $OUT: the logs go into one archive so
+# that the results (JSON, PNG, traces) come back. KEEP_LOGS=1 leaves them as they are.
+if [ "${KEEP_LOGS:-0}" != 1 ]; then
+  ( cd "$OUT" && logs=$(ls *.log *.txt 2>/dev/null) && [ -n "$logs" ] && tar czf logs.tar.gz $logs && rm -f $logs )
 fi
 log "end"
