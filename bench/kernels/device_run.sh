@@ -68,8 +68,18 @@ if [[ $stages == *" bench "* ]]; then
   log "bench"
   shift_args=()
   for a in "$@"; do case $a in build|test|sanitize|ncu|bench) ;; *) shift_args+=("$a");; esac; done
+  # GPU clocks, power and temperature every 200 ms beside the benchmark (gpu-clocks.csv), and
+  # each benchmark line with the time it was printed, so a slow measurement can be matched with
+  # the card's state (power capping after the dense baselines, for one).
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$OUT/gpu-clocks.csv" 2>/dev/null &
+  smi=$!
   timeout "${BENCH_TIMEOUT:-420}" python3 "$root/bench/kernels/bench_sparge.py" --lib "$bdir/engine/ops/libsparge_ops.so" \
-    --out "$OUT" "${shift_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^{" 
+    --out "$OUT" "${shift_args[@]}" 2>&1 | while IFS= read -r line; do printf '[%s] %s\n' "$(date +%T.%2N)" "$line"; done \
+    | tee "$OUT/bench.log" | grep -v "^\[[0-9:.]*\] {"
+  kill "$smi" 2>/dev/null
+  wait "$smi" 2>/dev/null
+  [ -s "$OUT/gpu-clocks.csv" ] || rm -f "$OUT/gpu-clocks.csv"
 fi
 # The device tool brings back at most eight files from $OUT: the logs go into one archive so
 # that the results (JSON, PNG, traces) come back. KEEP_LOGS=1 leaves them as they are.
