@@ -28,6 +28,32 @@ constexpr int SmemBytes() {
   return (kTileQ * D + 4 * kN * D) * 2 + 1024;  // + alignment slack
 }
 
+// The epilogue both forward kernels share: O = acc / l and the natural-log LSE of one warp's 16
+// rows (from row0; the quad's two 8-row halves per thread, rows past L skipped). m and l: the
+// running max (log2 domain) and the thread's partial row sums, summed over the quad here. Rows with
+// no kept key (l = 0) get O = 0 and LSE = -inf.
+template <typename T, int D>
+__device__ __forceinline__ void StoreOAndLse(const FwdParams& p, int b, int h, int64_t bh, int L, int row0, int lane,
+                                             const float (&o)[D / 2], const float (&l)[2], const float (&m)[2]) {
+  T* obase = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+  const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float lsum = QuadSum(l[r]);
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const int row = row0 + g + 8 * r;
+    if (row < L) {
+      T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * tig) =
+            MmaOp<T>::Pack(o[nt * 4 + 2 * r] * inv, o[nt * 4 + 2 * r + 1] * inv);
+      }
+      if (tig == 0) p.lse[bh * L + row] = lsum > 0.f ? (m[r] + log2f(lsum)) / kLog2e : -INFINITY;
+    }
+  }
+}
+
 // kN: keys per tile. 128: fewer softmax rounds and wider MMAs, one CTA per SM (registers).
 // 64: small enough (registers, ~97 KB shared) for two CTAs per SM, whose softmax and MMA phases
 // then overlap.
@@ -163,23 +189,7 @@ __global__ void __launch_bounds__(kThreads, kN == 64 ? 2 : 1) FwdSm90Kernel(FwdP
     t = tn;
   }
 
-  T* obase = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
-  const int g = lane >> 2;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float lsum = QuadSum(l[r]);
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    const int row = q0 + wg * 64 + warp * 16 + g + 8 * r;
-    if (row < L) {
-      T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * tig) =
-            MmaOp<T>::Pack(o[nt * 4 + 2 * r] * inv, o[nt * 4 + 2 * r + 1] * inv);
-      }
-      if (tig == 0) p.lse[bh * L + row] = lsum > 0.f ? (m[r] + log2f(lsum)) / kLog2e : -INFINITY;
-    }
-  }
+  StoreOAndLse<T, D>(p, b, h, bh, L, q0 + wg * 64 + warp * 16, lane, o, l, m);
 }
 
 // Warp-specialised variant (FlashAttention-3 structure). Warpgroup 0 is the producer: one thread
@@ -411,23 +421,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WgmmaWait0();
   }
 
-  T* obase = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
-  const int g = lane >> 2;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float lsum = QuadSum(l[r]);
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-    const int row = q0 + cw * 64 + warp * 16 + g + 8 * r;
-    if (row < L) {
-      T* orow = obase + static_cast<int64_t>(row) * p.o.stride_l;
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * tig) =
-            MmaOp<T>::Pack(o[nt * 4 + 2 * r] * inv, o[nt * 4 + 2 * r + 1] * inv);
-      }
-      if (tig == 0) p.lse[bh * L + row] = lsum > 0.f ? (m[r] + log2f(lsum)) / kLog2e : -INFINITY;
-    }
-  }
+  StoreOAndLse<T, D>(p, b, h, bh, L, q0 + cw * 64 + warp * 16, lane, o, l, m);
 }
 
 BlhdShape ShapeOf(const FwdParams& p) { return {p.dtype, p.batch, p.seqlen, p.heads, p.head_dim}; }
