@@ -155,11 +155,14 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        for (const char* hf : {static_cast<const char*>(nullptr), "1"}) {  // pooling grid order (A/B)
-          ScopedEnv env("SPARGE_HEADS_FASTEST", hf);
+        // Pooling grid order and Q and K pooled by one launch (prepared A/B switches), each
+        // alone and together (bk = 64: the one launch's grid has K blocks Q does not).
+        for (int variant = 0; variant < 4; ++variant) {
+          ScopedEnv env("SPARGE_HEADS_FASTEST", variant & 1 ? "1" : nullptr);
+          ScopedEnv one("SPARGE_MASK_ONE_POOL", variant & 2 ? "1" : nullptr);
           BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
           ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
-                                      (hf ? " heads fastest" : ""));
+                                      (variant & 1 ? " heads fastest" : "") + (variant & 2 ? " one pool" : ""));
         }
         ++cases;
       }
@@ -503,8 +506,9 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
 // pooling and dQ convert grids numbered heads fastest), SPARGE_BWD_SCHED_STREAM=1 (the backward's
 // schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=1 (delta
-// inside the prep kernel, same summation order) and SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and
-// dQ converts as one launch): mask, O and LSE bitwise the default's, dK and dV
+// inside the prep kernel, same summation order), SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and
+// dQ converts as one launch) and SPARGE_MASK_ONE_POOL=1 (Q and K pooled by one launch): mask, O
+// and LSE bitwise the default's, dK and dV
 // too with chunking off (a fixed order), dQ to the accumulator's addition order; with the default
 // (chunked) schedule, dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
@@ -512,7 +516,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"},
-      {"SPARGE_BWD_ONE_CONVERT", "1"}};
+      {"SPARGE_BWD_ONE_CONVERT", "1"}, {"SPARGE_MASK_ONE_POOL", "1"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
