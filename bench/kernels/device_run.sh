@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on the GPU machine: build the kernels-only configuration, run the kernel tests,
 # compute-sanitizer (memcheck + racecheck) on a small case, and the benchmark. Logs go to $OUT.
-#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [bench] [bench-args...]
+#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [bench] [trace] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
 # libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
 # that a hung kernel cannot eat a whole device call. At the end the logs go into
@@ -67,7 +67,7 @@ fi
 if [[ $stages == *" bench "* ]]; then
   log "bench"
   shift_args=()
-  for a in "$@"; do case $a in build|test|sanitize|ncu|bench) ;; *) shift_args+=("$a");; esac; done
+  for a in "$@"; do case $a in build|test|sanitize|ncu|bench|trace) ;; *) shift_args+=("$a");; esac; done
   # GPU clocks, power and temperature every 200 ms beside the benchmark (gpu-clocks.csv), and
   # each benchmark line with the time it was printed, so a slow measurement can be matched with
   # the card's state (power capping after the dense baselines, for one).
@@ -80,6 +80,20 @@ if [[ $stages == *" bench "* ]]; then
   kill "$smi" 2>/dev/null
   wait "$smi" 2>/dev/null
   [ -s "$OUT/gpu-clocks.csv" ] || rm -f "$OUT/gpu-clocks.csv"
+fi
+if [[ $stages == *" trace "* ]]; then
+  # GPU timelines of back-to-back calls (kernels and the idle gaps between them, host time per
+  # call): the backward and the forward at 1.3B, the backward at 14B, with the environment the
+  # command was given (TRACE_ENV="A=1 B=1" adds a second backward trace at 1.3B with it).
+  lib="$bdir/engine/ops/libsparge_ops.so"
+  log "trace"
+  timeout 120 python3 "$root/bench/kernels/trace_bwd.py" "$lib" 1.3B --json "$OUT/trace-bwd-1.3B.json" 2>&1 | tail -8
+  if [ -n "${TRACE_ENV:-}" ]; then
+    ( for kv in $TRACE_ENV; do export "$kv"; done
+      timeout 120 python3 "$root/bench/kernels/trace_bwd.py" "$lib" 1.3B --json "$OUT/trace-bwd-1.3B-env.json" 2>&1 | tail -8 )
+  fi
+  timeout 120 python3 "$root/bench/kernels/trace_bwd.py" "$lib" 1.3B --fwd --json "$OUT/trace-fwd-1.3B.json" 2>&1 | tail -8
+  timeout 180 python3 "$root/bench/kernels/trace_bwd.py" "$lib" 14B --calls 3 --json "$OUT/trace-bwd-14B.json" 2>&1 | tail -6
 fi
 # The device tool brings back at most eight files from $OUT: the logs go into one archive so
 # that the results (JSON, PNG, traces) come back. KEEP_LOGS=1 leaves them as they are.
