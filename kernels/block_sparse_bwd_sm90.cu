@@ -29,6 +29,7 @@
 
 #include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
+#include "kernels/lazy_zero.h"
 #include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
 #include "kernels/tma_map.h"
@@ -878,20 +879,7 @@ __global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdPar
     __syncthreads();  // seg and order complete
     const int nbh = p.batch * p.heads;
     if (tid == 0) {
-      int hi = 0;
-      if (heavy_total == 0) {
-        int a = cp.lazy_lo, b = nbh - 1, last = cp.lazy_lo - 1;
-        while (a <= b) {
-          const int m = (a + b) / 2;
-          if (seg[m - 1] <= tail_from) {
-            last = m;
-            a = m + 1;
-          } else {
-            b = m - 1;
-          }
-        }
-        hi = last >= cp.lazy_lo ? last + 1 : 0;
-      }
+      const int hi = LazyZeroHi(seg, nbh, cp.lazy_lo, tail_from, heavy_total);
       lazy_hi = hi;
       sched->lazy_hi = hi;
     }
@@ -901,17 +889,9 @@ __global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdPar
     // the duty warps to wait for (8 per entry of head g - 2). The sort kernel reorders entries
     // only inside a head's segment, so both stay valid.
     const int hi = lazy_hi;
-    auto covered = [&](int g) { return g >= cp.lazy_lo && g < hi; };
     for (int pos = tid; pos < heavy_total + body_total; pos += kSchedThreads) {
-      const int g = order[pos] / nkt;
-      int4 t = make_int4(-1, 0, 1, 0);
-      if (covered(g + 2) && pos < tail_from) {
-        t.x = g + 2;
-        t.y = pos - seg[g];
-        t.z = seg[g + 1] - seg[g];
-      }
-      if (covered(g)) t.w = 8 * (seg[g - 1] - seg[g - 2]);
-      cp.lazy_tab[pos] = t;
+      const LazyZeroRow r = LazyZeroRowOf(pos, order[pos] / nkt, seg, cp.lazy_lo, hi, tail_from);
+      cp.lazy_tab[pos] = make_int4(r.duty, r.slice, r.slices, 8 * r.need);  // 8 warps announce each duty
     }
   }
 }
