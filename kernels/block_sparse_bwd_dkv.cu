@@ -193,15 +193,7 @@ __global__ void __launch_bounds__(256) DeltaKernel(BwdParams p) {
                static_cast<int64_t>(l) * p.o.stride_l + sub * 8;
   const T* d = static_cast<const T*>(p.d_o.ptr) + b * p.d_o.stride_b + h * p.d_o.stride_h +
                static_cast<int64_t>(l) * p.d_o.stride_l + sub * 8;
-  const uint4 ov = *reinterpret_cast<const uint4*>(o);
-  const uint4 dv = *reinterpret_cast<const uint4*>(d);
-  const T* oe = reinterpret_cast<const T*>(&ov);
-  const T* de = reinterpret_cast<const T*>(&dv);
-  float acc = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc += MmaOp<T>::ToFloat(oe[i]) * MmaOp<T>::ToFloat(de[i]);
-#pragma unroll
-  for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+  const float acc = LaneGroupSum<kLanes>(RowDotPartial8(o, d));
   if (ok && sub == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.seqlen + l] = acc;
 }
 

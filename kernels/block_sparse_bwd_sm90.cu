@@ -1561,15 +1561,9 @@ __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld
                    static_cast<int64_t>(r) * p.o.stride_l + sub * 8;
       const T* d = static_cast<const T*>(p.d_o.ptr) + b * p.d_o.stride_b + h * p.d_o.stride_h +
                    static_cast<int64_t>(r) * p.d_o.stride_l + sub * 8;
-      const uint4 ov = *reinterpret_cast<const uint4*>(o);
-      const uint4 dv = *reinterpret_cast<const uint4*>(d);
-      const T* oe = reinterpret_cast<const T*>(&ov);
-      const T* de = reinterpret_cast<const T*>(&dv);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc_d += MmaOp<T>::ToFloat(oe[e]) * MmaOp<T>::ToFloat(de[e]);
+      acc_d = RowDotPartial8(o, d);
     }
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off >>= 1) acc_d += __shfl_xor_sync(0xffffffff, acc_d, off);
+    acc_d = LaneGroupSum<kLanes>(acc_d);
     if (sub == 0) {
       float* dst = ld + (bh * (rows_pad / kM) + r / kM) * (2 * kM) + r % kM;
       dst[0] = ok ? p.lse[bh * L + r] * kLog2e : INFINITY;

@@ -104,6 +104,28 @@ __device__ __forceinline__ float QuadSum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// delta = rowsum(dO * O) of one row with kLanes lanes of 8 elements each (16-byte loads): the
+// lane's partial over its 8 elements in order, then a butterfly over the lanes. Shared by
+// DeltaKernel and the prep kernel that computes delta itself, so both give the same bits. All
+// 32 lanes of the warp must call LaneGroupSum.
+template <typename T>
+__device__ __forceinline__ float RowDotPartial8(const T* o, const T* d) {
+  const uint4 ov = *reinterpret_cast<const uint4*>(o);
+  const uint4 dv = *reinterpret_cast<const uint4*>(d);
+  const T* oe = reinterpret_cast<const T*>(&ov);
+  const T* de = reinterpret_cast<const T*>(&dv);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc += MmaOp<T>::ToFloat(oe[i]) * MmaOp<T>::ToFloat(de[i]);
+  return acc;
+}
+template <int kLanes>
+__device__ __forceinline__ float LaneGroupSum(float x) {
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffff, x, off);
+  return x;
+}
+
 // Fragment loaders for a 16-row slice of a swizzled [rows][D] tile.
 // A operand (rows = M, cols = K chunk kc of 16): a0..a3 of mma.m16n8k16.
 template <int D>

@@ -11,12 +11,39 @@ from the benchmark's structured Q/K, top-p 0.3 with top-k calibrated to the targ
 import argparse
 import os
 import sys
+import types
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sparge import MODE_HYBRID, calibrate, predict, structured_qk  # noqa: E402
 from ncu_mask import SHAPES, kernel_times_us  # noqa: E402
+
+
+def backward_case(shape, sparsity):
+    """The benchmark's backward inputs at a Wan shape (bf16, B=1, D=128, 128x128 blocks, hybrid
+    mask with top-p 0.3 and top-k calibrated to `sparsity`, O and LSE from our forward), with
+    `fwd()` (mask prediction + attention, inference mask) and `bwd()` closures. Also used by
+    trace_bwd.py."""
+    _, H, L = SHAPES[shape]
+    B, D, bq, bk, topp = 1, 128, 128, 128, 0.3
+    q, k = structured_qk(B, L, H, D, seed=L)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    v = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
+    g = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
+    scale = D ** -0.5
+    topk, sp = calibrate(q, k, sparsity, topp, bq, bk)
+    c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, topp, bq, bk)
+    o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
+
+    def fwd():
+        c_, i_, _, _ = predict(q, k, MODE_HYBRID, topk, topp, bq, bk, False)
+        return torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c_, i_, bq, bk, scale)
+
+    def bwd():
+        return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
+
+    return types.SimpleNamespace(sparsity=sp, fwd=fwd, bwd=bwd)
 
 
 def main():
@@ -28,19 +55,8 @@ def main():
     ap.add_argument("--time", action="store_true")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
-    _, H, L = SHAPES[args.shape]
-    B, D, bq, bk, topp = 1, 128, 128, 128, 0.3
-    q, k = structured_qk(B, L, H, D, seed=L)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    v = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
-    g = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
-    scale = D ** -0.5
-    topk, sp = calibrate(q, k, args.sparsity, topp, bq, bk)
-    c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, topp, bq, bk)
-    o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
-
-    def bwd():
-        return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
+    case = backward_case(args.shape, args.sparsity)
+    sp, bwd = case.sparsity, case.bwd
 
     if not args.time:
         os.environ["SPARGE_BWD_IMPL"] = args.impl

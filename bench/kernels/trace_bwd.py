@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sparge import MODE_HYBRID, calibrate, predict, structured_qk  # noqa: E402
+from ncu_bwd import backward_case  # noqa: E402
 from ncu_mask import SHAPES  # noqa: E402
 
 
@@ -39,22 +39,9 @@ def main():
     ap.add_argument("--json", default="", help="write the reduced timeline here")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
-    _, H, L = SHAPES[args.shape]
-    B, D, bq, bk, topp = 1, 128, 128, 128, 0.3
-    q, k = structured_qk(B, L, H, D, seed=L)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    v = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
-    g = torch.randn(B, L, H, D, generator=gen, device="cuda").bfloat16()
-    scale = D ** -0.5
-    topk, sp = calibrate(q, k, args.sparsity, topp, bq, bk)
-    c, i, tc, ti = predict(q, k, MODE_HYBRID, topk, topp, bq, bk)
-    o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
-
-    def call():
-        if args.fwd:
-            c_, i_, _, _ = predict(q, k, MODE_HYBRID, topk, topp, bq, bk, False)
-            return torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c_, i_, bq, bk, scale)
-        return torch.ops.sparge.block_sparse_attention_bwd(g, q, k, v, o, lse, c, i, tc, ti, bq, bk, scale)
+    case = backward_case(args.shape, args.sparsity)
+    sp = case.sparsity
+    call = case.fwd if args.fwd else case.bwd
 
     for _ in range(3):
         call()
