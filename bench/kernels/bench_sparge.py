@@ -62,6 +62,59 @@ def timed(fn, min_iters=3, max_iters=50, budget_s=1.0, warmup=2):
     return times[len(times) // 2]
 
 
+def parse_ab(spec):
+    """--fwd-ab / --bwd-ab text -> [(name, [(ENV, VALUE), ...]), ...]."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        ab_name, envs = item.split(":", 1)
+        out.append((ab_name, [tuple(e.split("=", 1)) for e in envs.split("+")]))
+    return out
+
+
+def set_env(pairs, on):
+    for k_, v_ in pairs:
+        if on:
+            os.environ[k_] = v_
+        else:
+            os.environ.pop(k_, None)
+
+
+def alternating(fn, variants, budget_s=1.5, per_visit=2, min_rounds=8, max_rounds=60):
+    """A/B timing that a power-capped card cannot bias. On the H200 the SM clock hunts between
+    ~1600 and ~1980 MHz within a fraction of a second under the 700 W cap (gpu-clocks.csv of
+    2026-12-05T215646Z), so variants timed one after the other see different clocks. Here the
+    variants (default first, [(name, env pairs)]) take turns every `per_visit` calls, all enqueued
+    back to back (the launchers read their environment knobs per call), the order rotated each
+    round, and every call is bracketed by its own CUDA events. Returns {name: (median, p25, p75,
+    calls)} in ms."""
+    t1 = timed(fn, min_iters=3, max_iters=5, budget_s=0.05)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s * 1e3 / max(t1 * per_visit * len(variants), 1e-3))))
+    ev = {name: [] for name, _ in variants}
+    for r in range(rounds):
+        for j in range(len(variants)):
+            name, pairs = variants[(j + r) % len(variants)]
+            set_env(pairs, True)
+            for _ in range(per_visit):
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                ev[name].append((a, b))
+            set_env(pairs, False)
+    torch.cuda.synchronize()
+    out = {}
+    for name, pairs_ in ev.items():
+        t = sorted(a.elapsed_time(b) for a, b in pairs_)
+        n = len(t)
+        out[name] = (t[n // 2], t[n // 4], t[(3 * n) // 4], n)
+    return out
+
+
+def fmt_q(q):
+    return f"{q[0]:.3f} ms (IQR {q[1]:.3f}-{q[2]:.3f}, {q[3]} calls)"
+
+
 def structured_qk(B, L, H, D, seed, dev="cuda"):
     """Block-smooth Q/K with a shared sink direction plus noise (peaked and flat rows)."""
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -135,11 +188,12 @@ def main():
                          "(recorded as ours_bwd_NAME_ms), e.g. red:SPARGE_BWD_DQ=red")
     ap.add_argument("--fwd-ab", default="",
                     help="forward variants (mask prediction + attention) timed in the same process, "
-                         "NAME:ENV=VALUE[+ENV=VALUE],...; each is interleaved with the default for "
-                         "--ab-rounds rounds (medians recorded as ours_fwd_NAME_ms, mask_NAME_ms and "
+                         "NAME:ENV=VALUE[+ENV=VALUE],...; the default and the variants take turns "
+                         "(medians recorded as ours_fwd_NAME_ms, mask_NAME_ms and "
                          "ours_fwd_default_interleaved_ms), e.g. tile64:SPARGE_FWD_TILE=64")
-    ap.add_argument("--ab-rounds", type=int, default=3,
-                    help="rounds of default/variant interleaving for --fwd-ab and --bwd-ab (run-to-run drift cancels)")
+    ap.add_argument("--ab-budget", type=float, default=1.5,
+                    help="seconds of GPU time per shape for each --fwd-ab / --bwd-ab comparison: the "
+                         "default and the variants take turns every two calls (see alternating())")
     ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
                     help="stream: calls enqueued back to back (default); sync: synchronise after each call")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
@@ -207,15 +261,11 @@ def main():
         print(f"{name} ours dense-mode fwd {ours_dense_fwd:.2f} ms ({dense.get('cudnn_fwd_ms', float('nan')) / ours_dense_fwd:.2f}x cuDNN)", flush=True)
         # The --fwd-ab variants in dense mode too (a variant must not lose there either).
         dense_ab = {}
-        for spec in filter(None, args.fwd_ab.split(",")):
-            ab_name, envs = spec.split(":", 1)
-            pairs = [e.split("=", 1) for e in envs.split("+")]
-            for k_, v_ in pairs:
-                os.environ[k_] = v_
+        for ab_name, pairs in parse_ab(args.fwd_ab):
+            set_env(pairs, True)
             dense_ab[f"ours_dense_mode_fwd_{ab_name}_ms"] = timed(
                 lambda: torch.ops.sparge.block_sparse_attention_fwd(q, k, v, cD, iD, bq, bk, scale))
-            for k_, _ in pairs:
-                del os.environ[k_]
+            set_env(pairs, False)
             print(f"{name} ours dense-mode fwd variant {ab_name}: "
                   f"{dense_ab[f'ours_dense_mode_fwd_{ab_name}_ms']:.2f} ms", flush=True)
         del cD, iD, tcD, tiD
@@ -258,33 +308,25 @@ def main():
             fwd_ab = {}
             if args.fwd_ab:
                 ref_o = ours_fwd()[0]
-                default_runs = []
-                for spec in filter(None, args.fwd_ab.split(",")):
-                    ab_name, envs = spec.split(":", 1)
-                    pairs = [e.split("=", 1) for e in envs.split("+")]
-                    runs, mask_runs = [], []
-                    for _ in range(max(1, args.ab_rounds)):
-                        default_runs.append(timed(ours_fwd))
-                        for k_, v_ in pairs:
-                            os.environ[k_] = v_
-                        runs.append(timed(ours_fwd))
-                        mask_runs.append(timed(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk, False)))
-                        for k_, _ in pairs:
-                            del os.environ[k_]
-                    for k_, v_ in pairs:
-                        os.environ[k_] = v_
+                variants = [("default", [])] + parse_ab(args.fwd_ab)
+                fq = alternating(ours_fwd, variants, args.ab_budget)
+                mq = alternating(lambda: predict(q, k, MODE_HYBRID, topk, args.topp, bq, bk, False), variants,
+                                 args.ab_budget / 2)
+                for ab_name, pairs in variants[1:]:
+                    set_env(pairs, True)
                     o_ab = ours_fwd()[0]
-                    for k_, _ in pairs:
-                        del os.environ[k_]
-                    fwd_ab[f"ours_fwd_{ab_name}_ms"] = statistics.median(runs)
-                    fwd_ab[f"mask_{ab_name}_ms"] = statistics.median(mask_runs)
+                    set_env(pairs, False)
+                    fwd_ab[f"ours_fwd_{ab_name}_ms"] = fq[ab_name][0]
+                    fwd_ab[f"ours_fwd_{ab_name}_iqr_ms"] = list(fq[ab_name][1:3])
+                    fwd_ab[f"mask_{ab_name}_ms"] = mq[ab_name][0]
                     fwd_ab[f"fwd_{ab_name}_vs_default_maxabs"] = (o_ab.float() - ref_o.float()).abs().max().item()
-                    print(f"{name} {target:.2f} fwd variant {ab_name}: {fwd_ab[f'ours_fwd_{ab_name}_ms']:.3f} ms "
-                          f"(rounds {[round(x, 3) for x in runs]}), mask {fwd_ab[f'mask_{ab_name}_ms']:.3f} ms, "
+                    print(f"{name} {target:.2f} fwd variant {ab_name}: {fmt_q(fq[ab_name])}, mask {fmt_q(mq[ab_name])}, "
                           f"max |diff| to default {fwd_ab[f'fwd_{ab_name}_vs_default_maxabs']}", flush=True)
-                fwd_ab["ours_fwd_default_interleaved_ms"] = statistics.median(default_runs)
-                print(f"{name} {target:.2f} fwd default interleaved: {fwd_ab['ours_fwd_default_interleaved_ms']:.3f} ms "
-                      f"(rounds {[round(x, 3) for x in default_runs]})", flush=True)
+                fwd_ab["ours_fwd_default_interleaved_ms"] = fq["default"][0]
+                fwd_ab["ours_fwd_default_interleaved_iqr_ms"] = list(fq["default"][1:3])
+                fwd_ab["mask_default_interleaved_ms"] = mq["default"][0]
+                print(f"{name} {target:.2f} fwd default alternating: {fmt_q(fq['default'])}, mask {fmt_q(mq['default'])}",
+                      flush=True)
                 del ref_o
             o, lse = torch.ops.sparge.block_sparse_attention_fwd(q, k, v, c, i, bq, bk, scale)
             def ours_bwd():
@@ -297,35 +339,24 @@ def main():
             del os.environ["SPARGE_BWD_IMPL"]
             bwd_ab = {}
             ref_grads = ours_bwd() if args.bwd_ab else None
-            bwd_default_runs = []
-            for spec in filter(None, args.bwd_ab.split(",")):
-                ab_name, envs = spec.split(":", 1)
-                pairs = [e.split("=", 1) for e in envs.split("+")]
-                # Default and variant interleaved for --ab-rounds rounds (medians), as in the
-                # forward A/B: sequential timings drift by several percent between minutes.
-                runs = []
-                for _ in range(max(1, args.ab_rounds)):
-                    bwd_default_runs.append(timed(ours_bwd))
-                    for k_, v_ in pairs:
-                        os.environ[k_] = v_
-                    runs.append(timed(ours_bwd))
-                    for k_, _ in pairs:
-                        del os.environ[k_]
-                for k_, v_ in pairs:
-                    os.environ[k_] = v_
-                bwd_ab[f"ours_bwd_{ab_name}_ms"] = statistics.median(runs)
-                bwd_ab[f"bwd_{ab_name}_vs_default_relerr"] = {
-                    n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
-                    for n_, a_, b_ in zip(("dq", "dk", "dv"), ours_bwd(), ref_grads)}
-                for k_, _ in pairs:
-                    del os.environ[k_]
-                print(f"{name} {target:.2f} bwd variant {ab_name}: {bwd_ab[f'ours_bwd_{ab_name}_ms']:.3f} ms "
-                      f"(rounds {[round(x, 3) for x in runs]}), "
-                      f"rel. diff to default {bwd_ab[f'bwd_{ab_name}_vs_default_relerr']}", flush=True)
-            if bwd_default_runs:
-                bwd_ab["ours_bwd_default_interleaved_ms"] = statistics.median(bwd_default_runs)
-                print(f"{name} {target:.2f} bwd default interleaved: {bwd_ab['ours_bwd_default_interleaved_ms']:.3f} ms "
-                      f"(rounds {[round(x, 3) for x in bwd_default_runs]})", flush=True)
+            if args.bwd_ab:
+                variants = [("default", [])] + parse_ab(args.bwd_ab)
+                bq_ = alternating(ours_bwd, variants, args.ab_budget)
+                for ab_name, pairs in variants[1:]:
+                    set_env(pairs, True)
+                    grads_ab = ours_bwd()
+                    set_env(pairs, False)
+                    bwd_ab[f"ours_bwd_{ab_name}_ms"] = bq_[ab_name][0]
+                    bwd_ab[f"ours_bwd_{ab_name}_iqr_ms"] = list(bq_[ab_name][1:3])
+                    bwd_ab[f"bwd_{ab_name}_vs_default_relerr"] = {
+                        n_: ((a_.float() - b_.float()).norm() / b_.float().norm()).item()
+                        for n_, a_, b_ in zip(("dq", "dk", "dv"), grads_ab, ref_grads)}
+                    del grads_ab
+                    print(f"{name} {target:.2f} bwd variant {ab_name}: {fmt_q(bq_[ab_name])}, "
+                          f"rel. diff to default {bwd_ab[f'bwd_{ab_name}_vs_default_relerr']}", flush=True)
+                bwd_ab["ours_bwd_default_interleaved_ms"] = bq_["default"][0]
+                bwd_ab["ours_bwd_default_interleaved_iqr_ms"] = list(bq_["default"][1:3])
+                print(f"{name} {target:.2f} bwd default alternating: {fmt_q(bq_['default'])}", flush=True)
             del ref_grads
             # A/B in the same process: the deterministic two-kernel backward (v4..v8 default).
             os.environ["SPARGE_BWD_IMPL"] = "split"
