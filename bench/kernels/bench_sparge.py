@@ -115,6 +115,63 @@ def fmt_q(q):
     return f"{q[0]:.3f} ms (IQR {q[1]:.3f}-{q[2]:.3f}, {q[3]} calls)"
 
 
+class Nvml:
+    """Energy and SM clock through NVML (libnvidia-ml from the driver, by ctypes: no Python
+    package needed). Under a power cap a kernel's time follows its energy, so --energy records
+    joules per call and the mean SM clock for ours and cuDNN."""
+
+    def __init__(self):
+        import ctypes
+        self.c = ctypes
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise RuntimeError("nvmlInit failed")
+        self.h = ctypes.c_void_p()
+        bus = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "pci_bus_id", None)
+        ok = False
+        if bus is not None:
+            ok = self.lib.nvmlDeviceGetHandleByPciBusId_v2(str(bus).encode(), ctypes.byref(self.h)) == 0
+        if not ok and self.lib.nvmlDeviceGetHandleByIndex_v2(torch.cuda.current_device(), ctypes.byref(self.h)) != 0:
+            raise RuntimeError("no NVML handle")
+
+    def energy_mj(self):
+        v = self.c.c_ulonglong()
+        self.lib.nvmlDeviceGetTotalEnergyConsumption(self.h, self.c.byref(v))
+        return v.value
+
+    def sm_mhz(self):
+        v = self.c.c_uint()
+        self.lib.nvmlDeviceGetClockInfo(self.h, 1, self.c.byref(v))  # NVML_CLOCK_SM
+        return v.value
+
+    def measure(self, fn, seconds=1.0):
+        """Calls enqueued back to back for ~seconds: joules per call, mean watts, ms per call, mean
+        SM clock (sampled every 5 ms by a thread)."""
+        import threading
+        import time
+        t1 = timed(fn, min_iters=3, max_iters=5, budget_s=0.05)
+        n = max(5, int(seconds * 1e3 / max(t1, 1e-3)))
+        clocks, stop = [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                clocks.append(self.sm_mhz())
+                time.sleep(0.005)
+        torch.cuda.synchronize()
+        th = threading.Thread(target=sample)
+        th.start()
+        e0, w0 = self.energy_mj(), time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        e1, w1 = self.energy_mj(), time.perf_counter()
+        stop.set()
+        th.join()
+        j = (e1 - e0) / 1e3
+        return {"j_per_call": j / n, "watts": j / (w1 - w0), "ms_per_call": (w1 - w0) * 1e3 / n, "calls": n,
+                "sm_mhz": statistics.mean(clocks) if clocks else None}
+
+
 def structured_qk(B, L, H, D, seed, dev="cuda"):
     """Block-smooth Q/K with a shared sink direction plus noise (peaked and flat rows)."""
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -194,6 +251,9 @@ def main():
     ap.add_argument("--ab-budget", type=float, default=1.5,
                     help="seconds of GPU time per shape for each --fwd-ab / --bwd-ab comparison: the "
                          "default and the variants take turns every two calls (see alternating())")
+    ap.add_argument("--energy", action="store_true",
+                    help="also measure joules per call and the mean SM clock (NVML) of ours and cuDNN, "
+                         "~1 s of back-to-back calls each (recorded as energy)")
     ap.add_argument("--timing", choices=["stream", "sync"], default="stream",
                     help="stream: calls enqueued back to back (default); sync: synchronise after each call")
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times at each sparsity")
@@ -203,6 +263,12 @@ def main():
     global SYNC_TIMING
     SYNC_TIMING = args.timing == "sync"
     torch.ops.load_library(args.lib)
+    nvml = None
+    if args.energy:
+        try:
+            nvml = Nvml()
+        except Exception as e:  # noqa: BLE001
+            print(f"--energy: NVML unavailable ({e}); skipped", flush=True)
     card = torch.cuda.get_device_name()
     # SPARGE_COMMIT first: the GPU machine's copy may carry no .git or a stale one.
     commit = os.environ.get("SPARGE_COMMIT")
@@ -230,6 +296,7 @@ def main():
         # Dense references on head-major copies (what SDPA is fastest on).
         qh, kh, vh, gh = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))
         dense = {}
+        dense_energy = {}
         for be, bn in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
             try:
                 with sdpa_kernel([be]):
@@ -237,6 +304,12 @@ def main():
                     qg, kg, vg = (t.detach().requires_grad_() for t in (qh, kh, vh))
                     o = F.scaled_dot_product_attention(qg, kg, vg)
                     dense[f"{bn}_bwd_ms"] = timed(lambda: torch.autograd.grad(o, (qg, kg, vg), gh, retain_graph=True))
+                    if nvml is not None and bn == "cudnn":
+                        dense_energy = {
+                            "cudnn_fwd": nvml.measure(lambda: F.scaled_dot_product_attention(qh, kh, vh)),
+                            "cudnn_bwd": nvml.measure(
+                                lambda: torch.autograd.grad(o, (qg, kg, vg), gh, retain_graph=True))}
+                        print(f"{name} energy: {dense_energy}", flush=True)
                     del o, qg, kg, vg
             except Exception as e:  # noqa: BLE001
                 print(f"{name} {bn} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -373,6 +446,15 @@ def main():
                 os.environ["SPARGE_FWD_IMPL"] = "mma"
                 bwd_mma_ms = timed(ours_bwd)
                 del os.environ["SPARGE_FWD_IMPL"]
+            if nvml is not None:
+                energy = dict(dense_energy)
+                energy["ours_fwd"] = nvml.measure(ours_fwd)
+                energy["ours_bwd"] = nvml.measure(ours_bwd)
+                for what in ("fwd", "bwd"):
+                    if f"cudnn_{what}" in energy:
+                        energy[f"energy_ratio_{what}_vs_cudnn"] = (energy[f"cudnn_{what}"]["j_per_call"] /
+                                                                   max(energy[f"ours_{what}"]["j_per_call"], 1e-12))
+                print(f"{name} {target:.2f} energy: {energy}", flush=True)
             row_trace = {}
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
@@ -409,6 +491,8 @@ def main():
             row.update(bwd_ab)
             row.update(fwd_ab)
             row.update(row_trace)
+            if nvml is not None:
+                row["energy"] = energy
             row.update(dense_ab)
             if flex is not None:
                 try:
