@@ -29,7 +29,6 @@
 
 #include "kernels/launch_utils.h"
 #include "kernels/bwd_internal.h"
-#include "kernels/lazy_zero.h"
 #include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
 #include "kernels/tma_map.h"
@@ -348,10 +347,7 @@ struct FusedSchedule {
   // FusedChunkScheduleKernel only: chunked key tiles, heavy-first entries, first tail entry of
   // the body (the entries after the heavy-first ones), body entries.
   int nslots, heavy_total, tail_from, body_total;
-  // FusedChunkScheduleKernel with ChunkPlan::lazy_lo > 0: one past the last head whose dQ
-  // accumulator the fused kernel zeroes (ChunkPlan's lazy zeroing), 0 = none.
-  int lazy_hi;
-  int pad;
+  int pad[2];
   // [items], or with chunking [ChunkPlan::capacity], then part[capacity], slot_item[max_slots],
   // seg[B * H] (first body entry of each head), scratch[2 * capacity] (FusedSortScheduleKernel)
   int order[1];
@@ -373,16 +369,6 @@ struct ChunkPlan {
   int extra;         // list entries beyond one per item at most (chunks - 1 summed over slots)
   int capacity;      // list entries: items + extra
   int sort;          // FusedSortScheduleKernel orders each head's body by median query block
-  // Lazy zeroing (SPARGE_BWD_LAZY_ZERO=1, prepared A/B; kernels/NOTES.md "Ninth session"): the
-  // dQ accumulator of heads (b * H + h) lazy_lo .. sched->lazy_hi - 1 is zeroed inside the fused
-  // kernel instead of by the prep kernel: head g by the list entries of head g - 2, each entry
-  // one slice (its "duty"), stored at its start and announced at its end; done[g] counts the
-  // warps that announced a duty for g, and an entry of head g waits at its start until all have.
-  // lazy_lo = 0: off.
-  int lazy_lo;
-  long long region_vec4;  // float4s of one head's accumulator
-  int* done;              // [B * H], zeroed by the prep kernel
-  int4* lazy_tab;         // [capacity] per list position: duty head or -1, slice, slices, warps to wait for
 };
 template <int D>
 constexpr int kChunkPartialFloats = 2 * kFKeys * D;  // dK then dV, 128 keys x D, fp32
@@ -871,29 +857,6 @@ __global__ void __launch_bounds__(kSchedThreads) FusedChunkScheduleKernel(BwdPar
     ++slot;
     xb += parts_of(c) - 1;
   }
-  if (cp.lazy_lo > 0) {
-    // Lazy zeroing covers head g when the list is in head order (no heavy-first entries) and
-    // head g - 2 lies wholly before the tail (its entries, which zero g, then all precede every
-    // entry of g): seg[g - 1] <= tail_from, true for g from lazy_lo up to some head (seg rises).
-    __shared__ int lazy_hi;
-    __syncthreads();  // seg and order complete
-    const int nbh = p.batch * p.heads;
-    if (tid == 0) {
-      const int hi = LazyZeroHi(seg, nbh, cp.lazy_lo, tail_from, heavy_total);
-      lazy_hi = hi;
-      sched->lazy_hi = hi;
-    }
-    __syncthreads();
-    // Per list position: the entry's duty (a slice of head g + 2; body positions only, which
-    // with no heavy-first entries are the body entries) and, for an entry of a covered head,
-    // the duty warps to wait for (8 per entry of head g - 2). The sort kernel reorders entries
-    // only inside a head's segment, so both stay valid.
-    const int hi = lazy_hi;
-    for (int pos = tid; pos < heavy_total + body_total; pos += kSchedThreads) {
-      const LazyZeroRow r = LazyZeroRowOf(pos, order[pos] / nkt, seg, cp.lazy_lo, hi, tail_from);
-      cp.lazy_tab[pos] = make_int4(r.duty, r.slice, r.slices, 8 * r.need);  // 8 warps announce each duty
-    }
-  }
 }
 
 // Orders each head's body entries (FusedChunkScheduleKernel's list between the heavy-first ones
@@ -1107,29 +1070,12 @@ struct V10Layout {
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
   // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
-  // first transposed-LUT entry, chunk part or -1); lazy zeroing: the records' table rows [2][4]
-  // (duty head or -1, duty slice, slices, duty warps to wait for; 16-byte aligned, copied by
-  // cp.async), and per warpgroup the last head whose zeroing it saw complete
+  // first transposed-LUT entry, chunk part or -1)
   static constexpr int kMisc = kBar + kNumBars * 8;
   static constexpr int kRecInts = 8;
-  static constexpr int kLazyRec = (kMisc + 4 * (kV10Stages + 2 * kRecInts) + 15) / 16 * 16;
-  static constexpr int kLazyOk = kLazyRec + 2 * 16;
-  static constexpr int kBytes = kLazyOk + 4 * 2 + 1024;  // + alignment slack
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
-
-__device__ __forceinline__ int LdAcquireGpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-// Lazy zeroing (ChunkPlan): waits until `need` duty warps have finished for this head, then
-// orders the zeros (generic stores of other CTAs, acquired here) before this thread's bulk
-// reductions (async proxy).
-__device__ __forceinline__ void WaitLazyZero(const int* done, int need) {
-  while (LdAcquireGpu(done) < need) __nanosleep(64);
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
-}
 
 struct V10Item {
   int item, b, h, k0, count, n, q0;  // q0: first query row of tile 0 (and, + 64, of tile 1)
@@ -1149,7 +1095,7 @@ __device__ __forceinline__ void StShared128(uint32_t addr, float a, float b, flo
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
-template <typename T, int D, bool kLazy = false>
+template <typename T, int D>
 __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
@@ -1171,8 +1117,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto empty = [&](int s) { return bars + 8 * (1 + kV10Stages + 2 * kV10DsBufs + s); };
   int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
   int* sItem = rel + kV10Stages;
-  int* sLazyOk = reinterpret_cast<int*>(smem + Lay::kLazyOk);
-  const int* sLazyRec = reinterpret_cast<const int*>(smem + Lay::kLazyRec);
 
   const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
   const int tig = lane & 3;
@@ -1185,7 +1129,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     for (int j = 0; j < 2 * kV10DsBufs; ++j) MbarInit(dsready(0, j), 128);
     for (int s = 0; s < kV10Stages; ++s) MbarInit(empty(s), kFThreads);
     for (int s = 0; s < kV10Stages; ++s) rel[s] = 0;
-    sLazyOk[0] = sLazyOk[1] = -1;
     FenceMbarInit();
   }
 
@@ -1215,14 +1158,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     r[3] = count > 0 ? tlut[lo] * kTileQ : 0;
     r[4] = lo;
     r[5] = part;
-    // Lazy zeroing: this entry's duty and, for an entry of a lazily zeroed head, the duty
-    // warps to wait for: the schedule's table row, copied without registers (the tile loop,
-    // where this runs, has none to spare); waited for before the barrier that publishes it.
-    if (kLazy) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + Lay::kLazyRec + slot * 16),
-                   "l"(cp.lazy_tab + e));
-      CpAsyncCommit();
-    }
   };
   auto decode = [&](int slot) {
     const int* r = sItem + Lay::kRecInts * slot;
@@ -1278,7 +1213,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     PrefetchTensorMap(&tm_v);
     const int w0 = atomicAdd(&sched->next, 1);
     publish(0, w0 < sched->items ? sched->order[w0] : -1, w0);
-    if (kLazy) CpAsyncWaitAll();
     const V10Item x = decode(0);
     if (x.item >= 0 && x.n > 0) issue_item(x, 0);
   }
@@ -1308,29 +1242,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     const V10Item x = decode(it & 1);
     if (x.item < 0) break;
     if (tid == 0) w_next = atomicAdd(&sched->next, 1);
-    if (kLazy) {
-      // Lazy zeroing: this entry's duty (a slice of a head two later), stored now and announced
-      // at the item's end (the stores complete under the item); then, before any dQ reduction
-      // of this item, its head's zeroing complete (once per head and warpgroup: the threads
-      // issuing the reductions). Every entry announces before its CTA's next wait, and waits
-      // only on entries earlier in the list: no cycle.
-      const int* rr = sLazyRec + 4 * (it & 1);
-      const int duty = rr[0];
-      if (duty >= 0) {
-        const int64_t r0 = duty * cp.region_vec4, dj = rr[1], dn = rr[2];
-        float4* acc4 = reinterpret_cast<float4*>(dq_acc);
-        const int64_t z1 = r0 + cp.region_vec4 * (dj + 1) / dn;
-        for (int64_t v = r0 + cp.region_vec4 * dj / dn + tid; v < z1; v += kFThreads)
-          acc4[v] = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      if (wtid == 0) {
-        const int need = rr[3];
-        if (need > 0 && sLazyOk[cw] != static_cast<int>(x.bh)) {
-          WaitLazyZero(cp.done + x.bh, need);
-          sLazyOk[cw] = static_cast<int>(x.bh);
-        }
-      }
-    }
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -1466,10 +1377,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     // The chunk part, read while this item's record is still there (the next publish into this
     // record slot comes after the barrier).
     const int part = cp.partial != nullptr ? sItem[Lay::kRecInts * (it & 1) + 5] : -1;
-    if (kLazy && tid == 0) CpAsyncWaitAll();  // the next item's table row (publish)
-    // This item's duty head, read before the barrier like part (after it, publish may refill
-    // the slot for the item after next).
-    const int duty = kLazy ? sLazyRec[4 * (it & 1)] : -1;
     __syncthreads();  // K, V, the dS^T buffers and every slot of this item are free
     if (tid == 0) {
       const V10Item y = decode((it + 1) & 1);
@@ -1480,38 +1387,14 @@ __global__ void __launch_bounds__(kFThreads, 1)
     } else {
       AddDkDvPartial<D>(cp.partial + static_cast<int64_t>(part & 0xFFFFF) * kChunkPartialFloats<D>, cw, wtid, dk, dv);
     }
-    if (kLazy && duty >= 0) {  // this entry's duty: every warp's stores, then one count per warp
-      __threadfence();
-      __syncwarp();
-      if (lane == 0) atomicAdd(cp.done + duty, 1);
-    }
   }
   if (wtid == 0) BulkWait0();
-}
-
-// The prep kernels' zeroing: the dQ accumulator and the chunk slots after it (acc_vec4 float4s
-// in all) but, with lazy zeroing (ChunkPlan), the heads the fused kernel zeroes itself; and the
-// lazy zeroing's counters. With lazy zeroing the prep kernel runs after the schedule kernels.
-__device__ __forceinline__ void PrepZero(float4* acc, int64_t acc_vec4, const FusedSchedule* sched, const ChunkPlan& cp,
-                                         int nbh, int64_t t0, int64_t stride) {
-  int64_t skip_lo = 0, skip_hi = 0;
-  if (cp.lazy_lo > 0) {
-    const int hi = sched->lazy_hi;
-    if (hi > cp.lazy_lo) {
-      skip_lo = cp.lazy_lo * cp.region_vec4;
-      skip_hi = hi * cp.region_vec4;
-    }
-    for (int64_t i = t0; i < nbh; i += stride) cp.done[i] = 0;
-  }
-  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int64_t i = t0; i < skip_lo; i += stride) acc[i] = z;
-  for (int64_t i = skip_hi + t0; i < acc_vec4; i += stride) acc[i] = z;
 }
 
 // Packs LSE (x log2 e; +inf past L, so P = 0 there) and delta (0 past L) per 64-row query tile:
 // ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator and the work list's counter.
 __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                     FusedSchedule* sched, ChunkPlan cp) {
+                                                     FusedSchedule* sched) {
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
@@ -1526,7 +1409,8 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
     dst[0] = ok ? p.lse[bh * L + r] * kLog2e : INFINITY;
     dst[kM] = ok ? p.delta[bh * L + r] : 0.f;
   }
-  PrepZero(acc, acc_vec4, sched, cp, p.batch * p.heads, t0, stride);
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
 }
 
 
@@ -1539,7 +1423,7 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 // path). Saves one launch and its tail, and the delta array's round trip.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                          FusedSchedule* sched, ChunkPlan cp) {
+                                                          FusedSchedule* sched) {
   constexpr int kLanes = D / 8;
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
@@ -1570,7 +1454,8 @@ __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld
       dst[kM] = acc_d;
     }
   }
-  PrepZero(acc, acc_vec4, sched, cp, p.batch * p.heads, t0, threads);
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t i = t0; i < acc_vec4; i += threads) acc[i] = z;
 }
 
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
@@ -1682,15 +1567,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const size_t list_ints = chunked ? 4 * static_cast<size_t>(cp.capacity) + cp.max_slots + p.batch * p.heads
                                    : static_cast<size_t>(items);
   const size_t list_bytes = sizeof(FusedSchedule) + list_ints * 4;
-  // SPARGE_BWD_LAZY_ZERO=1 (prepared A/B, off until measured; kernels/NOTES.md "Ninth session"):
-  // heads 2 and up of the accumulator zeroed inside the fused kernel (ChunkPlan), which needs
-  // the chunked schedule's per-head segments; [B * H] counters after the list.
-  const bool lazy = chunked && EnvFlagOn("SPARGE_BWD_LAZY_ZERO");
-  cp.lazy_lo = lazy ? 2 : 0;
-  cp.region_vec4 = (2 * nq) * (D / 64) * (kDqTileFloats / 4);
-  const size_t done_bytes = lazy ? (static_cast<size_t>(p.batch) * p.heads * 4 + 15) / 16 * 16 + 16 : 0;
-  const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes + done_bytes +
-                       (lazy ? static_cast<size_t>(cp.capacity) * sizeof(int4) : 0);
+  const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
@@ -1698,11 +1575,6 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   cp.partial = chunked ? acc + floats : nullptr;
   float* ld = acc + floats + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
-  cp.done = lazy ? reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes) : nullptr;
-  // The table 16-byte aligned after the counters (done_bytes holds the padding).
-  cp.lazy_tab = lazy ? reinterpret_cast<int4*>((reinterpret_cast<uintptr_t>(cp.done) + done_bytes - 16 + 15) /
-                                               16 * 16)
-                     : nullptr;
   const int sms = SmCount();
   // SPARGE_BWD_SCHED_STREAM=1 (prepared A/B, off until measured; kernels/NOTES.md): the one-CTA
   // schedule kernels (22 + 8 us at Wan-1.3B, 162 + 15 us at 14B on an H100) run on a side stream
@@ -1718,36 +1590,28 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) sched_stream = stream;
   }
   const bool forked = sched_stream != stream;
-  const bool prep_delta = EnvInt("SPARGE_BWD_PREP_DELTA", 0, 0, 1) > 0;
-  // The prep kernel: with delta inside it (SPARGE_BWD_PREP_DELTA=1), or after DeltaKernel (launched
-  // here unless lazy zeroing launched it already, beside the schedule).
-  auto launch_prep = [&]() {
-    if (prep_delta) {
-      return LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                          (floats + slot_floats) / 4, sched, cp);
+  if (err == cudaSuccess) {
+    if (EnvInt("SPARGE_BWD_PREP_DELTA", 0, 0, 1) > 0) {
+      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                         (floats + slot_floats) / 4, sched);
+    } else {
+      err = LaunchBwdDelta(p, stream);
+      if (err == cudaSuccess) {
+        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                           (floats + slot_floats) / 4, sched);
+      }
     }
-    const cudaError_t delta_err = lazy ? cudaSuccess : LaunchBwdDelta(p, stream);
-    if (delta_err != cudaSuccess) return delta_err;
-    return LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                        (floats + slot_floats) / 4, sched, cp);
-  };
-  if (!lazy) {
-    if (err == cudaSuccess) err = launch_prep();
-    if (err == cudaSuccess) err = LaunchSchedule(p, sched, sched_stream, &cp);
-  } else {
-    // Lazy zeroing: the prep kernel zeroes what the list leaves to it (sched->lazy_hi), so the
-    // schedule comes first (beside DeltaKernel on the side stream).
-    if (err == cudaSuccess) err = LaunchSchedule(p, sched, sched_stream, &cp);
-    if (err == cudaSuccess && !prep_delta) err = LaunchBwdDelta(p, stream);
+  }
+  if (err == cudaSuccess) {
+    err = LaunchSchedule(p, sched, sched_stream, &cp);
   }
   if (forked) {
     const cudaError_t join_err = OrderAfter(stream, sched_stream);
     if (err == cudaSuccess) err = join_err;
   }
-  if (lazy && err == cudaSuccess) err = launch_prep();
   if (err == cudaSuccess) {
     constexpr int smem = V10Layout<D>::kBytes;
-    auto kernel = lazy ? BwdFusedV10Kernel<T, D, true> : BwdFusedV10Kernel<T, D, false>;
+    auto kernel = BwdFusedV10Kernel<T, D>;
     err = detail::SetMaxDynamicSmem(reinterpret_cast<const void*>(kernel), smem);
     if (err == cudaSuccess) {
       // L2 priorities (kernels/NOTES.md, H100 runs): 2 (default) = dQ accumulator reductions

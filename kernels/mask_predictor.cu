@@ -71,11 +71,14 @@ Workspace Carve(const MaskParams& p, void* base) {
 // the pooled values are bit for bit those of the one-load-at-a-time loop.
 // heads_fastest: the grid is (H, blocks, B) instead of (blocks, H, B) (SPARGE_HEADS_FASTEST).
 template <typename T, int D>
-__device__ __forceinline__ void PoolBlock(const Tensor4& x, int L, int H, int block, int nblocks, int n, int h, int b,
-                                          float* out) {
+__global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out,
+                                                       int heads_fastest) {
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kThreads / kLanes;
   __shared__ float red[kGroups][D];
+  const int n = heads_fastest ? blockIdx.y : blockIdx.x, h = heads_fastest ? blockIdx.x : blockIdx.y;
+  const int b = blockIdx.z;
+  const int nblocks = heads_fastest ? gridDim.y : gridDim.x;
   const int tid = threadIdx.x, ch = tid % kLanes, grp = tid / kLanes;
   const int r0 = n * block, r1 = min(L, r0 + block);
   const T* base = static_cast<const T*>(x.ptr) + b * x.stride_b + h * x.stride_h + ch * 8;
@@ -105,31 +108,6 @@ __device__ __forceinline__ void PoolBlock(const Tensor4& x, int L, int H, int bl
     for (int g = 0; g < kGroups; ++g) s += red[g][tid];
     out[((static_cast<int64_t>(b) * H + h) * nblocks + n) * D + tid] = s / static_cast<float>(r1 - r0);
   }
-}
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out,
-                                                       int heads_fastest) {
-  const int n = heads_fastest ? blockIdx.y : blockIdx.x, h = heads_fastest ? blockIdx.x : blockIdx.y;
-  const int nblocks = heads_fastest ? gridDim.y : gridDim.x;
-  PoolBlock<T, D>(x, L, H, block, nblocks, n, h, blockIdx.z, out);
-}
-
-// SPARGE_MASK_ONE_POOL=1 (prepared A/B, off until measured; kernels/NOTES.md): Q and K pooled by
-// one launch. Each pooling CTA reads only 32 KB (one block of one head) and the grid is ~3 waves
-// of them, so a pooling kernel is mostly ramp and tail; one grid over both tensors (z < B: Q,
-// z >= B: K; CTAs past a tensor's block count return) removes one launch, one ramp and one tail.
-// The per-CTA body is PoolKernel's: the pooled values are the same bits.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) PoolQKKernel(Tensor4 q, Tensor4 k, int L, int H, int block_q, int block_k,
-                                                         float* qout, float* kout, int heads_fastest) {
-  const int n = heads_fastest ? blockIdx.y : blockIdx.x, h = heads_fastest ? blockIdx.x : blockIdx.y;
-  const int batch = gridDim.z / 2;
-  const bool is_k = static_cast<int>(blockIdx.z) >= batch;
-  const int block = is_k ? block_k : block_q;
-  const int nblocks = (L + block - 1) / block;
-  if (n >= nblocks) return;
-  PoolBlock<T, D>(is_k ? k : q, L, H, block, nblocks, n, h, static_cast<int>(blockIdx.z) - (is_k ? batch : 0),
-                  is_k ? kout : qout);
 }
 
 // kmean[b][h][:] = token-weighted mean of the pooled K blocks = mean of K over the sequence.
@@ -461,18 +439,6 @@ cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStre
              : LaunchKernel(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out, hf);
 }
 
-template <typename T>
-cudaError_t PoolQK(const MaskParams& p, float* qout, float* kout, cudaStream_t s) {
-  const int hf = HeadsFastest() ? 1 : 0;
-  const unsigned nb = static_cast<unsigned>(CeilDiv(p.seqlen, std::min(p.block_q, p.block_k)));
-  const unsigned nh = static_cast<unsigned>(p.heads);
-  const dim3 grid(hf ? nh : nb, hf ? nb : nh, 2 * p.batch);
-  return p.head_dim == 128 ? LaunchKernel(PoolQKKernel<T, 128>, grid, kThreads, 0, s, p.q, p.k, p.seqlen, p.heads,
-                                          p.block_q, p.block_k, qout, kout, hf)
-                           : LaunchKernel(PoolQKKernel<T, 64>, grid, kThreads, 0, s, p.q, p.k, p.seqlen, p.heads,
-                                          p.block_q, p.block_k, qout, kout, hf);
-}
-
 template <int kE>
 cudaError_t SelectE(const MaskParams& p, const Workspace& w, int64_t bh0, int64_t rows, cudaStream_t s) {
   constexpr int kRowsPerCta = kThreads / 32;
@@ -532,11 +498,7 @@ cudaError_t LaunchMaskPredictor(const MaskParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (transposed && (err = cudaMemsetAsync(w.tbits, 0, bh * nk * CeilDiv(nq, 32) * 4, stream)) != cudaSuccess)
     return err;
-  if (2 * static_cast<int64_t>(p.batch) <= 65535 && EnvFlagOn("SPARGE_MASK_ONE_POOL")) {
-    err = p.dtype == DType::kBF16 ? PoolQK<__nv_bfloat16>(p, w.qpool, w.kpool, stream)
-                                  : PoolQK<__half>(p, w.qpool, w.kpool, stream);
-    if (err != cudaSuccess) return err;
-  } else if (p.dtype == DType::kBF16) {
+  if (p.dtype == DType::kBF16) {
     if ((err = Pool<__nv_bfloat16>(p, p.q, p.block_q, w.qpool, stream)) != cudaSuccess) return err;
     if ((err = Pool<__nv_bfloat16>(p, p.k, p.block_k, w.kpool, stream)) != cudaSuccess) return err;
   } else {

@@ -155,14 +155,11 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        // Pooling grid order and Q and K pooled by one launch (prepared A/B switches), each
-        // alone and together (bk = 64: the one launch's grid has K blocks Q does not).
-        for (int variant = 0; variant < 4; ++variant) {
-          ScopedEnv env("SPARGE_HEADS_FASTEST", variant & 1 ? "1" : nullptr);
-          ScopedEnv one("SPARGE_MASK_ONE_POOL", variant & 2 ? "1" : nullptr);
+        for (const char* hf : {static_cast<const char*>(nullptr), "1"}) {  // pooling grid order (A/B)
+          ScopedEnv env("SPARGE_HEADS_FASTEST", hf);
           BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
           ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
-                                      (variant & 1 ? " heads fastest" : "") + (variant & 2 ? " one pool" : ""));
+                                      (hf ? " heads fastest" : ""));
         }
         ++cases;
       }
@@ -503,32 +500,19 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
   CheckLarge(32760, 12, 1, 128, "default");
 }
 
-// The same with SPARGE_BWD_LAZY_ZERO=1 (prepared A/B): the dQ accumulator of heads 2 and up,
-// but those whose head - 2 reaches the list's tail, zeroed inside the fused kernel, with the
-// side stream (the schedule beside the delta kernel) and without.
-TEST(SpargeKernelsGpu, FusedBackwardLazyZeroWan13BShape) {
-  SKIP_WITHOUT_GPU();
-  ScopedEnv lazy("SPARGE_BWD_LAZY_ZERO", "1");
-  CheckLarge(32760, 12, 1, 128, "default");
-  ScopedEnv side("SPARGE_BWD_SCHED_STREAM", "1");
-  CheckLarge(32760, 12, 1, 128, "default");
-}
-
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
 // pooling and dQ convert grids numbered heads fastest), SPARGE_BWD_SCHED_STREAM=1 (the backward's
-// schedule kernels on a side stream under the prep kernel) and SPARGE_BWD_PREP_DELTA=1 (delta
-// inside the prep kernel, same summation order), SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and
-// dQ converts as one launch), SPARGE_MASK_ONE_POOL=1 (Q and K pooled by one launch) and
-// SPARGE_BWD_LAZY_ZERO=1 (the dQ accumulator of heads 2-4 zeroed inside the fused kernel here:
-// B x H = 10, 400 items, a 264-entry tail): mask, O and LSE bitwise the default's, dK and dV
-// too with chunking off (a fixed order), dQ to the accumulator's addition order; with the default
-// (chunked) schedule, dK/dV to rounding as well.
+// schedule kernels on a side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=1 (delta inside
+// the prep kernel, same summation order) and SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and dQ
+// converts as one launch): mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
+// dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"},
-      {"SPARGE_BWD_ONE_CONVERT", "1"}, {"SPARGE_MASK_ONE_POOL", "1"}, {"SPARGE_BWD_LAZY_ZERO", "1"}};
+      {"SPARGE_BWD_ONE_CONVERT", "1"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -585,8 +569,7 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4sop", "4sz", "1s", "1sz", "32s",
-                                                               "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4sop", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -611,9 +594,7 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
     // reads the counts from global memory instead of shared (the path for lists too long for
     // shared memory); "o" the converts as one launch (SPARGE_BWD_ONE_CONVERT); "p" delta inside
-    // the prep kernel (SPARGE_BWD_PREP_DELTA); "z" lazy zeroing (SPARGE_BWD_LAZY_ZERO: with more
-    // candidates than slots the list has heavy-first entries and the kernels fall back to the
-    // prep kernel's zeroing).
+    // the prep kernel (SPARGE_BWD_PREP_DELTA).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -621,12 +602,11 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       if (at != std::string::npos) spec.erase(at, 1);
       return at != std::string::npos;
     };
-    const bool global_counts = take('g'), one_convert = take('o'), prep_delta = take('p'), lazy = take('z');
+    const bool global_counts = take('g'), one_convert = take('o'), prep_delta = take('p');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", one_convert ? "1" : nullptr);
     ScopedEnv prep("SPARGE_BWD_PREP_DELTA", prep_delta ? "1" : nullptr);
-    ScopedEnv lazy_zero("SPARGE_BWD_LAZY_ZERO", lazy ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
