@@ -1021,8 +1021,8 @@ __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4
   DqConvertTile<T, D>(p, acc, heads_fastest, blockIdx.x);
 }
 
-// SPARGE_BWD_ONE_CONVERT=1 (prepared A/B, off until measured): the dK/dV chunk convert and the dQ
-// convert as one launch, the chunk slots' CTAs first (most return at once: slots past
+// The default since the tenth session (SPARGE_BWD_ONE_CONVERT=0 for the two launches; A/B in
+// kernels/NOTES.md): the dK/dV chunk convert and the dQ convert as one launch, the chunk slots' CTAs first (most return at once: slots past
 // sched->nslots), then the dQ tiles: one launch boundary and tail fewer, and the chunk convert's
 // few busy CTAs run beside the dQ tiles instead of before them.
 template <typename T, int D>
@@ -1414,8 +1414,8 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 }
 
 
-// The v10 prep with delta fused in (prepared A/B, SPARGE_BWD_PREP_DELTA=1, off until measured on a
-// GPU; kernels/NOTES.md): delta = sum_d dO * O computed here from the token rows instead of by
+// The v10 prep with delta fused in (the default since the tenth session; SPARGE_BWD_PREP_DELTA=0
+// runs DeltaKernel and BwdPrepKernel instead; kernels/NOTES.md): delta = sum_d dO * O computed here from the token rows instead of by
 // DeltaKernel, packed with LSE into ld as above, and the same zeroing. D/8 lanes per row with
 // 16-byte loads and DeltaKernel's summation order (the values are bitwise equal); rows numbered
 // query-row fastest within (b, h), so ld and LSE are walked in order and each row's O and dO are
@@ -1576,7 +1576,8 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   float* ld = acc + floats + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
   const int sms = SmCount();
-  // SPARGE_BWD_SCHED_STREAM=1 (prepared A/B, off until measured; kernels/NOTES.md): the one-CTA
+  // The schedule on a side stream (the default since the tenth session, SPARGE_BWD_SCHED_STREAM=0
+  // turns it off; kernels/NOTES.md): the one-CTA
   // schedule kernels (22 + 8 us at Wan-1.3B, 162 + 15 us at 14B on an H100) run on a side stream
   // under the bandwidth-bound prep kernel (80 / 634 us); they share no memory with it (prep
   // zeroes the accumulator, the slots and sched->next, the schedule writes the list and the
@@ -1585,13 +1586,13 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   // Without a side stream (its creation failed, e.g. under global-mode stream capture) the
   // schedule stays on the caller's stream.
   cudaStream_t sched_stream = stream;
-  if (EnvFlagOn("SPARGE_BWD_SCHED_STREAM") && SideStream(&sched_stream) == cudaSuccess) {
+  if (EnvInt("SPARGE_BWD_SCHED_STREAM", 1, 0, 1) > 0 && SideStream(&sched_stream) == cudaSuccess) {
     err = OrderAfter(sched_stream, stream);
     if (err != cudaSuccess) sched_stream = stream;
   }
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
-    if (EnvInt("SPARGE_BWD_PREP_DELTA", 0, 0, 1) > 0) {
+    if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
       err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
                          (floats + slot_floats) / 4, sched);
     } else {
@@ -1624,7 +1625,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
     }
   }
   const unsigned chunk_blocks = static_cast<unsigned>(cp.max_slots) * 4 * (D / 64);
-  if (err == cudaSuccess && cp.partial != nullptr && EnvFlagOn("SPARGE_BWD_ONE_CONVERT")) {
+  if (err == cudaSuccess && cp.partial != nullptr && EnvInt("SPARGE_BWD_ONE_CONVERT", 1, 0, 1) > 0) {
     err = LaunchKernel(ConvertAllKernel<T, D>, chunk_blocks + static_cast<unsigned>(floats / kDqTileFloats), 256, 0,
                        stream, p, static_cast<const FusedSchedule*>(sched), cp, chunk_blocks,
                        reinterpret_cast<const float4*>(acc), HeadsFastest() ? 1 : 0);

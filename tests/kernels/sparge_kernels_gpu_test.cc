@@ -501,18 +501,19 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 }
 
 // Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
-// pooling and dQ convert grids numbered heads fastest), SPARGE_BWD_SCHED_STREAM=1 (the backward's
-// schedule kernels on a side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=1 (delta inside
-// the prep kernel, same summation order) and SPARGE_BWD_ONE_CONVERT=1 (the dK/dV chunk and dQ
-// converts as one launch): mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// pooling and dQ convert grids numbered heads fastest), and the launches the backward's defaults
+// replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
+// side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
+// instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
+// and dQ converts as two launches): mask, O and LSE bitwise the default's, dK and dV too with chunking off
 // (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
 // dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
-      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "1"}, {"SPARGE_BWD_PREP_DELTA", "1"},
-      {"SPARGE_BWD_ONE_CONVERT", "1"}};
+      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
+      {"SPARGE_BWD_ONE_CONVERT", "0"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -563,13 +564,14 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // launcher turns chunking off): per head `sinks` key blocks and the partial last one kept by
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
-// "4sop": chunks of 4 and the sort with the prepared prep-delta kernel and the one-launch convert.
+// "4scd": chunks of 4 and the sort with the launches the defaults replaced (DeltaKernel before the
+// prep kernel, two converts).
 // (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
-// "op"), whose
+// "cd"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4sop", "1s", "32s", "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -593,8 +595,8 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
   for (const char* chunk_spec : chunks) {
     // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
     // reads the counts from global memory instead of shared (the path for lists too long for
-    // shared memory); "o" the converts as one launch (SPARGE_BWD_ONE_CONVERT); "p" delta inside
-    // the prep kernel (SPARGE_BWD_PREP_DELTA).
+    // shared memory); "c" the dK/dV chunk and dQ converts as two launches (SPARGE_BWD_ONE_CONVERT=0);
+    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -602,11 +604,11 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       if (at != std::string::npos) spec.erase(at, 1);
       return at != std::string::npos;
     };
-    const bool global_counts = take('g'), one_convert = take('o'), prep_delta = take('p');
+    const bool global_counts = take('g'), two_converts = take('c'), delta_kernel = take('d');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
-    ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", one_convert ? "1" : nullptr);
-    ScopedEnv prep("SPARGE_BWD_PREP_DELTA", prep_delta ? "1" : nullptr);
+    ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", two_converts ? "0" : nullptr);
+    ScopedEnv prep("SPARGE_BWD_PREP_DELTA", delta_kernel ? "0" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -640,7 +642,7 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1sop"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd"}, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
