@@ -998,15 +998,10 @@ __device__ __forceinline__ void AddDkDvPartial(float* dst, int cw, int wtid, con
 }
 
 // dQ = scale * accumulator, into the [B, L, H, D] strides. One CTA of 256 threads per 64 x 64
-// accumulator tile (ConvertFragmentTile).
-// heads_fastest (SPARGE_HEADS_FASTEST): CTA x = (query tile, column block) x B*H + bh, so the
-// CTAs running together write the same rows of every head.
+// accumulator tile (ConvertFragmentTile), numbered (bh, query tile, column block).
 template <typename T, int D>
-__device__ __forceinline__ void DqConvertTile(const BwdParams& p, const float4* acc, int heads_fastest, unsigned block) {
-  const int64_t nbh = static_cast<int64_t>(p.batch) * p.heads;
-  const int64_t tile = heads_fastest ? (static_cast<int64_t>(block) % nbh) * (2 * CeilDiv(p.seqlen, kTileQ)) * (D / 64) +
-                                           static_cast<int64_t>(block) / nbh
-                                     : static_cast<int64_t>(block);  // (bh, query tile, column block)
+__device__ __forceinline__ void DqConvertTile(const BwdParams& p, const float4* acc, unsigned block) {
+  const int64_t tile = static_cast<int64_t>(block);
   const int cb = tile % (D / 64);
   const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
   const int qt = (tile / (D / 64)) % nq2;
@@ -1017,8 +1012,8 @@ __device__ __forceinline__ void DqConvertTile(const BwdParams& p, const float4* 
   ConvertFragmentTile<T>(acc + tile * (kDqTileFloats / 4), p.scale, base, p.dq.stride_l, p.seqlen - qt * kM);
 }
 template <typename T, int D>
-__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc, int heads_fastest) {
-  DqConvertTile<T, D>(p, acc, heads_fastest, blockIdx.x);
+__global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4* acc) {
+  DqConvertTile<T, D>(p, acc, blockIdx.x);
 }
 
 // The default since the tenth session (SPARGE_BWD_ONE_CONVERT=0 for the two launches; A/B in
@@ -1027,11 +1022,11 @@ __global__ void __launch_bounds__(256) DqConvertKernel(BwdParams p, const float4
 // few busy CTAs run beside the dQ tiles instead of before them.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const FusedSchedule* sched, ChunkPlan cp,
-                                                        unsigned chunk_blocks, const float4* acc, int heads_fastest) {
+                                                        unsigned chunk_blocks, const float4* acc) {
   if (blockIdx.x < chunk_blocks) {
     DkDvChunkConvertTile<T, D>(p, sched, cp, blockIdx.x);
   } else {
-    DqConvertTile<T, D>(p, acc, heads_fastest, blockIdx.x - chunk_blocks);
+    DqConvertTile<T, D>(p, acc, blockIdx.x - chunk_blocks);
   }
 }
 
@@ -1497,7 +1492,7 @@ cudaError_t ConvertAndFree(const BwdParams& p, const float* acc, int64_t floats,
                            cudaStream_t stream) {
   if (err == cudaSuccess) {
     err = LaunchKernel(DqConvertKernel<T, D>, static_cast<unsigned>(floats / kDqTileFloats), 256, 0, stream, p,
-                       reinterpret_cast<const float4*>(acc), HeadsFastest() ? 1 : 0);
+                       reinterpret_cast<const float4*>(acc));
   }
   const cudaError_t free_err = cudaFreeAsync(ws, stream);
   return err != cudaSuccess ? err : free_err;
@@ -1628,7 +1623,7 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   if (err == cudaSuccess && cp.partial != nullptr && EnvInt("SPARGE_BWD_ONE_CONVERT", 1, 0, 1) > 0) {
     err = LaunchKernel(ConvertAllKernel<T, D>, chunk_blocks + static_cast<unsigned>(floats / kDqTileFloats), 256, 0,
                        stream, p, static_cast<const FusedSchedule*>(sched), cp, chunk_blocks,
-                       reinterpret_cast<const float4*>(acc), HeadsFastest() ? 1 : 0);
+                       reinterpret_cast<const float4*>(acc));
     const cudaError_t free_err = cudaFreeAsync(ws, stream);
     return err != cudaSuccess ? err : free_err;
   }

@@ -28,12 +28,6 @@ inline cudaError_t SetMaxDynamicSmem(const void* func, int bytes) {
   return err;
 }
 
-// SPARGE_HEADS_FASTEST=1 (prepared A/B, off until measured; kernels/NOTES.md "Grid order"): the
-// bandwidth-bound kernels over token-major [B, L, H, D] tensors (mask pooling, dQ convert) number
-// their CTAs heads fastest, so that the CTAs running together read or write whole token rows
-// (H x D x 2 bytes) instead of one head's 256-byte slice of many rows.
-inline bool HeadsFastest() { return EnvFlagOn("SPARGE_HEADS_FASTEST"); }
-
 // A second stream per device (non-blocking, created on first use, kept) for work a launcher can
 // overlap with its own chain on the caller's stream, ordered by OrderAfter at both ends.
 inline cudaError_t SideStream(cudaStream_t* out) {

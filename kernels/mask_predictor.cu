@@ -69,16 +69,15 @@ Workspace Carve(const MaskParams& p, void* base) {
 // thread keeps up to kBatch loads in flight instead of one: pooling reads Q and K once and is
 // bound by memory parallelism, not arithmetic. The per-thread summation order is unchanged, so
 // the pooled values are bit for bit those of the one-load-at-a-time loop.
-// heads_fastest: the grid is (H, blocks, B) instead of (blocks, H, B) (SPARGE_HEADS_FASTEST).
+// Grid (blocks, H, B).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out,
-                                                       int heads_fastest) {
+__global__ void __launch_bounds__(kThreads) PoolKernel(Tensor4 x, int L, int H, int block, float* out) {
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kThreads / kLanes;
   __shared__ float red[kGroups][D];
-  const int n = heads_fastest ? blockIdx.y : blockIdx.x, h = heads_fastest ? blockIdx.x : blockIdx.y;
+  const int n = blockIdx.x, h = blockIdx.y;
   const int b = blockIdx.z;
-  const int nblocks = heads_fastest ? gridDim.y : gridDim.x;
+  const int nblocks = gridDim.x;
   const int tid = threadIdx.x, ch = tid % kLanes, grp = tid / kLanes;
   const int r0 = n * block, r1 = min(L, r0 + block);
   const T* base = static_cast<const T*>(x.ptr) + b * x.stride_b + h * x.stride_h + ch * 8;
@@ -431,12 +430,9 @@ __global__ void TransposeKernel(MaskParams p, Workspace w) {
 
 template <typename T>
 cudaError_t Pool(const MaskParams& p, Tensor4 x, int block, float* out, cudaStream_t s) {
-  const int hf = HeadsFastest() ? 1 : 0;
-  const unsigned nb = static_cast<unsigned>(CeilDiv(p.seqlen, block)), nh = static_cast<unsigned>(p.heads);
-  const dim3 grid(hf ? nh : nb, hf ? nb : nh, p.batch);
-  return p.head_dim == 128
-             ? LaunchKernel(PoolKernel<T, 128>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out, hf)
-             : LaunchKernel(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out, hf);
+  const dim3 grid(static_cast<unsigned>(CeilDiv(p.seqlen, block)), static_cast<unsigned>(p.heads), p.batch);
+  return p.head_dim == 128 ? LaunchKernel(PoolKernel<T, 128>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out)
+                           : LaunchKernel(PoolKernel<T, 64>, grid, kThreads, 0, s, x, p.seqlen, p.heads, block, out);
 }
 
 template <int kE>

@@ -155,12 +155,8 @@ TEST(SpargeKernelsGpu, MaskMatchesCpuReference) {
         auto [q, k] = testing::StructuredQK(3, L, 3, D, at::kBFloat16, at::kCUDA, 1000 + L + D + bk);
         Knobs kb = MixedKnobs(3);
         BlockMask cm = ops::PredictBlockMask(q.cpu(), k.cpu(), kb.mode, kb.topk, kb.topp, 128, bk);
-        for (const char* hf : {static_cast<const char*>(nullptr), "1"}) {  // pooling grid order (A/B)
-          ScopedEnv env("SPARGE_HEADS_FASTEST", hf);
-          BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
-          ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk) +
-                                      (hf ? " heads fastest" : ""));
-        }
+        BlockMask gm = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, bk);
+        ExpectMaskEqual(gm, cm, "L=" + std::to_string(L) + " D=" + std::to_string(D) + " bk=" + std::to_string(bk));
         ++cases;
       }
   EXPECT_EQ(cases, 24);
@@ -500,9 +496,7 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
   CheckLarge(32760, 12, 1, 128, "default");
 }
 
-// Launch variants that must not change results (A/B switches): SPARGE_HEADS_FASTEST=1 (the
-// pooling and dQ convert grids numbered heads fastest), and the launches the backward's defaults
-// replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
+// Launch variants that must not change results: the launches the backward's defaults replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
 // side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
 // instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
 // and dQ converts as two launches): mask, O and LSE bitwise the default's, dK and dV too with chunking off
@@ -512,7 +506,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   SKIP_WITHOUT_GPU();
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
-      {"SPARGE_HEADS_FASTEST", "1"}, {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
+      {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
       {"SPARGE_BWD_ONE_CONVERT", "0"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
