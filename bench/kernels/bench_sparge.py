@@ -66,8 +66,11 @@ def parse_ab(spec):
     """--fwd-ab / --bwd-ab text -> [(name, [(ENV, VALUE), ...]), ...]."""
     out = []
     for item in filter(None, spec.split(",")):
-        ab_name, envs = item.split(":", 1)
-        out.append((ab_name, [tuple(e.split("=", 1)) for e in envs.split("+")]))
+        ab_name, sep, envs = item.partition(":")
+        pairs = [tuple(e.split("=", 1)) for e in envs.split("+")] if sep else []
+        if not ab_name or not pairs or any(len(p_) != 2 or not p_[0] for p_ in pairs):
+            raise SystemExit(f"bad A/B variant {item!r}: expected NAME:ENV=VALUE[+ENV=VALUE]")
+        out.append((ab_name, pairs))
     return out
 
 
