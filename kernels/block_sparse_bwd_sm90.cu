@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 
 #include <cub/block/block_scan.cuh>
@@ -1031,6 +1032,79 @@ __global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const Fused
 }
 
 // ---------------------------------------------------------------------------------------------
+// dQ converted inside the fused kernel (SPARGE_BWD_FUSED_DQ=1 or 2; kernels/NOTES.md, "Eleventh
+// session"). Each 64 x 64 accumulator tile (bh, query tile, column block) has a counter that the
+// prep kernel sets to the number of bulk reductions the tile will receive (kept 128-key tiles of
+// its query block, twice for D = 64 where both warpgroups add into one tile). A warpgroup counts a
+// reduction once it has *completed* (a full bulk wait one reduction later, when it is long done);
+// the warpgroup whose count ends the tile converts it from L2 into dQ and then either discards
+// the fp32 lines (mode 1: no write-back of a tile nobody reads again) or stores zeros back with
+// evict-first priority (mode 2: the accumulator persists across calls, all zeros between them,
+// so no call zeroes it: ZeroedLease in launch_utils.h). Tiles that receive no reduction (a query
+// block that keeps nothing) get zero rows from the prep kernel. Removes the dQ convert kernel
+// (and, mode 2, the accumulator's zeroing: 200 MB at Wan-1.3B) for one conversion per tile on
+// the converting warpgroup's path.
+
+// Counts one completed reduction into a tile; true for the last one. The bulk reduction's writes
+// (async proxy) are ordered before the counter, and the counter before the converter's reads.
+__device__ __forceinline__ bool CountDqArrival(int* cnt) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  __threadfence();
+  const int old = atomicSub(cnt, 1);
+  __threadfence();
+  return old == 1;
+}
+__device__ __forceinline__ uint64_t L2EvictFirstPolicyAll() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ void StZeroHint(float4* dst, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %1, %1, %1}, %2;\n" ::"l"(dst), "f"(0.f), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void DiscardL2Line(const void* line) {
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(line) : "memory");
+}
+
+// One warpgroup (wtid 0..127, named barrier `bar`) converts accumulator tile `tile` (numbered
+// as DqConvertTile's blocks) into dQ: float4 nt * 128 + wtid is this thread's own fragment
+// position (rows (wtid / 32) * 16 + lane / 4 and + 8, columns nt * 8 + 2 * (lane % 4)), read
+// coalesced from L2; 4-byte row pieces written into the [B, L, H, D] strides.
+template <typename T, int D>
+__device__ __forceinline__ void ConvertDqTileInKernel(const BwdParams& p, float* dq_acc, int tile, int wtid,
+                                                      int mode, int bar) {
+  const int cb = tile % (D / 64);
+  const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
+  const int qt = (tile / (D / 64)) % nq2;
+  const int bhi = tile / (D / 64) / nq2;
+  const int b = bhi / p.heads, h = bhi % p.heads;
+  float4* src = reinterpret_cast<float4*>(dq_acc) + static_cast<int64_t>(tile) * (kDqTileFloats / 4);
+  float4 v[8];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) v[nt] = __ldcg(src + nt * 128 + wtid);
+  const int lane = wtid & 31, row = (wtid >> 5) * 16 + (lane >> 2);
+  const int valid = p.seqlen - qt * kM;
+  T* dst = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64 + 2 * (lane & 3) +
+           static_cast<int64_t>(qt * kM + row) * p.dq.stride_l;
+  const float s = p.scale;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    if (row < valid) *reinterpret_cast<uint32_t*>(dst + nt * 8) = MmaOp<T>::Pack(v[nt].x * s, v[nt].y * s);
+    if (row + 8 < valid)
+      *reinterpret_cast<uint32_t*>(dst + 8 * p.dq.stride_l + nt * 8) = MmaOp<T>::Pack(v[nt].z * s, v[nt].w * s);
+  }
+  if (mode == 2) {
+    const uint64_t pol = L2EvictFirstPolicyAll();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) StZeroHint(src + nt * 128 + wtid, pol);
+  } else {
+    NamedBarrierSync(bar, 128);  // every thread has its values (they were used above)
+    DiscardL2Line(reinterpret_cast<char*>(src) + wtid * 128);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fused backward v10: the v9 math (5 GEMMs per tile pair, dQ partials added to an fp32
 // accumulator by bulk reductions) with the loads and the warpgroups decoupled.
 //  * Loads by TMA into a 2-stage ring of Q / dO / (LSE, delta) slots with full mbarriers. No
@@ -1065,10 +1139,10 @@ struct V10Layout {
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
   // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
-  // first transposed-LUT entry, chunk part or -1)
+  // first transposed-LUT entry, chunk part or -1), the tile each warpgroup converts [2]
   static constexpr int kMisc = kBar + kNumBars * 8;
   static constexpr int kRecInts = 8;
-  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts) + 1024;  // + alignment slack
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts + 2) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
 
@@ -1095,7 +1169,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
-                      FusedSchedule* sched, int l2_hint, ChunkPlan cp) {
+                      FusedSchedule* sched, int l2_hint, ChunkPlan cp, int* dq_cnt, int dq_mode) {
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -1112,6 +1186,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto empty = [&](int s) { return bars + 8 * (1 + kV10Stages + 2 * kV10DsBufs + s); };
   int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
   int* sItem = rel + kV10Stages;
+  volatile int* sConv = sItem + 2 * Lay::kRecInts;  // dq_cnt: the tile a warpgroup converts, or -1
 
   const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
   const int tig = lane & 3;
@@ -1233,6 +1308,17 @@ __global__ void __launch_bounds__(kFThreads, 1)
 
   uint32_t g0 = 0;     // tiles this CTA has started before the current item
   uint32_t kv_it = 0;  // items with K/V loads so far
+  int pend = -1;       // dq_cnt: the accumulator tile of this warpgroup's last reduction, uncounted
+  // dq_cnt: counts the pending reduction once it has completed (thread wtid 0) and publishes the
+  // tile this warpgroup has to convert (-1: none) to the warpgroup.
+  auto count_pending = [&]() {
+    if (wtid == 0) {
+      BulkWait0();
+      sConv[cw] = pend >= 0 && CountDqArrival(dq_cnt + pend) ? pend : -1;
+    }
+    NamedBarrierSync(3 + cw, 128);
+    return sConv[cw];
+  };
   for (int it = 0;; ++it) {
     const V10Item x = decode(it & 1);
     if (x.item < 0) break;
@@ -1254,21 +1340,29 @@ __global__ void __launch_bounds__(kFThreads, 1)
         WgmmaCommit();
       };
       auto reduce_dq = [&](int qtile) {
-        if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
-        NamedBarrierSync(3 + cw, 128);
+        int conv = -1;
+        if (dq_cnt != nullptr) {
+          conv = count_pending();  // also: the previous reduction has read the staging buffer
+        } else {
+          if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
+          NamedBarrierSync(3 + cw, 128);
+        }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
           StShared128(dq_smem + (nt * 128 + wtid) * 16, dq[nt * 4], dq[nt * 4 + 1], dq[nt * 4 + 2], dq[nt * 4 + 3]);
         FenceProxyAsync();
         NamedBarrierSync(3 + cw, 128);
+        const int tile = static_cast<int>((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block);
         if (wtid == 0) {
-          float* dst = dq_acc + ((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
+          float* dst = dq_acc + static_cast<int64_t>(tile) * kDqTileFloats;
           if (l2_hint >= 1)  // the accumulator kept in L2 with evict-last priority
             BulkReduceAddF32Hint(dst, dq_smem, kDqTileFloats * 4, L2EvictLastPolicy());
           else
             BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
           BulkCommit();
         }
+        pend = tile;
+        if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
       };
 
       MbarWait(kv_full, kv_it & 1);
@@ -1383,13 +1477,55 @@ __global__ void __launch_bounds__(kFThreads, 1)
       AddDkDvPartial<D>(cp.partial + static_cast<int64_t>(part & 0xFFFFF) * kChunkPartialFloats<D>, cw, wtid, dk, dv);
     }
   }
-  if (wtid == 0) BulkWait0();
+  if (dq_cnt != nullptr) {
+    const int conv = count_pending();
+    if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
+  } else if (wtid == 0) {
+    BulkWait0();
+  }
+}
+
+// SPARGE_BWD_FUSED_DQ: each accumulator tile's counter (numbered as DqConvertTile's blocks) set to
+// the reductions it will receive: per kept key block of its query block, the 128-key tiles of it
+// inside L (block_k / 128, fewer for a last block past L), twice for D = 64 (both warpgroups add
+// into the tile); 0 for query tiles past L. A tile inside L that receives nothing (its query
+// block keeps no key block) gets its dQ rows zeroed here, since nobody converts it.
+__device__ void InitDqCounters(const BwdParams& p, int* cnt, int64_t n, int64_t t0, int64_t stride) {
+  const int L = p.seqlen, nq = CeilDiv(L, kTileQ), nkb = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
+  const int cbs = p.head_dim / 64, per = p.block_k / kFKeys;
+  for (int64_t i = t0; i < n; i += stride) {
+    const int cb = static_cast<int>(i % cbs);
+    const int qt = static_cast<int>((i / cbs) % (2 * nq));
+    const int64_t bh = i / cbs / (2 * nq);
+    int e = 0;
+    if (qt * kM < L) {
+      const int64_t row = bh * nq + qt / 2;
+      const int c = p.counts[row];
+      if (per == 1) {
+        e = c;
+      } else {
+        for (int j = 0; j < c; ++j) e += min(per, nkt - p.indices[row * nkb + j] * per);
+      }
+      if (p.head_dim == 64) e *= 2;
+      if (e == 0) {  // 64 rows (fewer at the end) x 64 columns of 2-byte elements
+        const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+        char* base = static_cast<char*>(p.dq.ptr) + 2 * (b * p.dq.stride_b + h * p.dq.stride_h + cb * 64);
+        for (int r = 0; r < kM && qt * kM + r < L; ++r) {
+          uint4* d = reinterpret_cast<uint4*>(base + 2 * static_cast<int64_t>(qt * kM + r) * p.dq.stride_l);
+          for (int k = 0; k < 8; ++k) d[k] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    cnt[i] = e;
+  }
 }
 
 // Packs LSE (x log2 e; +inf past L, so P = 0 there) and delta (0 past L) per 64-row query tile:
-// ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator and the work list's counter.
+// ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator (acc_vec4 float4s: with
+// SPARGE_BWD_FUSED_DQ=2 only the chunk slots) and the work list's counter; sets the dQ tile
+// counters (dq_cnt, unless nullptr).
 __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                     FusedSchedule* sched) {
+                                                     FusedSchedule* sched, int* dq_cnt, int64_t n_cnt) {
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
@@ -1406,6 +1542,7 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
+  if (dq_cnt != nullptr) InitDqCounters(p, dq_cnt, n_cnt, t0, stride);
 }
 
 
@@ -1418,7 +1555,7 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 // path). Saves one launch and its tail, and the delta array's round trip.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                          FusedSchedule* sched) {
+                                                          FusedSchedule* sched, int* dq_cnt, int64_t n_cnt) {
   constexpr int kLanes = D / 8;
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
@@ -1451,6 +1588,7 @@ __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += threads) acc[i] = z;
+  if (dq_cnt != nullptr) InitDqCounters(p, dq_cnt, n_cnt, t0, threads);
 }
 
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
@@ -1562,14 +1700,32 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const size_t list_ints = chunked ? 4 * static_cast<size_t>(cp.capacity) + cp.max_slots + p.batch * p.heads
                                    : static_cast<size_t>(items);
   const size_t list_bytes = sizeof(FusedSchedule) + list_ints * 4;
-  const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes;
+  // SPARGE_BWD_FUSED_DQ (default 0): 1 = the fused kernel converts each dQ tile once its last
+  // reduction has landed and discards its fp32 lines, 2 = the same with an accumulator that
+  // persists across calls (ZeroedLease) and is re-zeroed by the converters instead of by the prep
+  // kernel; 2 under stream capture runs as 1. Tile counters follow the list in the workspace.
+  int fused_dq = EnvInt("SPARGE_BWD_FUSED_DQ", 0, 0, 2);
+  const int64_t n_cnt = floats / kDqTileFloats;
+  std::optional<ZeroedLease> lease;
+  if (fused_dq == 2) {
+    lease.emplace(acc_bytes, stream);
+    if (lease->error() != cudaSuccess) return lease->error();
+    if (!lease->ok()) fused_dq = 1;
+  }
+  const bool own_acc = fused_dq != 2;  // the accumulator in the workspace (zeroed by the prep kernel)
+  const size_t cnt_bytes = fused_dq > 0 ? static_cast<size_t>(n_cnt) * 4 : 0;
+  const size_t bytes = (own_acc ? acc_bytes : 0) + slot_floats * 4 + ld_bytes + list_bytes + cnt_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
-  float* acc = static_cast<float*>(ws);  // then the slots (zeroed together)
-  cp.partial = chunked ? acc + floats : nullptr;
-  float* ld = acc + floats + slot_floats;
+  float* acc = own_acc ? static_cast<float*>(ws) : static_cast<float*>(lease->ptr());
+  float* slots = own_acc ? acc + floats : static_cast<float*>(ws);  // zeroed with an own accumulator
+  cp.partial = chunked ? slots : nullptr;
+  float* ld = slots + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
+  int* dq_cnt = fused_dq > 0 ? reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes) : nullptr;
+  float4* zero_from = reinterpret_cast<float4*>(own_acc ? acc : slots);
+  const int64_t zero_vec4 = ((own_acc ? floats : 0) + slot_floats) / 4;
   const int sms = SmCount();
   // The schedule on a side stream (the default since the tenth session, SPARGE_BWD_SCHED_STREAM=0
   // turns it off; kernels/NOTES.md): the one-CTA
@@ -1588,13 +1744,13 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
     if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
-      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                         (floats + slot_floats) / 4, sched);
+      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, zero_from, zero_vec4, sched,
+                         dq_cnt, n_cnt);
     } else {
       err = LaunchBwdDelta(p, stream);
       if (err == cudaSuccess) {
-        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
-                           (floats + slot_floats) / 4, sched);
+        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, zero_from, zero_vec4, sched, dq_cnt,
+                           n_cnt);
       }
     }
   }
@@ -1616,10 +1772,23 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       const int l2_hint = EnvInt("SPARGE_BWD_L2HINT", 2, 0, 2);
       // Chunked lists can hold more entries than items (short sequences: more CTAs than items).
       err = LaunchKernel(kernel, std::min(cp.capacity, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
-                         sched, l2_hint, cp);
+                         sched, l2_hint, cp, dq_cnt, fused_dq);
     }
   }
   const unsigned chunk_blocks = static_cast<unsigned>(cp.max_slots) * 4 * (D / 64);
+  if (fused_dq > 0) {  // dQ is written: only the chunked dK/dV are left
+    if (err == cudaSuccess && cp.partial != nullptr) {
+      err = LaunchKernel(DkDvChunkConvertKernel<T, D>, chunk_blocks, 256, 0, stream, p,
+                         static_cast<const FusedSchedule*>(sched), cp);
+    }
+    const cudaError_t free_err = cudaFreeAsync(ws, stream);
+    if (err == cudaSuccess) err = free_err;
+    if (lease) {
+      const cudaError_t lease_err = lease->Finish(err == cudaSuccess);
+      if (err == cudaSuccess) err = lease_err;
+    }
+    return err;
+  }
   if (err == cudaSuccess && cp.partial != nullptr && EnvInt("SPARGE_BWD_ONE_CONVERT", 1, 0, 1) > 0) {
     err = LaunchKernel(ConvertAllKernel<T, D>, chunk_blocks + static_cast<unsigned>(floats / kDqTileFloats), 256, 0,
                        stream, p, static_cast<const FusedSchedule*>(sched), cp, chunk_blocks,

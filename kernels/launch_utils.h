@@ -92,6 +92,93 @@ inline cudaError_t AllocFromLauncherPool(size_t bytes, cudaStream_t stream, void
   return cudaMallocFromPoolAsync(out, bytes, pool, stream);
 }
 
+// A per-device buffer that is all zeros whenever no launch holds it (the backward's persistent dQ
+// accumulator, SPARGE_BWD_FUSED_DQ=2: its kernels restore the zeros, so no call zeroes it). A
+// lease holds the device's mutex until Finish; on `stream` it waits for the previous lease's
+// work (an event), grows the buffer (stream-ordered free, allocation from the launcher pool and
+// memset) and zeroes it again if the previous lease did not end with restored zeros. Not under
+// stream capture (events recorded in a capture are not real ones): ok() is false there and the
+// caller takes its other path. Capacity only grows; the buffer is kept for the process's life.
+class ZeroedLease {
+ public:
+  ZeroedLease(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) {
+      (void)cudaGetLastError();
+      return;
+    }
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return;
+    static std::mutex mus[64];
+    static Buffer bufs[64];
+    lock_ = std::unique_lock<std::mutex>(mus[dev]);
+    buf_ = &bufs[dev];
+    err_ = Prepare(bytes);
+    if (err_ != cudaSuccess) buf_->dirty = true;
+  }
+  bool ok() const { return buf_ != nullptr && err_ == cudaSuccess; }
+  cudaError_t error() const { return err_; }
+  void* ptr() const { return buf_->ptr; }
+  // restored: everything enqueued on the stream since the lease began succeeded and leaves the
+  // buffer all zeros again. Records the event the next lease waits for.
+  cudaError_t Finish(bool restored) {
+    if (buf_ == nullptr) return cudaSuccess;
+    buf_->dirty = buf_->dirty || !restored || err_ != cudaSuccess;
+    cudaError_t err = cudaSuccess;
+    if (buf_->done == nullptr) err = cudaEventCreateWithFlags(&buf_->done, cudaEventDisableTiming);
+    if (err == cudaSuccess) err = cudaEventRecord(buf_->done, stream_);
+    if (err != cudaSuccess) {  // the next lease cannot order itself after this one: drop the event
+      buf_->dirty = true;
+      if (buf_->done != nullptr) (void)cudaEventDestroy(buf_->done);
+      buf_->done = nullptr;
+    }
+    buf_ = nullptr;
+    lock_ = {};
+    return err;
+  }
+  ~ZeroedLease() {
+    if (buf_ != nullptr) (void)Finish(false);
+  }
+  ZeroedLease(const ZeroedLease&) = delete;
+  ZeroedLease& operator=(const ZeroedLease&) = delete;
+
+ private:
+  struct Buffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    bool dirty = false;
+    cudaEvent_t done = nullptr;
+  };
+  cudaError_t Prepare(size_t bytes) {
+    cudaError_t err = cudaSuccess;
+    if (buf_->done != nullptr) err = cudaStreamWaitEvent(stream_, buf_->done, 0);
+    if (err != cudaSuccess) return err;
+    if (buf_->bytes < bytes) {
+      if (buf_->ptr != nullptr) err = cudaFreeAsync(buf_->ptr, stream_);
+      buf_->ptr = nullptr;
+      buf_->bytes = 0;
+      if (err != cudaSuccess) return err;
+      err = AllocFromLauncherPool(bytes, stream_, &buf_->ptr);
+      if (err != cudaSuccess) {
+        buf_->ptr = nullptr;
+        return err;
+      }
+      buf_->bytes = bytes;
+      buf_->dirty = true;
+    }
+    if (buf_->dirty) {
+      err = cudaMemsetAsync(buf_->ptr, 0, buf_->bytes, stream_);
+      if (err != cudaSuccess) return err;
+      buf_->dirty = false;
+    }
+    return cudaSuccess;
+  }
+  cudaStream_t stream_;
+  std::unique_lock<std::mutex> lock_;
+  Buffer* buf_ = nullptr;
+  cudaError_t err_ = cudaSuccess;
+};
+
 // Streaming multiprocessors of the current device (132 if the query fails).
 inline int SmCount() {
   int dev = 0, n = 0;

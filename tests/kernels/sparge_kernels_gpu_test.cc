@@ -499,7 +499,8 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results: the launches the backward's defaults replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
 // side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
 // instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
-// and dQ converts as two launches): mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// and dQ converts as two launches), and the prepared SPARGE_BWD_FUSED_DQ=1 / 2 (dQ converted inside
+// the fused kernel; 2: the persistent accumulator): mask, O and LSE bitwise the default's, dK and dV too with chunking off
 // (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
 // dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
@@ -507,7 +508,8 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
-      {"SPARGE_BWD_ONE_CONVERT", "0"}};
+      {"SPARGE_BWD_ONE_CONVERT", "0"},   {"SPARGE_BWD_FUSED_DQ", "1"},
+      {"SPARGE_BWD_FUSED_DQ", "2"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -559,13 +561,15 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
 // "4scd": chunks of 4 and the sort with the launches the defaults replaced (DeltaKernel before the
-// prep kernel, two converts).
+// prep kernel, two converts). "4sf" / "4sp": dQ converted inside the fused kernel
+// (SPARGE_BWD_FUSED_DQ=1 / 2), with the chunked dK/dV convert alone after it.
 // (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
 // "cd"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "1s", "32s", "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sf", "4sp", "1s", "32s",
+                                                                "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -590,7 +594,8 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
     // reads the counts from global memory instead of shared (the path for lists too long for
     // shared memory); "c" the dK/dV chunk and dQ converts as two launches (SPARGE_BWD_ONE_CONVERT=0);
-    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0).
+    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0); "f" / "p" dQ
+    // converted in the fused kernel (SPARGE_BWD_FUSED_DQ=1 / =2, the persistent accumulator).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -599,10 +604,12 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       return at != std::string::npos;
     };
     const bool global_counts = take('g'), two_converts = take('c'), delta_kernel = take('d');
+    const bool fused_dq = take('f'), persistent = take('p');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", two_converts ? "0" : nullptr);
     ScopedEnv prep("SPARGE_BWD_PREP_DELTA", delta_kernel ? "0" : nullptr);
+    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", persistent ? "2" : fused_dq ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -636,7 +643,74 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sf", "1sp"}, false);
+}
+
+// SPARGE_BWD_FUSED_DQ=1 and 2 (dQ converted by the fused kernel's last contributor to each tile;
+// 2 with the persistent accumulator that the converters re-zero) against the float64 reference
+// and the default path, on poisoned outputs: a query block that keeps nothing (its dQ rows are
+// written as zeros by the prep kernel), 128- and 256-wide key blocks (a kept 256-wide block is two
+// 128-key tiles, the partial last one a single tile), both head dims, chunked and whole schedules.
+// Mode 2 runs the main shape, a longer one (the accumulator grows) and the main shape again: each
+// call must leave the accumulator all zeros for the next.
+void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* schedule, bool reference) {
+  const int64_t B = 2, H = 3;
+  auto make = [&](int64_t L, uint64_t seed) {
+    const int64_t nq = (L + 127) / 128, nk = (L + bk - 1) / bk;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    Tensor keep = at::rand({B, H, nq, nk}, gen) < 0.3;
+    keep.select(3, nk - 1).fill_(true);  // the partial last key block, kept by every query block
+    keep.select(2, 1).fill_(false);      // but query block 1, which keeps nothing
+    auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    Tensor q = at::randn({B, L, H, D}, opts), k = at::randn({B, L, H, D}, opts),
+           v = at::randn({B, L, H, D}, opts), g = at::randn({B, L, H, D}, opts);
+    return std::make_tuple(MaskFromKeep(keep, 128, bk), q, k, v, g);
+  };
+  const double scale = 1.0 / std::sqrt(double(D));
+  const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
+  ScopedBwdSchedule order(schedule);
+  const int64_t lengths[] = {1000, 2333, 1000};
+  for (const char* mode : {"1", "2"}) {
+    for (int run = 0; run < (mode[0] == '2' ? 3 : 1); ++run) {
+      const int64_t L = lengths[run];
+      auto [m, q, k, v, g] = make(L, 11 + D + bk + L);
+      Outs base = RunKernels(q, k, v, g, m, scale);
+      Outs r;
+      {
+        ScopedEnv on("SPARGE_BWD_FUSED_DQ", mode);
+        r = RunKernels(q, k, v, g, m, scale);
+      }
+      const std::string what = std::string("SPARGE_BWD_FUSED_DQ=") + mode + " D=" + std::to_string(D) +
+                               " bk=" + std::to_string(bk) + " L=" + std::to_string(L) + " run " +
+                               std::to_string(run) + " schedule=" + (schedule ? schedule : "unchunked");
+      ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
+      EXPECT_EQ(r.dq.slice(1, 128, 256).abs().max().item<float>(), 0.f) << what << " (empty query block)";
+      EXPECT_LT(testing::RelErr(r.dq, base.dq), 1e-3) << what << " vs default";
+      EXPECT_LT(testing::RelErr(r.dk, base.dk), 1e-3) << what << " vs default";
+      EXPECT_LT(testing::RelErr(r.dv, base.dv), 1e-3) << what << " vs default";
+      if (reference) {
+        auto ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, bk, scale);
+        const double eq = testing::RelErr(r.dq, ref.dq);
+        std::printf("%s: dq %.2e (default %.2e)\n", what.c_str(), eq, testing::RelErr(base.dq, ref.dq));
+        EXPECT_LT(eq, 2.5 * tol) << what;
+      }
+    }
+  }
+}
+
+TEST(SpargeKernelsGpu, FusedDqConvert) {
+  SKIP_WITHOUT_GPU();
+  CheckFusedDq(at::kBFloat16, 128, 128, nullptr, true);
+  CheckFusedDq(at::kBFloat16, 128, 256, "default", true);
+  CheckFusedDq(at::kHalf, 64, 128, "default", true);
+  CheckFusedDq(at::kHalf, 64, 256, nullptr, true);
+}
+
+// The same, small enough for memcheck and racecheck (no float64 reference).
+TEST(SpargeKernelsGpu, SanitizerCaseFusedDq) {
+  SKIP_WITHOUT_GPU();
+  CheckFusedDq(at::kBFloat16, 128, 256, "default", false);
+  CheckFusedDq(at::kHalf, 64, 128, nullptr, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
