@@ -1048,12 +1048,18 @@ __global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const Fused
 // Counts one completed reduction into a tile; true for the last one. The bulk reduction's writes
 // (async proxy) are ordered before the counter, and the counter before the converter's reads.
 __device__ __forceinline__ bool CountDqArrival(int* cnt) {
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
-  __threadfence();
-  const int old = atomicSub(cnt, 1);
-  __threadfence();
-  return old == 1;
+  int old;
+  asm volatile(
+      "fence.proxy.async.global;\n\t"
+      "atom.release.gpu.global.add.s32 %0, [%1], -1;\n"
+      : "=r"(old)
+      : "l"(cnt)
+      : "memory");
+  if (old != 1) return false;
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  return true;
 }
+__device__ __forceinline__ void BulkWait1() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
 __device__ __forceinline__ uint64_t L2EvictFirstPolicyAll() {
   uint64_t pol;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
@@ -1139,10 +1145,10 @@ struct V10Layout {
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
   // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
-  // first transposed-LUT entry, chunk part or -1), the tile each warpgroup converts [2]
+  // first transposed-LUT entry, chunk part or -1), the tiles each warpgroup converts [2][2]
   static constexpr int kMisc = kBar + kNumBars * 8;
   static constexpr int kRecInts = 8;
-  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts + 2) + 1024;  // + alignment slack
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts + 4) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
 
@@ -1186,7 +1192,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto empty = [&](int s) { return bars + 8 * (1 + kV10Stages + 2 * kV10DsBufs + s); };
   int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
   int* sItem = rel + kV10Stages;
-  volatile int* sConv = sItem + 2 * Lay::kRecInts;  // dq_cnt: the tile a warpgroup converts, or -1
+  volatile int* sConv = sItem + 2 * Lay::kRecInts;  // dq_cnt: the tiles a warpgroup converts, or -1
 
   const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
   const int tig = lane & 3;
@@ -1308,16 +1314,22 @@ __global__ void __launch_bounds__(kFThreads, 1)
 
   uint32_t g0 = 0;     // tiles this CTA has started before the current item
   uint32_t kv_it = 0;  // items with K/V loads so far
-  int pend = -1;       // dq_cnt: the accumulator tile of this warpgroup's last reduction, uncounted
-  // dq_cnt: counts the pending reduction once it has completed (thread wtid 0) and publishes the
-  // tile this warpgroup has to convert (-1: none) to the warpgroup.
-  auto count_pending = [&]() {
+  // dq_cnt: the accumulator tiles of this warpgroup's last two reductions, not yet counted. A
+  // reduction is counted one reduction after the next has been issued (a wait that leaves the
+  // newest group in flight: the one before it has long completed), so the wait costs nothing.
+  int pend = -1, pend2 = -1;
+  // Counts the older pending reduction (thread wtid 0; `all`: both, at the end) and publishes the
+  // tiles this warpgroup has to convert (-1: none) to the warpgroup; also waits until the newest
+  // reduction has read the staging buffer.
+  auto count_pending = [&](bool all) {
     if (wtid == 0) {
-      BulkWait0();
-      sConv[cw] = pend >= 0 && CountDqArrival(dq_cnt + pend) ? pend : -1;
+      if (all) BulkWait0(); else BulkWait1();
+      sConv[2 * cw] = pend2 >= 0 && CountDqArrival(dq_cnt + pend2) ? pend2 : -1;
+      sConv[2 * cw + 1] = all && pend >= 0 && CountDqArrival(dq_cnt + pend) ? pend : -1;
+      if (!all) BulkWaitRead0();
     }
     NamedBarrierSync(3 + cw, 128);
-    return sConv[cw];
+    return sConv[2 * cw];
   };
   for (int it = 0;; ++it) {
     const V10Item x = decode(it & 1);
@@ -1342,7 +1354,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
       auto reduce_dq = [&](int qtile) {
         int conv = -1;
         if (dq_cnt != nullptr) {
-          conv = count_pending();  // also: the previous reduction has read the staging buffer
+          conv = count_pending(false);  // also: the previous reduction has read the staging buffer
         } else {
           if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
           NamedBarrierSync(3 + cw, 128);
@@ -1361,6 +1373,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
             BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
           BulkCommit();
         }
+        pend2 = pend;
         pend = tile;
         if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
       };
@@ -1478,8 +1491,9 @@ __global__ void __launch_bounds__(kFThreads, 1)
     }
   }
   if (dq_cnt != nullptr) {
-    const int conv = count_pending();
+    const int conv = count_pending(true), conv2 = sConv[2 * cw + 1];
     if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
+    if (conv2 >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv2, wtid, dq_mode, 3 + cw);
   } else if (wtid == 0) {
     BulkWait0();
   }
