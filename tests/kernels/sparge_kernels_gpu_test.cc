@@ -499,8 +499,8 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results: the launches the backward's defaults replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
 // side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
 // instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
-// and dQ converts as two launches), and the prepared SPARGE_BWD_FUSED_DQ=1 / 2 (dQ converted inside
-// the fused kernel; 2: the persistent accumulator): mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// and dQ converts as two launches), and the prepared SPARGE_BWD_FUSED_DQ=1 / 2 / 3 (dQ converted inside
+// the fused kernel; 2: the persistent accumulator; 3: per head, by slices between items): mask, O and LSE bitwise the default's, dK and dV too with chunking off
 // (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
 // dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
@@ -509,7 +509,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
       {"SPARGE_BWD_ONE_CONVERT", "0"},   {"SPARGE_BWD_FUSED_DQ", "1"},
-      {"SPARGE_BWD_FUSED_DQ", "2"}};
+      {"SPARGE_BWD_FUSED_DQ", "2"},      {"SPARGE_BWD_FUSED_DQ", "3"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -561,15 +561,15 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
 // "4scd": chunks of 4 and the sort with the launches the defaults replaced (DeltaKernel before the
-// prep kernel, two converts). "4sf" / "4sp": dQ converted inside the fused kernel
-// (SPARGE_BWD_FUSED_DQ=1 / 2), with the chunked dK/dV convert alone after it.
+// prep kernel, two converts). "4sf" / "4sp" / "4sh": dQ converted inside the fused kernel
+// (SPARGE_BWD_FUSED_DQ=1 / 2 / 3), with the chunked dK/dV convert alone after it.
 // (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
 // "cd"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sf", "4sp", "1s", "32s",
-                                                                "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sf", "4sp", "4sh", "1s",
+                                                                "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -594,8 +594,9 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
     // reads the counts from global memory instead of shared (the path for lists too long for
     // shared memory); "c" the dK/dV chunk and dQ converts as two launches (SPARGE_BWD_ONE_CONVERT=0);
-    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0); "f" / "p" dQ
-    // converted in the fused kernel (SPARGE_BWD_FUSED_DQ=1 / =2, the persistent accumulator).
+    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0); "f" / "p" / "h" dQ
+    // converted in the fused kernel (SPARGE_BWD_FUSED_DQ=1 / =2, the persistent accumulator / =3,
+    // per head).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -604,12 +605,12 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       return at != std::string::npos;
     };
     const bool global_counts = take('g'), two_converts = take('c'), delta_kernel = take('d');
-    const bool fused_dq = take('f'), persistent = take('p');
+    const bool fused_dq = take('f'), persistent = take('p'), per_head = take('h');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", two_converts ? "0" : nullptr);
     ScopedEnv prep("SPARGE_BWD_PREP_DELTA", delta_kernel ? "0" : nullptr);
-    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", persistent ? "2" : fused_dq ? "1" : nullptr);
+    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", per_head ? "3" : persistent ? "2" : fused_dq ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -643,16 +644,20 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sf", "1sp"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sf", "1sp", "1sh"}, false);
 }
 
 // SPARGE_BWD_FUSED_DQ=1 and 2 (dQ converted by the fused kernel's last contributor to each tile;
-// 2 with the persistent accumulator that the converters re-zero) against the float64 reference
-// and the default path, on poisoned outputs: a query block that keeps nothing (its dQ rows are
-// written as zeros by the prep kernel), 128- and 256-wide key blocks (a kept 256-wide block is two
-// 128-key tiles, the partial last one a single tile), both head dims, chunked and whole schedules.
-// Mode 2 runs the main shape, a longer one (the accumulator grows) and the main shape again: each
-// call must leave the accumulator all zeros for the next.
+// 2 with the persistent accumulator that the converters re-zero) and 3 (per head, in slices
+// between items and after the list; the same persistent accumulator) against the float64
+// reference and the default path, on poisoned outputs: a query block that keeps nothing (its dQ
+// rows are written as zeros by the prep kernel, mode 3: by its head's conversion), a head that
+// keeps nothing at all (mode 3: queued by the prep kernel), 128- and 256-wide key blocks (a kept
+// 256-wide block is two 128-key tiles, the partial last one a single tile), both head dims,
+// chunked and whole schedules. Modes 2 and 3 run the main shape, a longer one (the accumulator
+// grows) and the main shape again: each call must leave the accumulator (and mode 3's queue) all
+// zeros for the next. Mode 3 also runs with 3 persistent CTAs ("3/3": each takes many items, so
+// most slices are converted between items rather than after the list).
 void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* schedule, bool reference) {
   const int64_t B = 2, H = 3;
   auto make = [&](int64_t L, uint64_t seed) {
@@ -661,6 +666,7 @@ void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* sched
     Tensor keep = at::rand({B, H, nq, nk}, gen) < 0.3;
     keep.select(3, nk - 1).fill_(true);  // the partial last key block, kept by every query block
     keep.select(2, 1).fill_(false);      // but query block 1, which keeps nothing
+    keep[1][2].fill_(false);             // and head 2 of batch element 1 keeps nothing at all
     auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
     Tensor q = at::randn({B, L, H, D}, opts), k = at::randn({B, L, H, D}, opts),
            v = at::randn({B, L, H, D}, opts), g = at::randn({B, L, H, D}, opts);
@@ -670,14 +676,15 @@ void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* sched
   const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
   ScopedBwdSchedule order(schedule);
   const int64_t lengths[] = {1000, 2333, 1000};
-  for (const char* mode : {"1", "2"}) {
-    for (int run = 0; run < (mode[0] == '2' ? 3 : 1); ++run) {
+  for (const char* mode : {"1", "2", "3", "3/3"}) {
+    for (int run = 0; run < (mode[0] != '1' ? 3 : 1); ++run) {
       const int64_t L = lengths[run];
       auto [m, q, k, v, g] = make(L, 11 + D + bk + L);
       Outs base = RunKernels(q, k, v, g, m, scale);
       Outs r;
       {
-        ScopedEnv on("SPARGE_BWD_FUSED_DQ", mode);
+        ScopedEnv on("SPARGE_BWD_FUSED_DQ", std::string(mode, 1).c_str());
+        ScopedEnv ctas("SPARGE_BWD_CTAS", mode[1] == '/' ? mode + 2 : nullptr);
         r = RunKernels(q, k, v, g, m, scale);
       }
       const std::string what = std::string("SPARGE_BWD_FUSED_DQ=") + mode + " D=" + std::to_string(D) +
@@ -685,6 +692,7 @@ void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* sched
                                std::to_string(run) + " schedule=" + (schedule ? schedule : "unchunked");
       ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
       EXPECT_EQ(r.dq.slice(1, 128, 256).abs().max().item<float>(), 0.f) << what << " (empty query block)";
+      EXPECT_EQ(r.dq[1].select(1, 2).abs().max().item<float>(), 0.f) << what << " (empty head)";
       EXPECT_LT(testing::RelErr(r.dq, base.dq), 1e-3) << what << " vs default";
       EXPECT_LT(testing::RelErr(r.dk, base.dk), 1e-3) << what << " vs default";
       EXPECT_LT(testing::RelErr(r.dv, base.dv), 1e-3) << what << " vs default";
