@@ -316,7 +316,9 @@ def main():
                                              stderr=subprocess.DEVNULL).strip()
         except Exception:  # noqa: BLE001
             commit = "unknown"
-    print(f"torch {torch.__version__} {card} commit {commit}", flush=True)
+    # The kernels' environment knobs in force for every call (A/B variants add theirs per call).
+    knobs = {k_: v_ for k_, v_ in sorted(os.environ.items()) if k_.startswith(("SPARGE_BWD_", "SPARGE_FWD_", "SPARGE_MASK_"))}
+    print(f"torch {torch.__version__} {card} commit {commit}" + (f" knobs {knobs}" if knobs else ""), flush=True)
     shapes = {"wan1.3B-480p": (12, 32760), "wan14B-720p": (40, 75600)}
     B, D, bq, bk = 1, 128, 128, args.block_k
     flex = None
@@ -600,7 +602,8 @@ def main():
     slug = card.replace(" ", "-").replace("/", "-")
     base = os.path.join(args.out, f"{slug}-{stamp}{args.tag}")
     with open(base + ".json", "w") as f:
-        json.dump({"card": card, "commit": commit, "date": stamp, "torch": torch.__version__, "cases": cases}, f, indent=1)
+        json.dump({"card": card, "commit": commit, "date": stamp, "torch": torch.__version__, "knobs": knobs,
+                   "cases": cases}, f, indent=1)
     print("wrote", base + ".json", flush=True)
     try:
         import matplotlib
