@@ -1141,8 +1141,10 @@ __host__ __device__ constexpr size_t DqHeadQueueBytes(int64_t heads) {
   return static_cast<size_t>((16 + 4 * heads + 15) / 16 * 16);
 }
 struct DqHeads {
-  int* target;     // [B * H] reductions still to land per head (the prep kernel sets them)
-  DqHeadQueue* q;  // nullptr: another mode
+  int* target;      // [B * H] reductions still to land per head (the prep kernel sets them)
+  DqHeadQueue* q;   // nullptr: another mode
+  int slice_tiles;  // accumulator tiles per ticket (SPARGE_BWD_DQ_SLICE, default kHeadSliceTiles)
+  int between;      // 1: tickets converted between items too; 0: only after the list (A/B)
 };
 
 __device__ __forceinline__ void StShared32(uint32_t addr, uint32_t v) {
@@ -1202,11 +1204,12 @@ __device__ __forceinline__ void StZeroHintV4(float4* dst, uint64_t policy) {
 // conversion runs inside the fused kernel, between items. Ends with a CTA barrier.
 template <typename T, int D>
 __device__ __forceinline__ void ConvertHeadSlice(const BwdParams& p, float* dq_acc, int conv, int slices,
-                                                 uint32_t buf, uint32_t bar, uint32_t phase, int tid) {
+                                                 int slice_tiles, uint32_t buf, uint32_t bar, uint32_t phase,
+                                                 int tid) {
   constexpr int kCb = D / 64, kTileBytes = kDqTileFloats * 4;
   const int per_head = 2 * CeilDiv(p.seqlen, kTileQ) * kCb;
-  const int bh = conv / slices, lo = (conv % slices) * kHeadSliceTiles;
-  const int hi = min(per_head, lo + kHeadSliceTiles);
+  const int bh = conv / slices, lo = (conv % slices) * slice_tiles;
+  const int hi = min(per_head, lo + slice_tiles);
   const int b = bh / p.heads, h = bh % p.heads;
   T* dq_head = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
   float* head_acc = dq_acc + static_cast<int64_t>(bh) * per_head * kDqTileFloats;
@@ -1519,7 +1522,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   };
   // SPARGE_BWD_FUSED_DQ=3: `slices` tickets per head, B * H * slices in all (recomputed at each
   // use from the parameters: no registers held across the tile loop).
-  auto slices = [&]() { return CeilDiv(2 * CeilDiv(p.seqlen, kTileQ) * (D / 64), kHeadSliceTiles); };
+  auto slices = [&]() { return CeilDiv(2 * CeilDiv(p.seqlen, kTileQ) * (D / 64), dh.slice_tiles); };
   auto tickets = [&]() { return p.batch * p.heads * slices(); };
   // Thread 0: the 16 bytes of queue entries around its next ticket's, into shared memory.
   auto ticket_issue = [&]() {
@@ -1558,7 +1561,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto convert_slice = [&](int conv, int pos) {
     if (tid == 0) (void)LdAcquireGpu(dh.q->ready + pos);
     __syncthreads();
-    ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), base + Lay::kDs, conv_bar, sHeads + 24, tid);
+    ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), dh.slice_tiles, base + Lay::kDs, conv_bar, sHeads + 24, tid);
   };
   for (int it = 0;; ++it) {
     const V10Item x = decode(it & 1);
@@ -1634,11 +1637,13 @@ __global__ void __launch_bounds__(kFThreads, 1)
         if (tid == 0) {  // the next item: its list entry now, its record one tile later
           if (i == 0) {
             item_next = w_next < sched->items ? sched->order[w_next] : -1;
-            if (dh.q != nullptr) ticket_issue();
+            if (dh.q != nullptr && dh.between) ticket_issue();
           }
           if (i == min(1, x.n - 1)) {
             publish((it + 1) & 1, item_next, w_next);
-            if (dh.q != nullptr) ticket_resolve((it + 1) & 1);
+            if (dh.q != nullptr) {
+              if (dh.between) ticket_resolve((it + 1) & 1); else sItem[Lay::kRecInts * ((it + 1) & 1) + 6] = -1;
+            }
           }
         }
         WgmmaWaitN<1>();  // S^T(i) done; dP^T(i) runs under the exponentials
@@ -1719,8 +1724,8 @@ __global__ void __launch_bounds__(kFThreads, 1)
     } else if (tid == 0) {
       publish((it + 1) & 1, w_next < sched->items ? sched->order[w_next] : -1, w_next);
       if (dh.q != nullptr) {
-        ticket_issue();
-        ticket_resolve((it + 1) & 1);
+        if (dh.between) ticket_issue();
+        if (dh.between) ticket_resolve((it + 1) & 1); else sItem[Lay::kRecInts * ((it + 1) & 1) + 6] = -1;
       }
     }
     // The chunk part, read while this item's record is still there (the next publish into this
@@ -1763,7 +1768,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
       __syncthreads();
       const int conv = static_cast<int>(LdShared32(sHeads + 20));
       if (conv < 0) break;
-      ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), base + Lay::kDs, conv_bar, sHeads + 24, tid);
+      ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), dh.slice_tiles, base + Lay::kDs, conv_bar, sHeads + 24, tid);
     }
     if (tid == 0) {  // the last CTA out restores the queue's zeros for the next call
       int old;
@@ -2032,8 +2037,13 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
   int* cnt = reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes);
   int* dq_cnt = fused_dq == 1 || fused_dq == 2 ? cnt : nullptr;
-  DqHeads dh{nullptr, nullptr};
-  if (fused_dq == 3) dh = DqHeads{cnt, reinterpret_cast<DqHeadQueue*>(reinterpret_cast<char*>(acc) + acc_bytes)};
+  DqHeads dh{nullptr, nullptr, kHeadSliceTiles, 1};
+  if (fused_dq == 3) {
+    // SPARGE_BWD_DQ_SLICE (tiles per ticket) and SPARGE_BWD_DQ_BETWEEN=0 (convert only after the
+    // list): A/B knobs of mode 3.
+    dh = DqHeads{cnt, reinterpret_cast<DqHeadQueue*>(reinterpret_cast<char*>(acc) + acc_bytes),
+                 EnvInt("SPARGE_BWD_DQ_SLICE", kHeadSliceTiles, 1, 4096), EnvInt("SPARGE_BWD_DQ_BETWEEN", 1, 0, 1)};
+  }
   float4* zero_from = reinterpret_cast<float4*>(own_acc ? acc : slots);
   const int64_t zero_vec4 = ((own_acc ? floats : 0) + slot_floats) / 4;
   const int sms = SmCount();
