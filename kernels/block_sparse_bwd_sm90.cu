@@ -1031,86 +1031,17 @@ __global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const Fused
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// dQ converted inside the fused kernel (SPARGE_BWD_FUSED_DQ=1 or 2; kernels/NOTES.md, "Eleventh
-// session"). Each 64 x 64 accumulator tile (bh, query tile, column block) has a counter that the
-// prep kernel sets to the number of bulk reductions the tile will receive (kept 128-key tiles of
-// its query block, twice for D = 64 where both warpgroups add into one tile). A warpgroup counts a
-// reduction once it has *completed* (a full bulk wait one reduction later, when it is long done);
-// the warpgroup whose count ends the tile converts it from L2 into dQ and then either discards
-// the fp32 lines (mode 1: no write-back of a tile nobody reads again) or stores zeros back with
-// evict-first priority (mode 2: the accumulator persists across calls, all zeros between them,
-// so no call zeroes it: ZeroedLease in launch_utils.h). Tiles that receive no reduction (a query
-// block that keeps nothing) get zero rows from the prep kernel. Removes the dQ convert kernel
-// (and, mode 2, the accumulator's zeroing: 200 MB at Wan-1.3B) for one conversion per tile on
-// the converting warpgroup's path.
-// Measured (H200, 05adbee): 28% slower at Wan-1.3B, 13-21% at 14B with a full wait before each
-// reduction and two SC fences; this form (deferred count, release atomic) is not yet measured.
-
-// Counts one completed reduction into a tile; true for the last one. The bulk reduction's writes
-// (async proxy) are ordered before the counter, and the counter before the converter's reads.
-__device__ __forceinline__ bool CountDqArrival(int* cnt) {
-  int old;
-  asm volatile(
-      "fence.proxy.async.global;\n\t"
-      "atom.release.gpu.global.add.s32 %0, [%1], -1;\n"
-      : "=r"(old)
-      : "l"(cnt)
-      : "memory");
-  if (old != 1) return false;
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  return true;
-}
 __device__ __forceinline__ void BulkWait1() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
 __device__ __forceinline__ void StZeroHint(float4* dst, uint64_t policy) {
   asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %1, %1, %1}, %2;\n" ::"l"(dst), "f"(0.f), "l"(policy)
                : "memory");
 }
-__device__ __forceinline__ void DiscardL2Line(const void* line) {
-  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(line) : "memory");
-}
-
-// One warpgroup (wtid 0..127, named barrier `bar`) converts accumulator tile `tile` (numbered
-// as DqConvertTile's blocks) into dQ: float4 nt * 128 + wtid is this thread's own fragment
-// position (rows (wtid / 32) * 16 + lane / 4 and + 8, columns nt * 8 + 2 * (lane % 4)), read
-// coalesced from L2; 4-byte row pieces written into the [B, L, H, D] strides.
-template <typename T, int D>
-__device__ __forceinline__ void ConvertDqTileInKernel(const BwdParams& p, float* dq_acc, int tile, int wtid,
-                                                      int mode, int bar) {
-  const int cb = tile % (D / 64);
-  const int nq2 = 2 * CeilDiv(p.seqlen, kTileQ);
-  const int qt = (tile / (D / 64)) % nq2;
-  const int bhi = tile / (D / 64) / nq2;
-  const int b = bhi / p.heads, h = bhi % p.heads;
-  float4* src = reinterpret_cast<float4*>(dq_acc) + static_cast<int64_t>(tile) * (kDqTileFloats / 4);
-  float4 v[8];
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) v[nt] = __ldcg(src + nt * 128 + wtid);
-  const int lane = wtid & 31, row = (wtid >> 5) * 16 + (lane >> 2);
-  const int valid = p.seqlen - qt * kM;
-  T* dst = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h + cb * 64 + 2 * (lane & 3) +
-           static_cast<int64_t>(qt * kM + row) * p.dq.stride_l;
-  const float s = p.scale;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    if (row < valid) *reinterpret_cast<uint32_t*>(dst + nt * 8) = MmaOp<T>::Pack(v[nt].x * s, v[nt].y * s);
-    if (row + 8 < valid)
-      *reinterpret_cast<uint32_t*>(dst + 8 * p.dq.stride_l + nt * 8) = MmaOp<T>::Pack(v[nt].z * s, v[nt].w * s);
-  }
-  if (mode == 2) {
-    const uint64_t pol = L2EvictFirstPolicy();
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) StZeroHint(src + nt * 128 + wtid, pol);
-  } else {
-    NamedBarrierSync(bar, 128);  // every thread has its values (they were used above)
-    DiscardL2Line(reinterpret_cast<char*>(src) + wtid * 128);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
-// dQ converted per head inside the fused kernel (SPARGE_BWD_FUSED_DQ=3; kernels/NOTES.md, "Twelfth
-// session"). Instead of a count per 64 x 64 tile (modes 1 and 2, which stall the reducing
-// warpgroup on every tile), one count per (batch, head): the prep kernel sets it to the number of
+// dQ converted per head inside the fused kernel (SPARGE_BWD_FUSED_DQ=1; kernels/NOTES.md, "Twelfth
+// session"; measured as =3 before the per-tile forms 1 and 2 were removed: they counted each
+// 64 x 64 tile, which stalled the reducing warpgroup on every tile and lost 13-28%). One count per
+// (batch, head): the prep kernel sets it to the number of
 // bulk reductions the head's accumulator receives (2 x the query tiles of every item: one per
 // warpgroup), and each warpgroup subtracts an item's tiles once that item's last reduction has
 // completed, which it learns almost for free at its next item's first reduction (a wait that
@@ -1189,10 +1120,6 @@ __device__ __forceinline__ float4 LdShared128(uint32_t addr) {
                : "memory");
   return v;
 }
-__device__ __forceinline__ void StZeroHintV4(float4* dst, uint64_t policy) {
-  asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %1, %1, %1}, %2;\n" ::"l"(dst), "f"(0.f), "l"(policy)
-               : "memory");
-}
 
 // Ticket `conv` = head * slices + slice: tiles [slice * kHeadSliceTiles, ...) of the head's
 // accumulator (numbered as DqConvertTile's blocks) into dQ by the CTA's 256 threads, four tiles
@@ -1248,14 +1175,14 @@ __device__ __forceinline__ void ConvertHeadSlice(const BwdParams& p, float* dq_a
       }
       float4* z = reinterpret_cast<float4*>(head_acc + static_cast<int64_t>(tile) * kDqTileFloats) + f0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) StZeroHintV4(z + j, pol);
+      for (int j = 0; j < 4; ++j) StZeroHint(z + j, pol);
     }
     __syncthreads();  // buf read by every thread before the next batch's copies
   }
   if (tid == 0) StShared32(phase, phase0 + batch);
 }
 
-// SPARGE_BWD_FUSED_DQ=3: per (batch, head), the bulk reductions its accumulator will receive:
+// SPARGE_BWD_FUSED_DQ=1: per (batch, head), the bulk reductions its accumulator will receive:
 // per query block, its kept 128-key tiles (block_k / 128 per kept block, fewer for a last block
 // past L) times its 64-row tiles inside L, twice (one reduction per warpgroup and tile: D = 128
 // one per 64-column block, D = 64 both into one tile). One warp per head; a head that receives
@@ -1316,18 +1243,18 @@ struct V10Layout {
   static constexpr int kDs = kDO + kV10Stages * kQBytes;
   static constexpr int kDq = kDs + kV10DsBufs * kDsBytes;
   static constexpr int kLd = kDq + 2 * kDqTileFloats * 4;
-  // kv_full, full[S], dsready[2][bufs], empty[S], conv (SPARGE_BWD_FUSED_DQ=3: the dQ slices'
+  // kv_full, full[S], dsready[2][bufs], empty[S], conv (SPARGE_BWD_FUSED_DQ=1: the dQ slices'
   // bulk copies into the dS^T buffers)
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
   static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages + 1;
   // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
   // first transposed-LUT entry, chunk part or -1, dQ ticket to convert before the item or -1),
-  // the tiles each warpgroup converts [2][2]; per-head dQ state (SPARGE_BWD_FUSED_DQ=3): each
+  // per-head dQ state (SPARGE_BWD_FUSED_DQ=1): each
   // warpgroup's uncounted item [2][2], thread 0's next ticket, a broadcast, then (16-byte
   // aligned) four queue entries fetched by cp.async
   static constexpr int kMisc = kBar + kNumBars * 8;
   static constexpr int kRecInts = 8;
-  static constexpr int kHeads = kMisc + 4 * (kV10Stages + 2 * kRecInts + 4);
+  static constexpr int kHeads = kMisc + 4 * (kV10Stages + 2 * kRecInts);
   static constexpr int kFlags = (kHeads + 4 * 8 + 15) / 16 * 16;
   static constexpr int kBytes = kFlags + 16 + 1024;  // + alignment slack
 };
@@ -1353,7 +1280,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
-                      FusedSchedule* sched, int l2_hint, ChunkPlan cp, int* dq_cnt, int dq_mode, DqHeads dh) {
+                      FusedSchedule* sched, int l2_hint, ChunkPlan cp, DqHeads dh) {
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -1371,7 +1298,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
   const uint32_t conv_bar = bars + 8 * (Lay::kNumBars - 1);
   int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
   int* sItem = rel + kV10Stages;
-  volatile int* sConv = sItem + 2 * Lay::kRecInts;  // dq_cnt: the tiles a warpgroup converts, or -1
   // dh.q, 32-bit words at sHeads: [2 * cw] / [2 * cw + 1] head and reductions of warpgroup cw's
   // last item not yet counted (n = 0: none), [4] thread 0's next ticket, [5] end-loop broadcast,
   // [6] conv_bar's completed phases
@@ -1503,24 +1429,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
 
   uint32_t g0 = 0;     // tiles this CTA has started before the current item
   uint32_t kv_it = 0;  // items with K/V loads so far
-  // dq_cnt: the accumulator tiles of this warpgroup's last two reductions, not yet counted. A
-  // reduction is counted one reduction after the next has been issued (a wait that leaves the
-  // newest group in flight: the one before it has long completed), so the wait costs nothing.
-  int pend = -1, pend2 = -1;
-  // Counts the older pending reduction (thread wtid 0; `all`: both, at the end) and publishes the
-  // tiles this warpgroup has to convert (-1: none) to the warpgroup; also waits until the newest
-  // reduction has read the staging buffer.
-  auto count_pending = [&](bool all) {
-    if (wtid == 0) {
-      if (all) BulkWait0(); else BulkWait1();
-      sConv[2 * cw] = pend2 >= 0 && CountDqArrival(dq_cnt + pend2) ? pend2 : -1;
-      sConv[2 * cw + 1] = all && pend >= 0 && CountDqArrival(dq_cnt + pend) ? pend : -1;
-      if (!all) BulkWaitRead0();
-    }
-    NamedBarrierSync(3 + cw, 128);
-    return sConv[2 * cw];
-  };
-  // SPARGE_BWD_FUSED_DQ=3: `slices` tickets per head, B * H * slices in all (recomputed at each
+  // SPARGE_BWD_FUSED_DQ=1: `slices` tickets per head, B * H * slices in all (recomputed at each
   // use from the parameters: no registers held across the tile loop).
   auto slices = [&]() { return CeilDiv(2 * CeilDiv(p.seqlen, kTileQ) * (D / 64), dh.slice_tiles); };
   auto tickets = [&]() { return p.batch * p.heads * slices(); };
@@ -1584,13 +1493,8 @@ __global__ void __launch_bounds__(kFThreads, 1)
         WgmmaCommit();
       };
       auto reduce_dq = [&](int qtile) {
-        int conv = -1;
-        if (dq_cnt != nullptr) {
-          conv = count_pending(false);  // also: the previous reduction has read the staging buffer
-        } else {
-          if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
-          NamedBarrierSync(3 + cw, 128);
-        }
+        if (wtid == 0) BulkWaitRead0();  // the previous reduction has read the staging buffer
+        NamedBarrierSync(3 + cw, 128);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
           StShared128(dq_smem + (nt * 128 + wtid) * 16, dq[nt * 4], dq[nt * 4 + 1], dq[nt * 4 + 2], dq[nt * 4 + 3]);
@@ -1609,9 +1513,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
             arrive_pending();
           }
         }
-        pend2 = pend;
-        pend = tile;
-        if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
       };
 
       MbarWait(kv_full, kv_it & 1);
@@ -1779,56 +1680,17 @@ __global__ void __launch_bounds__(kFThreads, 1)
         dh.q->exited = 0;
       }
     }
-  } else if (dq_cnt != nullptr) {
-    const int conv = count_pending(true), conv2 = sConv[2 * cw + 1];
-    if (conv >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv, wtid, dq_mode, 3 + cw);
-    if (conv2 >= 0) ConvertDqTileInKernel<T, D>(p, dq_acc, conv2, wtid, dq_mode, 3 + cw);
   } else if (wtid == 0) {
     BulkWait0();
   }
 }
 
-// SPARGE_BWD_FUSED_DQ: each accumulator tile's counter (numbered as DqConvertTile's blocks) set to
-// the reductions it will receive: per kept key block of its query block, the 128-key tiles of it
-// inside L (block_k / 128, fewer for a last block past L), twice for D = 64 (both warpgroups add
-// into the tile); 0 for query tiles past L. A tile inside L that receives nothing (its query
-// block keeps no key block) gets its dQ rows zeroed here, since nobody converts it.
-__device__ void InitDqCounters(const BwdParams& p, int* cnt, int64_t n, int64_t t0, int64_t stride) {
-  const int L = p.seqlen, nq = CeilDiv(L, kTileQ), nkb = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
-  const int cbs = p.head_dim / 64, per = p.block_k / kFKeys;
-  for (int64_t i = t0; i < n; i += stride) {
-    const int cb = static_cast<int>(i % cbs);
-    const int qt = static_cast<int>((i / cbs) % (2 * nq));
-    const int64_t bh = i / cbs / (2 * nq);
-    int e = 0;
-    if (qt * kM < L) {
-      const int64_t row = bh * nq + qt / 2;
-      const int c = p.counts[row];
-      if (per == 1) {
-        e = c;
-      } else {
-        for (int j = 0; j < c; ++j) e += min(per, nkt - p.indices[row * nkb + j] * per);
-      }
-      if (p.head_dim == 64) e *= 2;
-      if (e == 0) {  // 64 rows (fewer at the end) x 64 columns of 2-byte elements
-        const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
-        char* base = static_cast<char*>(p.dq.ptr) + 2 * (b * p.dq.stride_b + h * p.dq.stride_h + cb * 64);
-        for (int r = 0; r < kM && qt * kM + r < L; ++r) {
-          uint4* d = reinterpret_cast<uint4*>(base + 2 * static_cast<int64_t>(qt * kM + r) * p.dq.stride_l);
-          for (int k = 0; k < 8; ++k) d[k] = make_uint4(0, 0, 0, 0);
-        }
-      }
-    }
-    cnt[i] = e;
-  }
-}
-
 // Packs LSE (x log2 e; +inf past L, so P = 0 there) and delta (0 past L) per 64-row query tile:
 // ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator (acc_vec4 float4s: with
-// SPARGE_BWD_FUSED_DQ=2 only the chunk slots) and the work list's counter; sets the dQ tile
-// counters (dq_cnt, unless nullptr).
+// SPARGE_BWD_FUSED_DQ=1 only the chunk slots) and the work list's counter; sets the per-head
+// reduction targets (dh.q != nullptr).
 __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                     FusedSchedule* sched, int* dq_cnt, int64_t n_cnt, DqHeads dh) {
+                                                     FusedSchedule* sched, DqHeads dh) {
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
@@ -1845,7 +1707,6 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
-  if (dq_cnt != nullptr) InitDqCounters(p, dq_cnt, n_cnt, t0, stride);
   if (dh.q != nullptr) InitHeadTargets(p, dh, t0 / 32, stride / 32, threadIdx.x & 31);
 }
 
@@ -1859,8 +1720,7 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 // path). Saves one launch and its tail, and the delta array's round trip.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                          FusedSchedule* sched, int* dq_cnt, int64_t n_cnt,
-                                                          DqHeads dh) {
+                                                          FusedSchedule* sched, DqHeads dh) {
   constexpr int kLanes = D / 8;
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
@@ -1893,7 +1753,6 @@ __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += threads) acc[i] = z;
-  if (dq_cnt != nullptr) InitDqCounters(p, dq_cnt, n_cnt, t0, threads);
   if (dh.q != nullptr) InitHeadTargets(p, dh, t0 / 32, threads / 32, threadIdx.x & 31);
 }
 
@@ -2006,26 +1865,22 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const size_t list_ints = chunked ? 4 * static_cast<size_t>(cp.capacity) + cp.max_slots + p.batch * p.heads
                                    : static_cast<size_t>(items);
   const size_t list_bytes = sizeof(FusedSchedule) + list_ints * 4;
-  // SPARGE_BWD_FUSED_DQ (default 0): 1 = the fused kernel converts each dQ tile once its last
-  // reduction has landed and discards its fp32 lines, 2 = the same with an accumulator that
-  // persists across calls (ZeroedLease) and is re-zeroed by the converters instead of by the prep
-  // kernel; 2 under stream capture runs as 1. Tile counters follow the list in the workspace.
-  // 3 = per-head conversion (DqHeads; ZeroedLease holds the accumulator and the ready queue,
-  // per-head targets follow the list); under stream capture 3 runs as 0.
-  int fused_dq = EnvInt("SPARGE_BWD_FUSED_DQ", 0, 0, 3);
-  const int64_t n_cnt = floats / kDqTileFloats;
+  // SPARGE_BWD_FUSED_DQ=1 (default 0; kernels/NOTES.md, "Twelfth session"): dQ converted per head
+  // inside the fused kernel (DqHeads); a ZeroedLease holds the accumulator and the ready queue,
+  // the per-head targets follow the list in the workspace. Under stream capture it runs as 0.
+  bool fused_dq = EnvInt("SPARGE_BWD_FUSED_DQ", 0, 0, 1) > 0;
   const int64_t bhs = static_cast<int64_t>(p.batch) * p.heads;
   std::optional<ZeroedLease> lease;
-  if (fused_dq >= 2) {
-    lease.emplace(acc_bytes + (fused_dq == 3 ? DqHeadQueueBytes(bhs) : 0), stream);
+  if (fused_dq) {
+    lease.emplace(acc_bytes + DqHeadQueueBytes(bhs), stream);
     if (lease->error() != cudaSuccess) return lease->error();
     if (!lease->ok()) {
       lease.reset();
-      fused_dq = fused_dq == 3 ? 0 : 1;
+      fused_dq = false;
     }
   }
-  const bool own_acc = !lease.has_value();  // the accumulator in the workspace (zeroed by the prep kernel)
-  const size_t cnt_bytes = fused_dq == 3 ? static_cast<size_t>(bhs) * 4 : fused_dq > 0 ? static_cast<size_t>(n_cnt) * 4 : 0;
+  const bool own_acc = !fused_dq;  // the accumulator in the workspace (zeroed by the prep kernel)
+  const size_t cnt_bytes = fused_dq ? static_cast<size_t>(bhs) * 4 : 0;
   const size_t bytes = (own_acc ? acc_bytes : 0) + slot_floats * 4 + ld_bytes + list_bytes + cnt_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
@@ -2035,13 +1890,11 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   cp.partial = chunked ? slots : nullptr;
   float* ld = slots + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
-  int* cnt = reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes);
-  int* dq_cnt = fused_dq == 1 || fused_dq == 2 ? cnt : nullptr;
   DqHeads dh{nullptr, nullptr, kHeadSliceTiles, 1};
-  if (fused_dq == 3) {
+  if (fused_dq) {
     // SPARGE_BWD_DQ_SLICE (tiles per ticket) and SPARGE_BWD_DQ_BETWEEN=0 (convert only after the
-    // list): A/B knobs of mode 3.
-    dh = DqHeads{cnt, reinterpret_cast<DqHeadQueue*>(reinterpret_cast<char*>(acc) + acc_bytes),
+    // list): A/B knobs of the per-head conversion.
+    dh = DqHeads{reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes), reinterpret_cast<DqHeadQueue*>(reinterpret_cast<char*>(acc) + acc_bytes),
                  EnvInt("SPARGE_BWD_DQ_SLICE", kHeadSliceTiles, 1, 4096), EnvInt("SPARGE_BWD_DQ_BETWEEN", 1, 0, 1)};
   }
   float4* zero_from = reinterpret_cast<float4*>(own_acc ? acc : slots);
@@ -2065,12 +1918,11 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) {
     if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
       err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, zero_from, zero_vec4, sched,
-                         dq_cnt, n_cnt, dh);
+                         dh);
     } else {
       err = LaunchBwdDelta(p, stream);
       if (err == cudaSuccess) {
-        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, zero_from, zero_vec4, sched, dq_cnt,
-                           n_cnt, dh);
+        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, zero_from, zero_vec4, sched, dh);
       }
     }
   }
@@ -2095,11 +1947,11 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       const int ctas = EnvInt("SPARGE_BWD_CTAS", 0, 0, 1 << 16);
       const int grid = std::min({cp.capacity, sms, ctas > 0 ? ctas : sms});
       err = LaunchKernel(kernel, grid, kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld, sched, l2_hint, cp,
-                         dq_cnt, fused_dq, dh);
+                         dh);
     }
   }
   const unsigned chunk_blocks = static_cast<unsigned>(cp.max_slots) * 4 * (D / 64);
-  if (fused_dq > 0) {  // dQ is written: only the chunked dK/dV are left
+  if (fused_dq) {  // dQ is written: only the chunked dK/dV are left
     if (err == cudaSuccess && cp.partial != nullptr) {
       err = LaunchKernel(DkDvChunkConvertKernel<T, D>, chunk_blocks, 256, 0, stream, p,
                          static_cast<const FusedSchedule*>(sched), cp);

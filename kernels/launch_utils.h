@@ -93,7 +93,7 @@ inline cudaError_t AllocFromLauncherPool(size_t bytes, cudaStream_t stream, void
 }
 
 // A per-device buffer that is all zeros whenever no launch holds it (the backward's persistent dQ
-// accumulator, SPARGE_BWD_FUSED_DQ=2: its kernels restore the zeros, so no call zeroes it). A
+// accumulator and queue, SPARGE_BWD_FUSED_DQ=1: its kernels restore the zeros, so no call zeroes it). A
 // lease holds the device's mutex until Finish; on `stream` it waits for the previous lease's
 // work (an event), grows the buffer (stream-ordered free, allocation from the launcher pool and
 // memset) and zeroes it again if the previous lease did not end with restored zeros. Not under

@@ -499,8 +499,9 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results: the launches the backward's defaults replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
 // side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
 // instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
-// and dQ converts as two launches), and the prepared SPARGE_BWD_FUSED_DQ=1 / 2 / 3 (dQ converted inside
-// the fused kernel; 2: the persistent accumulator; 3: per head, by slices between items): mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// and dQ converts as two launches), and SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the
+// fused kernel, by slices between items, into a persistent accumulator), alone and with slices of
+// 4 tiles converted only after the list: mask, O and LSE bitwise the default's, dK and dV too with chunking off
 // (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
 // dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
@@ -509,7 +510,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
       {"SPARGE_BWD_ONE_CONVERT", "0"},   {"SPARGE_BWD_FUSED_DQ", "1"},
-      {"SPARGE_BWD_FUSED_DQ", "2"},      {"SPARGE_BWD_FUSED_DQ", "3"}};
+      {"SPARGE_BWD_FUSED_DQ", "1+"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -521,7 +522,10 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
         const double scale = 1.0 / std::sqrt(double(D));
         BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
         Outs r0 = RunKernels(q, k, v, g, m0, scale);
-        ScopedEnv on(variant, value);
+        const bool more = std::string(value) == "1+";  // the per-head conversion's other knobs
+        ScopedEnv on(variant, more ? "1" : value);
+        ScopedEnv slice("SPARGE_BWD_DQ_SLICE", more ? "4" : nullptr);
+        ScopedEnv between("SPARGE_BWD_DQ_BETWEEN", more ? "0" : nullptr);
         BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
         const std::string what = std::string(variant) + "=" + value + " D=" + std::to_string(D) +
                                  " schedule=" + (schedule ? schedule : "unchunked");
@@ -561,14 +565,14 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
 // "4scd": chunks of 4 and the sort with the launches the defaults replaced (DeltaKernel before the
-// prep kernel, two converts). "4sf" / "4sp" / "4sh": dQ converted inside the fused kernel
-// (SPARGE_BWD_FUSED_DQ=1 / 2 / 3), with the chunked dK/dV convert alone after it.
+// prep kernel, two converts). "4sh": dQ converted per head inside the fused kernel
+// (SPARGE_BWD_FUSED_DQ=1), with the chunked dK/dV convert alone after it.
 // (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
 // "cd"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sf", "4sp", "4sh", "1s",
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sh", "1s",
                                                                 "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
@@ -595,8 +599,7 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     // reads the counts from global memory instead of shared (the path for lists too long for
     // shared memory); "c" the dK/dV chunk and dQ converts as two launches (SPARGE_BWD_ONE_CONVERT=0);
     // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0); "f" / "p" / "h" dQ
-    // converted in the fused kernel (SPARGE_BWD_FUSED_DQ=1 / =2, the persistent accumulator / =3,
-    // per head).
+    // converted per head in the fused kernel (SPARGE_BWD_FUSED_DQ=1).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -605,12 +608,12 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       return at != std::string::npos;
     };
     const bool global_counts = take('g'), two_converts = take('c'), delta_kernel = take('d');
-    const bool fused_dq = take('f'), persistent = take('p'), per_head = take('h');
+    const bool per_head = take('h');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", two_converts ? "0" : nullptr);
     ScopedEnv prep("SPARGE_BWD_PREP_DELTA", delta_kernel ? "0" : nullptr);
-    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", per_head ? "3" : persistent ? "2" : fused_dq ? "1" : nullptr);
+    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", per_head ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -644,20 +647,20 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sf", "1sp", "1sh"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sh"}, false);
 }
 
-// SPARGE_BWD_FUSED_DQ=1 and 2 (dQ converted by the fused kernel's last contributor to each tile;
-// 2 with the persistent accumulator that the converters re-zero) and 3 (per head, in slices
-// between items and after the list; the same persistent accumulator) against the float64
+// SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the fused kernel, in slices between items
+// and after the list, into an accumulator that persists across calls) against the float64
 // reference and the default path, on poisoned outputs: a query block that keeps nothing (its dQ
-// rows are written as zeros by the prep kernel, mode 3: by its head's conversion), a head that
-// keeps nothing at all (mode 3: queued by the prep kernel), 128- and 256-wide key blocks (a kept
-// 256-wide block is two 128-key tiles, the partial last one a single tile), both head dims,
-// chunked and whole schedules. Modes 2 and 3 run the main shape, a longer one (the accumulator
-// grows) and the main shape again: each call must leave the accumulator (and mode 3's queue) all
-// zeros for the next. Mode 3 also runs with 3 persistent CTAs ("3/3": each takes many items, so
-// most slices are converted between items rather than after the list).
+// rows come from its head's conversion of an all-zero accumulator), a head that keeps nothing at
+// all (queued by the prep kernel), 128- and 256-wide key blocks (a kept 256-wide block is two
+// 128-key tiles, the partial last one a single tile), both head dims, chunked and whole
+// schedules. Each variant runs the main shape, a longer one (the accumulator grows) and the main
+// shape again: each call must leave the accumulator and the queue all zeros for the next.
+// Variants: the defaults; 3 persistent CTAs (each takes many items, so most slices are converted
+// between items, not after the list); the same with slices of 5 tiles (partial bulk-copy batches,
+// many tickets per CTA).
 void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* schedule, bool reference) {
   const int64_t B = 2, H = 3;
   auto make = [&](int64_t L, uint64_t seed) {
@@ -676,18 +679,25 @@ void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* sched
   const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
   ScopedBwdSchedule order(schedule);
   const int64_t lengths[] = {1000, 2333, 1000};
-  for (const char* mode : {"1", "2", "3", "3/3"}) {
-    for (int run = 0; run < (mode[0] != '1' ? 3 : 1); ++run) {
+  struct Variant {
+    const char* name;
+    const char* ctas;
+    const char* slice;
+  };
+  for (const Variant& var : {Variant{"default", nullptr, nullptr}, Variant{"3 CTAs", "3", nullptr},
+                             Variant{"3 CTAs, slices of 5", "3", "5"}}) {
+    for (int run = 0; run < 3; ++run) {
       const int64_t L = lengths[run];
       auto [m, q, k, v, g] = make(L, 11 + D + bk + L);
       Outs base = RunKernels(q, k, v, g, m, scale);
       Outs r;
       {
-        ScopedEnv on("SPARGE_BWD_FUSED_DQ", std::string(mode, 1).c_str());
-        ScopedEnv ctas("SPARGE_BWD_CTAS", mode[1] == '/' ? mode + 2 : nullptr);
+        ScopedEnv on("SPARGE_BWD_FUSED_DQ", "1");
+        ScopedEnv ctas("SPARGE_BWD_CTAS", var.ctas);
+        ScopedEnv slice("SPARGE_BWD_DQ_SLICE", var.slice);
         r = RunKernels(q, k, v, g, m, scale);
       }
-      const std::string what = std::string("SPARGE_BWD_FUSED_DQ=") + mode + " D=" + std::to_string(D) +
+      const std::string what = std::string("SPARGE_BWD_FUSED_DQ=1 (") + var.name + ") D=" + std::to_string(D) +
                                " bk=" + std::to_string(bk) + " L=" + std::to_string(L) + " run " +
                                std::to_string(run) + " schedule=" + (schedule ? schedule : "unchunked");
       ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
