@@ -29,6 +29,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/launch_utils.h"
+#include "kernels/bwd_counts.h"
 #include "kernels/bwd_internal.h"
 #include "kernels/sm90_pipeline.cuh"
 #include "kernels/sm90_tiles.cuh"
@@ -340,6 +341,8 @@ constexpr int kFThreads = 256;
 constexpr int kFKeys = 128;
 constexpr int kFStages = 2;
 constexpr int kDqTileFloats = kM * 64;  // one warpgroup's dQ partial: 64 rows x 64 columns
+static_assert(counts::kQueryBlock == kTileQ && counts::kQueryTile == kM && counts::kKeyTile == kFKeys,
+              "bwd_counts.h must count the tiles this file uses");
 
 // Work list of the persistent fused kernel, in the workspace after the dQ accumulator.
 struct FusedSchedule {
@@ -374,8 +377,7 @@ struct ChunkPlan {
 template <int D>
 constexpr int kChunkPartialFloats = 2 * kFKeys * D;  // dK then dV, 128 keys x D, fp32
 
-// Query blocks of chunk j of n of a key tile kept by c: [ChunkLo(c, n, j), ChunkLo(c, n, j + 1)).
-__host__ __device__ __forceinline__ int ChunkLo(int c, int n, int j) { return static_cast<int>(int64_t(j) * c / n); }
+using counts::ChunkLo;  // query blocks of chunk j of n: [ChunkLo(c, n, j), ChunkLo(c, n, j + 1))
 
 // Shared layout (bytes from a 1024-aligned base): K, V [D/64][128][64]; per stage Q, dO
 // [D/64][64][64]; dS^T double buffer [128 keys][64 queries]; dQ partial per consumer warpgroup
@@ -446,8 +448,7 @@ __device__ __forceinline__ void WgmmaSSTT_N64(float* d, uint64_t desc_a, uint64_
 // Query tiles of 64 rows that a key tile visits: kM-row halves of the kept 128-row query blocks,
 // ascending, so only the last block's second half can start at or past L.
 __device__ __forceinline__ int FusedValidTiles(int count, int last_qblk, int L) {
-  const int subs = kTileQ / kM;
-  return (count - 1) * subs + min(subs, CeilDiv(L - last_qblk * kTileQ, kM));
+  return counts::ItemQueryTiles(count, last_qblk, L);
 }
 
 // Persistent: each CTA takes work items (one 128-key tile of one head) from `sched` in the
@@ -1188,20 +1189,13 @@ __device__ __forceinline__ void ConvertHeadSlice(const BwdParams& p, float* dq_a
 // one per 64-column block, D = 64 both into one tile). One warp per head; a head that receives
 // nothing is queued at once (its accumulator is all zeros: converting it writes dQ = 0).
 __device__ void InitHeadTargets(const BwdParams& p, const DqHeads& dh, int64_t warp, int64_t nwarps, int lane) {
-  const int L = p.seqlen, nq = CeilDiv(L, kTileQ), nkb = CeilDiv(L, p.block_k), nkt = CeilDiv(L, kFKeys);
-  const int per = p.block_k / kFKeys;
+  const int L = p.seqlen, nq = CeilDiv(L, kTileQ), nkb = CeilDiv(L, p.block_k);
   const int64_t bhs = static_cast<int64_t>(p.batch) * p.heads;
   for (int64_t bh = warp; bh < bhs; bh += nwarps) {
     int sum = 0;
     for (int qb = lane; qb < nq; qb += 32) {
       const int64_t row = bh * nq + qb;
-      const int c = p.counts[row];
-      int e = c;
-      if (per != 1) {
-        e = 0;
-        for (int j = 0; j < c; ++j) e += min(per, nkt - p.indices[row * nkb + j] * per);
-      }
-      sum += e * min(kTileQ / kM, CeilDiv(L - qb * kTileQ, kM));
+      sum += counts::QueryBlockReductions(p.counts[row], p.indices + row * nkb, p.block_k, L, qb);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
