@@ -198,6 +198,15 @@ class L2:
         self.used += size
         self._evict()
 
+    def demote(self, key, dirty):
+        """A line that is present moves to the evict-first class (hint level 2), e.g. the zeros
+        SPARGE_BWD_FUSED_DQ=1 stores back over a converted accumulator tile."""
+        for d in (self.first, self.lru, self.keep):
+            if key in d:
+                size, was = d.pop(key)
+                self._cls("first")[key] = (size, was or dirty)
+                return
+
     def flush(self):
         for d in (self.first, self.lru, self.keep):
             for size, dirty in d.values():
@@ -205,10 +214,16 @@ class L2:
                     self.wr += size
 
 
-def simulate(order, sms, cap, item_overhead=2.0, hints=0, partial_bytes=0):
+def simulate(order, sms, cap, item_overhead=2.0, hints=0, partial_bytes=0, dq_heads=False, nqt=0):
     """Replays `order` on `sms` persistent CTAs; returns DRAM GB read / written and the hit rate.
     partial_bytes: fp32 dK/dV partial per split item that is not its key tile's last part
-    (written) or not its first (read back)."""
+    (written) or not its first (read back).
+    dq_heads (SPARGE_BWD_FUSED_DQ=1): once a head's last item has ended, its nqt accumulator tiles
+    are converted inside the kernel, spread over one mean item length after it (the CTAs take
+    the slices at their next item boundaries): each tile is read (a miss reads DRAM), the zeros
+    stored back leave it dirty and evict-first, and its bf16 dQ rows are written (evict-first).
+    Without it the model covers the fused kernel alone: the accumulator's zeroing before it and the
+    dQ convert after it add their bytes outside (see main)."""
     events = []  # (time, seq, kind, payload)
     heap = [(0.0, c) for c in range(sms)]
     heapq.heapify(heap)
@@ -222,6 +237,15 @@ def simulate(order, sms, cap, item_overhead=2.0, hints=0, partial_bytes=0):
         events.append((end - 0.5, seq, 2, it)); seq += 1  # dK/dV stores (+ partial write)
         heapq.heappush(heap, (end, c))
     makespan = max(t for t, _ in heap)
+    if dq_heads:
+        done = collections.defaultdict(float)
+        for t, _, kind, x in events:
+            if kind == 2:
+                done[x.h] = max(done[x.h], t + 0.5)
+        spread = item_overhead + sum(len(it.tiles) for it in order) / max(1, len(order))
+        for h, t_end in done.items():
+            for qt in range(nqt):
+                events.append((t_end + 1.0 + spread * qt / nqt, seq, 3, (h, qt))); seq += 1
     events.sort(key=lambda e: (e[0], e[1]))
     l2 = L2(cap, hints)
     for _, _, kind, x in events:
@@ -231,6 +255,11 @@ def simulate(order, sms, cap, item_overhead=2.0, hints=0, partial_bytes=0):
             l2.access(("o", h, qt), QB, cls="first")
             l2.access(("l", h, qt), LDB, cls="first")
             l2.access(("a", h, qt), ACCB, rmw=True, cls="last")
+        elif kind == 3:
+            h, qt = x
+            l2.access(("a", h, qt), ACCB, cls="last")
+            l2.demote(("a", h, qt), dirty=True)
+            l2.access(("dq", h, qt), QB, write=True, cls="first")
         elif kind == 0:
             l2.access(("k", x.h, x.kt), KVB)
             l2.access(("v", x.h, x.kt), KVB)
@@ -328,6 +357,9 @@ def main():
     ap.add_argument("--orders", default="current,kchunk32,kchunk16,chunk64,no_heavy_first,split2")
     ap.add_argument("--hints", default="0,1,2", help="SPARGE_BWD_L2HINT levels to model (2: v11b default)")
     ap.add_argument("--item-overhead", type=float, default=2.0, help="per-item cost in query-tile units")
+    ap.add_argument("--dq-heads", action="store_true",
+                    help="also model SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the kernel) and "
+                         "compare the whole backward's DRAM bytes with the default's zeroing + kernel + convert")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
@@ -361,6 +393,20 @@ def main():
                     row = dict(shape=name, sparsity=round(sp, 4), order=oname, l2_mb=mb, hints=hints,
                                items=len(order), **{k_: round(v_, 4) for k_, v_ in r.items()})
                     rows.append(row)
+                    if args.dq_heads:
+                        # Default: the prep kernel writes the zeroed accumulator, the convert kernel
+                        # reads it and writes dQ (bf16), outside the fused kernel.
+                        acc_gb = H * math.ceil(L / TILE_Q) * ACCB / 1e9
+                        row["default_total_gb"] = round(r["read_gb"] + r["write_gb"] + 2.5 * acc_gb, 4)
+                        r1 = simulate(order, args.sms, mb * 1e6, args.item_overhead, hints, pbytes, True,
+                                      math.ceil(L / TILE_Q))
+                        row["dq_heads"] = {k_: round(v_, 4) for k_, v_ in r1.items()}
+                        row["dq_heads_total_gb"] = round(r1["read_gb"] + r1["write_gb"], 4)
+                        print(f"  {oname:15s} L2 {mb:5.0f} MB hints {hints}: whole backward DRAM, default "
+                              f"{row['default_total_gb']:.2f} GB (kernel {r['read_gb'] + r['write_gb']:.2f} + "
+                              f"zeroing, convert {2.5 * acc_gb:.2f}); per-head dQ conversion "
+                              f"{row['dq_heads_total_gb']:.2f} GB (read {r1['read_gb']:.2f}, write {r1['write_gb']:.2f})",
+                              flush=True)
                     print(f"  {oname:15s} L2 {mb:5.0f} MB hints {hints}: DRAM read {r['read_gb']:.2f} GB "
                           f"write {r['write_gb']:.2f} GB (sum {r['read_gb'] + r['write_gb']:.2f}), "
                           f"hit {r['hit_rate']:.3f}, makespan {r['makespan']:.0f}"

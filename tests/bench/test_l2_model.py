@@ -133,3 +133,30 @@ def test_list_room_limits_chunking_like_the_kernel():
     whole_first = order[:8]
     assert all(len(it.tiles) == 2 * nq and not it.chunked for it in whole_first)
     assert pairs(order) == pairs(items)
+
+
+def test_per_head_dq_conversion_reads_the_accumulator_from_l2_only_while_it_fits():
+    """SPARGE_BWD_FUSED_DQ=1 in the model: each head's accumulator tiles are converted after its
+    last item (read, zeros stored back, dQ written). With an L2 that holds a head's accumulator the
+    conversion reads nothing from DRAM, so the whole backward moves fewer bytes than the default's
+    zeroing + kernel + convert; with a tiny L2 every conversion read misses."""
+    H, nk, nq = 2, 8, 8
+    tc = np.full((H, nk), nq, dtype=np.int32)  # dense: every key tile visits every query block
+    ti = np.tile(np.arange(nq, dtype=np.int32), (H, nk, 1))
+    items = m.make_items(tc, ti, nq * 128, 128)  # head 0's items, then head 1's
+    nqt = 2 * nq
+    acc_bytes = H * nqt * m.ACCB
+
+    def conv_reads(cap):
+        base = m.simulate(items, sms=2, cap=cap, hints=2)
+        heads = m.simulate(items, sms=2, cap=cap, hints=2, dq_heads=True, nqt=nqt)
+        # The conversion's DRAM reads: what the run with conversions read beyond the kernel alone.
+        return base, heads, (heads["read_gb"] - base["read_gb"]) * 1e9
+
+    big = 4 * nqt * (2 * m.QB + m.LDB + m.ACCB) + 4 * m.KVB  # a head's tiles several times over
+    base, heads, extra = conv_reads(big)
+    assert extra <= 0.0
+    default_total = base["read_gb"] + base["write_gb"] + 2.5 * acc_bytes / 1e9
+    assert heads["read_gb"] + heads["write_gb"] < default_total
+    base, heads, extra = conv_reads(2 * m.ACCB)
+    assert extra >= 0.9 * acc_bytes
