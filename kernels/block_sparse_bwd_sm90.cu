@@ -1087,11 +1087,6 @@ __device__ __forceinline__ uint32_t LdShared32(uint32_t addr) {
   asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
-__device__ __forceinline__ void CpAsyncCg16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 __device__ __forceinline__ int LdAcquireGpu(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -1431,7 +1426,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto ticket_issue = [&]() {
     const int t = static_cast<int>(LdShared32(sHeads + 16));
     if (t < tickets()) {
-      CpAsyncCg16(sFlags, dh.q->ready + ((t / slices()) & ~3));
+      CpAsync16(sFlags, dh.q->ready + ((t / slices()) & ~3), 16);  // device_utils.cuh
       CpAsyncCommit();
     }
   };
