@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <optional>
 #include <type_traits>
 
 #include <cub/block/block_scan.cuh>
@@ -1032,175 +1031,6 @@ __global__ void __launch_bounds__(256) ConvertAllKernel(BwdParams p, const Fused
   }
 }
 
-__device__ __forceinline__ void BulkWait1() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
-__device__ __forceinline__ void StZeroHint(float4* dst, uint64_t policy) {
-  asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %1, %1, %1}, %2;\n" ::"l"(dst), "f"(0.f), "l"(policy)
-               : "memory");
-}
-
-// ---------------------------------------------------------------------------------------------
-// dQ converted per head inside the fused kernel (SPARGE_BWD_FUSED_DQ=1; kernels/NOTES.md, "Twelfth
-// session"; measured as =3 before the per-tile forms 1 and 2 were removed: they counted each
-// 64 x 64 tile, which stalled the reducing warpgroup on every tile and lost 13-28%). One count per
-// (batch, head): the prep kernel sets it to the number of
-// bulk reductions the head's accumulator receives (2 x the query tiles of every item: one per
-// warpgroup), and each warpgroup subtracts an item's tiles once that item's last reduction has
-// completed, which it learns almost for free at its next item's first reduction (a wait that
-// leaves the newest in flight). The arrival that ends a head appends it to a ready queue.
-// Conversion is cut into tickets (slices of kHeadSliceTiles accumulator tiles of the i-th queued
-// head: ticket t converts slice t % slices of queue entry t / slices), dealt round-robin to the
-// CTAs (CTA c: c, c + grid, ...), no atomics. While an item runs, thread 0 fetches its next
-// ticket's queue entry into shared memory with cp.async (issued at one tile, read at the next:
-// no register held and no latency on the warpgroup's path); once the entry is there, the CTA
-// converts the slice at its next item boundary, while the next item's K, V and first tiles load:
-// fp32 lines read from L2 (the head has just finished; its accumulator is reduced with
-// evict-last priority), zeros stored back with evict-first priority (the accumulator persists
-// across calls, all zeros between them: ZeroedLease), dQ rows written through shared memory as
-// 16-byte pieces. A CTA whose list is exhausted converts its remaining tickets, waiting for their
-// heads. Nothing on the items' path waits, so there is no deadlock: a ticket's head depends only
-// on items already handed out. Removes the dQ convert kernel and the accumulator's zeroing, and
-// two of the accumulator's DRAM passes (the convert's read and the zeroing's write).
-constexpr int kHeadSliceTiles = 16;
-// The ready queue, after the accumulator in the ZeroedLease buffer: all zero between calls (the
-// last CTA to finish restores it).
-struct DqHeadQueue {
-  int ready_n;   // heads queued so far
-  int exited;    // CTAs done
-  int pad[2];
-  int ready[1];  // [B * H]: (b * H + h) + 1 of the i-th head to complete; 0 until written
-};
-__host__ __device__ constexpr size_t DqHeadQueueBytes(int64_t heads) {
-  return static_cast<size_t>((16 + 4 * heads + 15) / 16 * 16);
-}
-struct DqHeads {
-  int* target;      // [B * H] reductions still to land per head (the prep kernel sets them)
-  DqHeadQueue* q;   // nullptr: another mode
-  int slice_tiles;  // accumulator tiles per ticket (SPARGE_BWD_DQ_SLICE, default kHeadSliceTiles)
-  int between;      // 1: tickets converted between items too; 0: only after the list (A/B)
-};
-
-__device__ __forceinline__ void StShared32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t LdShared32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ int LdAcquireGpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-// One warpgroup's n completed reductions into head bh's accumulator counted; the arrival that
-// ends the head queues it. The bulk reductions' writes (async proxy, completed) are ordered
-// before the release; the last arriver's acquire fence orders every arriver's writes before its
-// queue entry, which converters read with acquire.
-__device__ __forceinline__ void ArriveHead(const DqHeads& dh, int bh, int n) {
-  int old;
-  asm volatile(
-      "fence.proxy.async.global;\n\t"
-      "atom.release.gpu.global.add.s32 %0, [%1], %2;\n"
-      : "=r"(old)
-      : "l"(dh.target + bh), "r"(-n)
-      : "memory");
-  if (old != n) return;
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  const int pos = atomicAdd(&dh.q->ready_n, 1);
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(dh.q->ready + pos), "r"(bh + 1) : "memory");
-}
-
-__device__ __forceinline__ float4 LdShared128(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr)
-               : "memory");
-  return v;
-}
-
-// Ticket `conv` = head * slices + slice: tiles [slice * kHeadSliceTiles, ...) of the head's
-// accumulator (numbered as DqConvertTile's blocks) into dQ by the CTA's 256 threads, four tiles
-// (64 KB) at a time: bulk copies from L2 into `buf` (shared, nothing else uses it meanwhile;
-// mbarrier `bar`, whose phase count is the word at `phase`), then each thread reads the four
-// consecutive float4 of one (row pair, 8-column chunk) of a tile in fragment order (rows
-// warp * 16 + g and + 8, columns q * 8 .. + 7), writes the two rows' 16-byte dQ pieces and
-// stores zeros back over those fp32 values with evict-first priority. Few registers: the
-// conversion runs inside the fused kernel, between items. Ends with a CTA barrier.
-template <typename T, int D>
-__device__ __forceinline__ void ConvertHeadSlice(const BwdParams& p, float* dq_acc, int conv, int slices,
-                                                 int slice_tiles, uint32_t buf, uint32_t bar, uint32_t phase,
-                                                 int tid) {
-  constexpr int kCb = D / 64, kTileBytes = kDqTileFloats * 4;
-  const int per_head = 2 * CeilDiv(p.seqlen, kTileQ) * kCb;
-  const int bh = conv / slices, lo = (conv % slices) * slice_tiles;
-  const int hi = min(per_head, lo + slice_tiles);
-  const int b = bh / p.heads, h = bh % p.heads;
-  T* dq_head = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
-  float* head_acc = dq_acc + static_cast<int64_t>(bh) * per_head * kDqTileFloats;
-  const int w = tid >> 6, g = (tid >> 3) & 7, q = tid & 7;
-  const int f0 = q * 128 + w * 32 + g * 4;  // float4 index of the thread's first value in a tile
-  const uint32_t phase0 = LdShared32(phase);
-  int batch = 0;
-  for (int t0 = lo; t0 < hi; t0 += 4, ++batch) {
-    const int n = min(4, hi - t0);
-    if (tid == 0) {
-      // Earlier generic accesses to buf, and this thread's acquire of the head's queue entry,
-      // before the bulk copies (async proxy) write buf and read the accumulator.
-      asm volatile("fence.proxy.async;\n" ::: "memory");
-      MbarArriveExpectTx(bar, n * kTileBytes);
-      for (int u = 0; u < n; ++u)
-        BulkLoad(buf + u * kTileBytes, head_acc + static_cast<int64_t>(t0 + u) * kDqTileFloats, kTileBytes, bar);
-    }
-    MbarWait(bar, (phase0 + batch) & 1);
-    const uint64_t pol = L2EvictFirstPolicy();
-    for (int u = 0; u < n; ++u) {
-      const int tile = t0 + u, qt = tile / kCb, cb = tile % kCb;
-      const int row = qt * kM + w * 16 + g;
-      float4 a[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) a[j] = LdShared128(buf + u * kTileBytes + (f0 + j) * 16);
-      const float s = p.scale;
-      T* dst = dq_head + static_cast<int64_t>(row) * p.dq.stride_l + cb * 64 + q * 8;
-      if (row < p.seqlen) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(MmaOp<T>::Pack(a[0].x * s, a[0].y * s), MmaOp<T>::Pack(a[1].x * s, a[1].y * s),
-                                                    MmaOp<T>::Pack(a[2].x * s, a[2].y * s), MmaOp<T>::Pack(a[3].x * s, a[3].y * s));
-      }
-      if (row + 8 < p.seqlen) {
-        *reinterpret_cast<uint4*>(dst + 8 * p.dq.stride_l) =
-            make_uint4(MmaOp<T>::Pack(a[0].z * s, a[0].w * s), MmaOp<T>::Pack(a[1].z * s, a[1].w * s),
-                       MmaOp<T>::Pack(a[2].z * s, a[2].w * s), MmaOp<T>::Pack(a[3].z * s, a[3].w * s));
-      }
-      float4* z = reinterpret_cast<float4*>(head_acc + static_cast<int64_t>(tile) * kDqTileFloats) + f0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) StZeroHint(z + j, pol);
-    }
-    __syncthreads();  // buf read by every thread before the next batch's copies
-  }
-  if (tid == 0) StShared32(phase, phase0 + batch);
-}
-
-// SPARGE_BWD_FUSED_DQ=1: per (batch, head), the bulk reductions its accumulator will receive:
-// per query block, its kept 128-key tiles (block_k / 128 per kept block, fewer for a last block
-// past L) times its 64-row tiles inside L, twice (one reduction per warpgroup and tile: D = 128
-// one per 64-column block, D = 64 both into one tile). One warp per head; a head that receives
-// nothing is queued at once (its accumulator is all zeros: converting it writes dQ = 0).
-__device__ void InitHeadTargets(const BwdParams& p, const DqHeads& dh, int64_t warp, int64_t nwarps, int lane) {
-  const int L = p.seqlen, nq = CeilDiv(L, kTileQ), nkb = CeilDiv(L, p.block_k);
-  const int64_t bhs = static_cast<int64_t>(p.batch) * p.heads;
-  for (int64_t bh = warp; bh < bhs; bh += nwarps) {
-    int sum = 0;
-    for (int qb = lane; qb < nq; qb += 32) {
-      const int64_t row = bh * nq + qb;
-      sum += counts::QueryBlockReductions(p.counts[row], p.indices + row * nkb, p.block_k, L, qb);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) {
-      dh.target[bh] = 2 * sum;
-      if (sum == 0) dh.q->ready[atomicAdd(&dh.q->ready_n, 1)] = static_cast<int>(bh) + 1;
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Fused backward v10: the v9 math (5 GEMMs per tile pair, dQ partials added to an fp32
 // accumulator by bulk reductions) with the loads and the warpgroups decoupled.
@@ -1232,20 +1062,14 @@ struct V10Layout {
   static constexpr int kDs = kDO + kV10Stages * kQBytes;
   static constexpr int kDq = kDs + kV10DsBufs * kDsBytes;
   static constexpr int kLd = kDq + 2 * kDqTileFloats * 4;
-  // kv_full, full[S], dsready[2][bufs], empty[S], conv (SPARGE_BWD_FUSED_DQ=1: the dQ slices'
-  // bulk copies into the dS^T buffers)
+  // kv_full, full[S], dsready[2][bufs], empty[S]
   static constexpr int kBar = kLd + kV10Stages * kLdBytes;
-  static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages + 1;
+  static constexpr int kNumBars = 1 + kV10Stages + 2 * kV10DsBufs + kV10Stages;
   // release counters [S], work-item records [2][8] (item, count, tiles, first query row,
-  // first transposed-LUT entry, chunk part or -1, dQ ticket to convert before the item or -1),
-  // per-head dQ state (SPARGE_BWD_FUSED_DQ=1): each
-  // warpgroup's uncounted item [2][2], thread 0's next ticket, a broadcast, then (16-byte
-  // aligned) four queue entries fetched by cp.async
+  // first transposed-LUT entry, chunk part or -1)
   static constexpr int kMisc = kBar + kNumBars * 8;
   static constexpr int kRecInts = 8;
-  static constexpr int kHeads = kMisc + 4 * (kV10Stages + 2 * kRecInts);
-  static constexpr int kFlags = (kHeads + 4 * 8 + 15) / 16 * 16;
-  static constexpr int kBytes = kFlags + 16 + 1024;  // + alignment slack
+  static constexpr int kBytes = kMisc + 4 * (kV10Stages + 2 * kRecInts) + 1024;  // + alignment slack
 };
 static_assert(V10Layout<128>::kBytes <= 227 * 1024, "v10 shared memory over the sm_90 limit");
 
@@ -1260,6 +1084,9 @@ __device__ __forceinline__ float2 LdShared2(uint32_t addr) {
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
   return v;
 }
+__device__ __forceinline__ void StShared32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
 __device__ __forceinline__ void StShared128(uint32_t addr, float a, float b, float c, float d) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
@@ -1269,7 +1096,7 @@ __global__ void __launch_bounds__(kFThreads, 1)
     BwdFusedV10Kernel(BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                       const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v, float* dq_acc, const float* ld,
-                      FusedSchedule* sched, int l2_hint, ChunkPlan cp, DqHeads dh) {
+                      FusedSchedule* sched, int l2_hint, ChunkPlan cp) {
   using Lay = V10Layout<D>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -1284,13 +1111,8 @@ __global__ void __launch_bounds__(kFThreads, 1)
   auto full = [&](int s) { return bars + 8 * (1 + s); };
   auto dsready = [&](int w, int j) { return bars + 8 * (1 + kV10Stages + w * kV10DsBufs + j); };
   auto empty = [&](int s) { return bars + 8 * (1 + kV10Stages + 2 * kV10DsBufs + s); };
-  const uint32_t conv_bar = bars + 8 * (Lay::kNumBars - 1);
   int* rel = reinterpret_cast<int*>(smem + Lay::kMisc);
   int* sItem = rel + kV10Stages;
-  // dh.q, 32-bit words at sHeads: [2 * cw] / [2 * cw + 1] head and reductions of warpgroup cw's
-  // last item not yet counted (n = 0: none), [4] thread 0's next ticket, [5] end-loop broadcast,
-  // [6] conv_bar's completed phases
-  const uint32_t sHeads = base + Lay::kHeads, sFlags = base + Lay::kFlags;
 
   const int tid = threadIdx.x, cw = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
   const int tig = lane & 3;
@@ -1303,7 +1125,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     for (int j = 0; j < 2 * kV10DsBufs; ++j) MbarInit(dsready(0, j), 128);
     for (int s = 0; s < kV10Stages; ++s) MbarInit(empty(s), kFThreads);
     for (int s = 0; s < kV10Stages; ++s) rel[s] = 0;
-    MbarInit(conv_bar, 1);
     FenceMbarInit();
   }
 
@@ -1388,11 +1209,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
     PrefetchTensorMap(&tm_v);
     const int w0 = atomicAdd(&sched->next, 1);
     publish(0, w0 < sched->items ? sched->order[w0] : -1, w0);
-    sItem[6] = -1;
-    StShared32(sHeads + 4, 0);
-    StShared32(sHeads + 12, 0);
-    StShared32(sHeads + 16, blockIdx.x);
-    StShared32(sHeads + 24, 0);
     const V10Item x = decode(0);
     if (x.item >= 0 && x.n > 0) issue_item(x, 0);
   }
@@ -1418,49 +1234,6 @@ __global__ void __launch_bounds__(kFThreads, 1)
 
   uint32_t g0 = 0;     // tiles this CTA has started before the current item
   uint32_t kv_it = 0;  // items with K/V loads so far
-  // SPARGE_BWD_FUSED_DQ=1: `slices` tickets per head, B * H * slices in all (recomputed at each
-  // use from the parameters: no registers held across the tile loop).
-  auto slices = [&]() { return CeilDiv(2 * CeilDiv(p.seqlen, kTileQ) * (D / 64), dh.slice_tiles); };
-  auto tickets = [&]() { return p.batch * p.heads * slices(); };
-  // Thread 0: the 16 bytes of queue entries around its next ticket's, into shared memory.
-  auto ticket_issue = [&]() {
-    const int t = static_cast<int>(LdShared32(sHeads + 16));
-    if (t < tickets()) {
-      CpAsync16(sFlags, dh.q->ready + ((t / slices()) & ~3), 16);  // device_utils.cuh
-      CpAsyncCommit();
-    }
-  };
-  // Thread 0: the ticket's entry; if its head is queued, the slice goes into record `slot` (field
-  // 6: head * slices + slice, -1 for none; field 7: the queue position) and the ticket is taken.
-  auto ticket_resolve = [&](int slot) {
-    const int t = static_cast<int>(LdShared32(sHeads + 16));
-    int conv = -1;
-    if (t < tickets()) {
-      CpAsyncWaitAll();
-      const int pos = t / slices();
-      const int v = static_cast<int>(LdShared32(sFlags + 4 * (pos & 3)));
-      if (v > 0) {
-        conv = (v - 1) * slices() + t % slices();
-        sItem[Lay::kRecInts * slot + 7] = pos;
-        StShared32(sHeads + 16, t + gridDim.x);
-      }
-    }
-    sItem[Lay::kRecInts * slot + 6] = conv;
-  };
-  auto arrive_pending = [&]() {  // wtid 0: its warpgroup's last item, its reductions completed
-    const int n = static_cast<int>(LdShared32(sHeads + 8 * cw + 4));
-    if (n > 0) {
-      ArriveHead(dh, static_cast<int>(LdShared32(sHeads + 8 * cw)), n);
-      StShared32(sHeads + 8 * cw + 4, 0);
-    }
-  };
-  // The CTA converts slice `conv` (queue position `pos`): thread 0's acquire of the entry that
-  // announced it orders the head's reductions before every thread's reads.
-  auto convert_slice = [&](int conv, int pos) {
-    if (tid == 0) (void)LdAcquireGpu(dh.q->ready + pos);
-    __syncthreads();
-    ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), dh.slice_tiles, base + Lay::kDs, conv_bar, sHeads + 24, tid);
-  };
   for (int it = 0;; ++it) {
     const V10Item x = decode(it & 1);
     if (x.item < 0) break;
@@ -1489,18 +1262,13 @@ __global__ void __launch_bounds__(kFThreads, 1)
           StShared128(dq_smem + (nt * 128 + wtid) * 16, dq[nt * 4], dq[nt * 4 + 1], dq[nt * 4 + 2], dq[nt * 4 + 3]);
         FenceProxyAsync();
         NamedBarrierSync(3 + cw, 128);
-        const int tile = static_cast<int>((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block);
         if (wtid == 0) {
-          float* dst = dq_acc + static_cast<int64_t>(tile) * kDqTileFloats;
+          float* dst = dq_acc + ((x.bh * (2 * nq) + qtile) * (D / 64) + dq_block) * kDqTileFloats;
           if (l2_hint >= 1)  // the accumulator kept in L2 with evict-last priority
             BulkReduceAddF32Hint(dst, dq_smem, kDqTileFloats * 4, L2EvictLastPolicy());
           else
             BulkReduceAddF32(dst, dq_smem, kDqTileFloats * 4);
           BulkCommit();
-          if (dh.q != nullptr && LdShared32(sHeads + 8 * cw + 4) > 0) {  // the previous item's
-            BulkWait1();  // reductions: all but the newest have completed
-            arrive_pending();
-          }
         }
       };
 
@@ -1525,16 +1293,8 @@ __global__ void __launch_bounds__(kFThreads, 1)
           Wg<T>::template SS<kM>(dpt, Desc(v_lo + KOff(kFKeys, ks), km_hi), Desc(do_lo + KOff(kM, ks), km_hi), ks > 0);
         WgmmaCommit();
         if (tid == 0) {  // the next item: its list entry now, its record one tile later
-          if (i == 0) {
-            item_next = w_next < sched->items ? sched->order[w_next] : -1;
-            if (dh.q != nullptr && dh.between) ticket_issue();
-          }
-          if (i == min(1, x.n - 1)) {
-            publish((it + 1) & 1, item_next, w_next);
-            if (dh.q != nullptr) {
-              if (dh.between) ticket_resolve((it + 1) & 1); else sItem[Lay::kRecInts * ((it + 1) & 1) + 6] = -1;
-            }
-          }
+          if (i == 0) item_next = w_next < sched->items ? sched->order[w_next] : -1;
+          if (i == min(1, x.n - 1)) publish((it + 1) & 1, item_next, w_next);
         }
         WgmmaWaitN<1>();  // S^T(i) done; dP^T(i) runs under the exponentials
 
@@ -1605,18 +1365,10 @@ __global__ void __launch_bounds__(kFThreads, 1)
       dq_gemm(g0 + x.n - 1);
       WgmmaWaitN<0>();
       reduce_dq(prev_qtile);
-      if (dh.q != nullptr && wtid == 0) {  // counted at the next item's first reduction
-        StShared32(sHeads + 8 * cw, static_cast<uint32_t>(x.bh));
-        StShared32(sHeads + 8 * cw + 4, static_cast<uint32_t>(x.n));
-      }
       g0 += x.n;
       ++kv_it;
     } else if (tid == 0) {
       publish((it + 1) & 1, w_next < sched->items ? sched->order[w_next] : -1, w_next);
-      if (dh.q != nullptr) {
-        if (dh.between) ticket_issue();
-        if (dh.between) ticket_resolve((it + 1) & 1); else sItem[Lay::kRecInts * ((it + 1) & 1) + 6] = -1;
-      }
     }
     // The chunk part, read while this item's record is still there (the next publish into this
     // record slot comes after the barrier).
@@ -1631,55 +1383,14 @@ __global__ void __launch_bounds__(kFThreads, 1)
     } else {
       AddDkDvPartial<D>(cp.partial + static_cast<int64_t>(part & 0xFFFFF) * kChunkPartialFloats<D>, cw, wtid, dk, dv);
     }
-    if (dh.q != nullptr) {  // a dQ slice while the next item's K, V and first tiles load
-      const int* r = sItem + Lay::kRecInts * ((it + 1) & 1);
-      if (r[6] >= 0) convert_slice(r[6], r[7]);
-    }
   }
-  if (dh.q != nullptr) {
-    // The list is exhausted: count the last item, then convert tickets until none is left,
-    // waiting for their heads (every item has been handed out; none of them waits).
-    if (wtid == 0) {
-      BulkWait0();
-      arrive_pending();
-    }
-    for (;;) {
-      if (tid == 0) {
-        const int t = static_cast<int>(LdShared32(sHeads + 16));
-        int conv = -1;
-        if (t < tickets()) {
-          int v;
-          while ((v = LdAcquireGpu(dh.q->ready + t / slices())) == 0) __nanosleep(256);
-          conv = (v - 1) * slices() + t % slices();
-          StShared32(sHeads + 16, t + gridDim.x);
-        }
-        StShared32(sHeads + 20, static_cast<uint32_t>(conv));
-      }
-      __syncthreads();
-      const int conv = static_cast<int>(LdShared32(sHeads + 20));
-      if (conv < 0) break;
-      ConvertHeadSlice<T, D>(p, dq_acc, conv, slices(), dh.slice_tiles, base + Lay::kDs, conv_bar, sHeads + 24, tid);
-    }
-    if (tid == 0) {  // the last CTA out restores the queue's zeros for the next call
-      int old;
-      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(&dh.q->exited) : "memory");
-      if (old == static_cast<int>(gridDim.x) - 1) {
-        for (int i = 0; i < p.batch * p.heads; ++i) dh.q->ready[i] = 0;
-        dh.q->ready_n = 0;
-        dh.q->exited = 0;
-      }
-    }
-  } else if (wtid == 0) {
-    BulkWait0();
-  }
+  if (wtid == 0) BulkWait0();
 }
 
 // Packs LSE (x log2 e; +inf past L, so P = 0 there) and delta (0 past L) per 64-row query tile:
-// ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator (acc_vec4 float4s: with
-// SPARGE_BWD_FUSED_DQ=1 only the chunk slots) and the work list's counter; sets the per-head
-// reduction targets (dh.q != nullptr).
+// ld[bh][tile][0..63] and [64..127]; zeroes the dQ accumulator and the work list's counter.
 __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                     FusedSchedule* sched, DqHeads dh) {
+                                                     FusedSchedule* sched) {
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * rows_pad;
@@ -1696,7 +1407,6 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += stride) acc[i] = z;
-  if (dh.q != nullptr) InitHeadTargets(p, dh, t0 / 32, stride / 32, threadIdx.x & 31);
 }
 
 
@@ -1709,7 +1419,7 @@ __global__ void __launch_bounds__(256) BwdPrepKernel(BwdParams p, float* ld, flo
 // path). Saves one launch and its tail, and the delta array's round trip.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld, float4* acc, int64_t acc_vec4,
-                                                          FusedSchedule* sched, DqHeads dh) {
+                                                          FusedSchedule* sched) {
   constexpr int kLanes = D / 8;
   const int L = p.seqlen;
   const int64_t rows_pad = 2 * CeilDiv(L, kTileQ) * static_cast<int64_t>(kM);
@@ -1742,7 +1452,6 @@ __global__ void __launch_bounds__(256) BwdPrepDeltaKernel(BwdParams p, float* ld
   }
   const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = t0; i < acc_vec4; i += threads) acc[i] = z;
-  if (dh.q != nullptr) InitHeadTargets(p, dh, t0 / 32, threads / 32, threadIdx.x & 31);
 }
 
 // The fused launchers' shared steps: the work list (one CTA), and dQ from the accumulator followed
@@ -1854,40 +1563,14 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const size_t list_ints = chunked ? 4 * static_cast<size_t>(cp.capacity) + cp.max_slots + p.batch * p.heads
                                    : static_cast<size_t>(items);
   const size_t list_bytes = sizeof(FusedSchedule) + list_ints * 4;
-  // SPARGE_BWD_FUSED_DQ=1 (default 0; kernels/NOTES.md, "Twelfth session"): dQ converted per head
-  // inside the fused kernel (DqHeads); a ZeroedLease holds the accumulator and the ready queue,
-  // the per-head targets follow the list in the workspace. Under stream capture it runs as 0.
-  bool fused_dq = EnvInt("SPARGE_BWD_FUSED_DQ", 0, 0, 1) > 0;
-  const int64_t bhs = static_cast<int64_t>(p.batch) * p.heads;
-  std::optional<ZeroedLease> lease;
-  if (fused_dq) {
-    lease.emplace(acc_bytes + DqHeadQueueBytes(bhs), stream);
-    if (lease->error() != cudaSuccess) return lease->error();
-    if (!lease->ok()) {
-      lease.reset();
-      fused_dq = false;
-    }
-  }
-  const bool own_acc = !fused_dq;  // the accumulator in the workspace (zeroed by the prep kernel)
-  const size_t cnt_bytes = fused_dq ? static_cast<size_t>(bhs) * 4 : 0;
-  const size_t bytes = (own_acc ? acc_bytes : 0) + slot_floats * 4 + ld_bytes + list_bytes + cnt_bytes;
+  const size_t bytes = acc_bytes + slot_floats * 4 + ld_bytes + list_bytes;
   void* ws = nullptr;
   cudaError_t err = AllocFromLauncherPool(bytes, stream, &ws);
   if (err != cudaSuccess) return err;
-  float* acc = own_acc ? static_cast<float*>(ws) : static_cast<float*>(lease->ptr());
-  float* slots = own_acc ? acc + floats : static_cast<float*>(ws);  // zeroed with an own accumulator
-  cp.partial = chunked ? slots : nullptr;
-  float* ld = slots + slot_floats;
+  float* acc = static_cast<float*>(ws);  // then the slots (zeroed together)
+  cp.partial = chunked ? acc + floats : nullptr;
+  float* ld = acc + floats + slot_floats;
   FusedSchedule* sched = reinterpret_cast<FusedSchedule*>(ld + ld_bytes / 4);
-  DqHeads dh{nullptr, nullptr, kHeadSliceTiles, 1};
-  if (fused_dq) {
-    // SPARGE_BWD_DQ_SLICE (tiles per ticket) and SPARGE_BWD_DQ_BETWEEN=0 (convert only after the
-    // list): A/B knobs of the per-head conversion.
-    dh = DqHeads{reinterpret_cast<int*>(reinterpret_cast<char*>(sched) + list_bytes), reinterpret_cast<DqHeadQueue*>(reinterpret_cast<char*>(acc) + acc_bytes),
-                 EnvInt("SPARGE_BWD_DQ_SLICE", kHeadSliceTiles, 1, 4096), EnvInt("SPARGE_BWD_DQ_BETWEEN", 1, 0, 1)};
-  }
-  float4* zero_from = reinterpret_cast<float4*>(own_acc ? acc : slots);
-  const int64_t zero_vec4 = ((own_acc ? floats : 0) + slot_floats) / 4;
   const int sms = SmCount();
   // The schedule on a side stream (the default since the tenth session, SPARGE_BWD_SCHED_STREAM=0
   // turns it off; kernels/NOTES.md): the one-CTA
@@ -1906,12 +1589,13 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
   const bool forked = sched_stream != stream;
   if (err == cudaSuccess) {
     if (EnvInt("SPARGE_BWD_PREP_DELTA", 1, 0, 1) > 0) {
-      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, zero_from, zero_vec4, sched,
-                         dh);
+      err = LaunchKernel(BwdPrepDeltaKernel<T, D>, sms * 8, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                         (floats + slot_floats) / 4, sched);
     } else {
       err = LaunchBwdDelta(p, stream);
       if (err == cudaSuccess) {
-        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, zero_from, zero_vec4, sched, dh);
+        err = LaunchKernel(BwdPrepKernel, sms * 4, 256, 0, stream, p, ld, reinterpret_cast<float4*>(acc),
+                           (floats + slot_floats) / 4, sched);
       }
     }
   }
@@ -1932,27 +1616,11 @@ cudaError_t LaunchFusedV10(const BwdParams& p, cudaStream_t stream) {
       // there); SPARGE_BWD_L2HINT=0 none, =1 accumulator only (A/B).
       const int l2_hint = EnvInt("SPARGE_BWD_L2HINT", 2, 0, 2);
       // Chunked lists can hold more entries than items (short sequences: more CTAs than items).
-      // SPARGE_BWD_CTAS (tests): fewer persistent CTAs than SMs, so that each takes many items.
-      const int ctas = EnvInt("SPARGE_BWD_CTAS", 0, 0, 1 << 16);
-      const int grid = std::min({cp.capacity, sms, ctas > 0 ? ctas : sms});
-      err = LaunchKernel(kernel, grid, kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld, sched, l2_hint, cp,
-                         dh);
+      err = LaunchKernel(kernel, std::min(cp.capacity, sms), kFThreads, smem, stream, p, mq, mdo, mk, mv, acc, ld,
+                         sched, l2_hint, cp);
     }
   }
   const unsigned chunk_blocks = static_cast<unsigned>(cp.max_slots) * 4 * (D / 64);
-  if (fused_dq) {  // dQ is written: only the chunked dK/dV are left
-    if (err == cudaSuccess && cp.partial != nullptr) {
-      err = LaunchKernel(DkDvChunkConvertKernel<T, D>, chunk_blocks, 256, 0, stream, p,
-                         static_cast<const FusedSchedule*>(sched), cp);
-    }
-    const cudaError_t free_err = cudaFreeAsync(ws, stream);
-    if (err == cudaSuccess) err = free_err;
-    if (lease) {
-      const cudaError_t lease_err = lease->Finish(err == cudaSuccess);
-      if (err == cudaSuccess) err = lease_err;
-    }
-    return err;
-  }
   if (err == cudaSuccess && cp.partial != nullptr && EnvInt("SPARGE_BWD_ONE_CONVERT", 1, 0, 1) > 0) {
     err = LaunchKernel(ConvertAllKernel<T, D>, chunk_blocks + static_cast<unsigned>(floats / kDqTileFloats), 256, 0,
                        stream, p, static_cast<const FusedSchedule*>(sched), cp, chunk_blocks,

@@ -1,10 +1,8 @@
 // The fused backward's counting rules, shared by its kernels and a CPU test (plain C++, no CUDA
-// headers): how many 64-row query tiles a work item visits, how heavy key tiles split into
-// chunks, and how many dQ bulk reductions a query block receives. SPARGE_BWD_FUSED_DQ=1 waits
-// for each head's count to reach its target, so the target (QueryBlockReductions summed over the
-// head) must equal the reductions the items make (ItemQueryTiles summed over the head's items,
-// chunked or whole): a mismatch would hang the kernel. tests/kernels/bwd_counts_test.cc checks
-// the identity on random masks.
+// headers): how many 64-row query tiles a work item visits and how heavy key tiles split into
+// chunks. tests/kernels/bwd_counts_test.cc checks on random masks that the items, whole or
+// chunked, visit exactly the (kept 128-key tile, 64-row query tile inside L) pairs of the mask:
+// the dQ reductions the fused kernel makes, and the tiles its prefetch and its LUT walk expect.
 #pragma once
 
 #include <cstdint>
@@ -33,19 +31,5 @@ SPARGE_COUNTS_HD inline int ItemQueryTiles(int count, int last_qblk, int L) {
 
 // Query blocks of chunk j of n of a key tile kept by c: [ChunkLo(c, n, j), ChunkLo(c, n, j + 1)).
 SPARGE_COUNTS_HD inline int ChunkLo(int c, int n, int j) { return static_cast<int>(int64_t(j) * c / n); }
-
-// dQ reductions of query block qb per warpgroup: its kept 128-key tiles (block_k / 128 per kept
-// key block, fewer for a last block past L; c kept blocks, indices idx ascending) times its
-// 64-row tiles inside L. The head's target is twice the sum over its query blocks (one reduction
-// per warpgroup and tile).
-SPARGE_COUNTS_HD inline int QueryBlockReductions(int c, const int32_t* idx, int block_k, int L, int qb) {
-  const int per = block_k / kKeyTile, nkt = Ceil(L, kKeyTile);
-  int tiles = c;
-  if (per != 1) {
-    tiles = 0;
-    for (int j = 0; j < c; ++j) tiles += Min(per, nkt - idx[j] * per);
-  }
-  return tiles * Min(kQueryBlock / kQueryTile, Ceil(L - qb * kQueryBlock, kQueryTile));
-}
 
 }  // namespace sparge::kernels::counts

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on the GPU machine: build the kernels-only configuration, run the kernel tests,
 # compute-sanitizer (memcheck + racecheck) on a small case, and the benchmark. Logs go to $OUT.
-#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [bench] [trace] [bench-args...]
+#   bash bench/kernels/device_run.sh [build] [test] [sanitize] [ncu] [profile] [bench] [trace] [bench-args...]
 # GTest travels as Debian packages in .devdeps/gtest (carry it): apt-get download libgtest-dev
 # libgmock-dev googletest. Each stage runs under a timeout (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so
 # that a hung kernel cannot eat a whole device call. At the end the logs go into
@@ -70,6 +70,23 @@ if [[ $stages == *" ncu "* ]]; then
     done
   done
 fi
+if [[ $stages == *" profile "* ]]; then
+  # Nsight Compute profiles (speed of light, memory and compute workload, warp states, scheduler,
+  # occupancy, launch) of the fused backward kernel and the forward's attention kernel at 1.3B,
+  # 95%, with the environment the command was given: the profile a missed target's note cites.
+  lib="$bdir/engine/ops/libsparge_ops.so"
+  secs="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
+  for what in bwd fwd; do
+    if [ $what = bwd ]; then kre=regex:BwdFusedV10; extra=""; else kre=regex:FwdSm90Ws; extra="--fwd"; fi
+    log "ncu profile $what 1.3B"
+    timeout "${TEST_TIMEOUT:-240}" ncu $secs -k "$kre" --launch-skip 1 --launch-count 1 \
+      python3 "$root/bench/kernels/ncu_bwd.py" "$lib" 1.3B $extra > "$OUT/ncu-profile-$what-1.3B.txt" 2>&1
+    echo "ncu $what rc=$?"
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Hit Rate|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
+      "$OUT/ncu-profile-$what-1.3B.txt" | head -14 | sed "s/^/  $what /"
+  done
+fi
 if [[ $stages == *" bench "* && ${gpu_rc:-0} == 124 ]]; then
   # A test that hangs (a kernel waiting forever) would hang the benchmark too: skip it and the
   # traces, and keep the device time.
@@ -80,7 +97,7 @@ fi
 if [[ $stages == *" bench "* ]]; then
   log "bench"
   shift_args=()
-  for a in "$@"; do case $a in build|test|sanitize|ncu|bench|trace) ;; *) shift_args+=("$a");; esac; done
+  for a in "$@"; do case $a in build|test|sanitize|ncu|profile|bench|trace) ;; *) shift_args+=("$a");; esac; done
   # GPU clocks, power and temperature every 200 ms beside the benchmark (gpu-clocks.csv), and
   # each benchmark line with the time it was printed, so a slow measurement can be matched with
   # the card's state (power capping after the dense baselines, for one).

@@ -200,7 +200,7 @@ class L2:
 
     def demote(self, key, dirty):
         """A line that is present moves to the evict-first class (hint level 2), e.g. the zeros
-        SPARGE_BWD_FUSED_DQ=1 stores back over a converted accumulator tile."""
+        the per-head dQ conversion (`--dq-heads`) stores back over a converted accumulator tile."""
         for d in (self.first, self.lru, self.keep):
             if key in d:
                 size, was = d.pop(key)
@@ -218,7 +218,8 @@ def simulate(order, sms, cap, item_overhead=2.0, hints=0, partial_bytes=0, dq_he
     """Replays `order` on `sms` persistent CTAs; returns DRAM GB read / written and the hit rate.
     partial_bytes: fp32 dK/dV partial per split item that is not its key tile's last part
     (written) or not its first (read back).
-    dq_heads (SPARGE_BWD_FUSED_DQ=1): once a head's last item has ended, its nqt accumulator tiles
+    dq_heads (the per-head dQ conversion, SPARGE_BWD_FUSED_DQ=1 of the twelfth session, measured
+    +4-7% and removed in the thirteenth; kernels/NOTES.md): once a head's last item has ended, its nqt accumulator tiles
     are converted inside the kernel, spread over one mean item length after it (the CTAs take
     the slices at their next item boundaries): each tile is read (a miss reads DRAM), the zeros
     stored back leave it dirty and evict-first, and its bf16 dQ rows are written (evict-first).
@@ -358,7 +359,8 @@ def main():
     ap.add_argument("--hints", default="0,1,2", help="SPARGE_BWD_L2HINT levels to model (2: v11b default)")
     ap.add_argument("--item-overhead", type=float, default=2.0, help="per-item cost in query-tile units")
     ap.add_argument("--dq-heads", action="store_true",
-                    help="also model SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the kernel) and "
+                    help="also model the removed per-head dQ conversion (SPARGE_BWD_FUSED_DQ=1 of the twelfth "
+                         "session: dQ converted per head inside the kernel) and "
                          "compare the whole backward's DRAM bytes with the default's zeroing + kernel + convert")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

@@ -5,6 +5,10 @@ from the benchmark's structured Q/K, top-p 0.3 with top-k calibrated to the targ
   ncu_bwd.py LIB [1.3B|14B] [--sparsity 0.95] [--impl fused|split]
       one backward after a warm-up, for Nsight Compute, e.g.
       ncu -k regex:BwdFused --launch-skip 1 --launch-count 1 python3 ncu_bwd.py LIB 1.3B
+  ncu_bwd.py LIB [1.3B|14B] --fwd
+      two forwards (mask prediction + attention, the inference mask) instead, e.g.
+      ncu -k regex:FwdSm90Ws --launch-skip 1 --launch-count 1 python3 ncu_bwd.py LIB 1.3B --fwd
+      (the skipped launch is the setup's forward, which makes O and LSE for the backward)
   ncu_bwd.py LIB [1.3B|14B] --time
       per-kernel CUDA times (torch profiler) of the fused and the split backward
 """
@@ -53,11 +57,17 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--impl", default="fused", choices=["fused", "split"])
     ap.add_argument("--time", action="store_true")
+    ap.add_argument("--fwd", action="store_true", help="run two forwards instead of two backwards")
     args = ap.parse_args()
     torch.ops.load_library(args.lib)
     case = backward_case(args.shape, args.sparsity)
     sp, bwd = case.sparsity, case.bwd
 
+    if args.fwd:
+        case.fwd()
+        case.fwd()
+        torch.cuda.synchronize()
+        return
     if not args.time:
         os.environ["SPARGE_BWD_IMPL"] = args.impl
         bwd()

@@ -136,7 +136,8 @@ def test_list_room_limits_chunking_like_the_kernel():
 
 
 def test_per_head_dq_conversion_reads_the_accumulator_from_l2_only_while_it_fits():
-    """SPARGE_BWD_FUSED_DQ=1 in the model: each head's accumulator tiles are converted after its
+    """The per-head dQ conversion in the model (SPARGE_BWD_FUSED_DQ=1 of the twelfth session, since
+    removed from the kernel; the model keeps the account of why it did not pay): each head's accumulator tiles are converted after its
     last item (read, zeros stored back, dQ written). With an L2 that holds a head's accumulator the
     conversion reads nothing from DRAM, so the whole backward moves fewer bytes than the default's
     zeroing + kernel + convert; with a tiny L2 every conversion read misses."""

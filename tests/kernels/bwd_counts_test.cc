@@ -1,6 +1,7 @@
-// The fused backward's counting rules (kernels/bwd_counts.h) on random masks: the per-head dQ
-// reduction target that SPARGE_BWD_FUSED_DQ=1 waits for equals the reductions the work items
-// make, whole or split into chunks; a mismatch would hang the kernel. Plain C++: runs everywhere.
+// The fused backward's counting rules (kernels/bwd_counts.h) on random masks: the 64-row query
+// tiles the work items visit, whole or split into chunks, are exactly the (kept 128-key tile,
+// query tile inside L) pairs of the mask, counted independently per query block. Plain C++: runs
+// everywhere.
 #include "kernels/bwd_counts.h"
 
 #include <gtest/gtest.h>
@@ -39,11 +40,21 @@ Mask RandomMask(int L, int block_k, double density, bool empty_head, std::mt1993
   return m;
 }
 
-// The target the prep kernel sets: twice the sum of QueryBlockReductions.
+// The reference count, per query block: its kept 128-key tiles (block_k / 128 per kept key block,
+// fewer for a last block past L; c kept blocks, indices idx ascending) times its 64-row tiles
+// inside L.
+int QueryBlockPairs(int c, const int32_t* idx, int block_k, int L, int qb) {
+  const int per = block_k / kKeyTile, nkt = Ceil(L, kKeyTile);
+  int tiles = 0;
+  for (int j = 0; j < c; ++j) tiles += Min(per, nkt - idx[j] * per);
+  return tiles * Min(kQueryBlock / kQueryTile, Ceil(L - qb * kQueryBlock, kQueryTile));
+}
+
+// Twice (one dQ reduction per warpgroup and pair) the sum over the head's query blocks.
 int64_t Target(const Mask& m) {
   int64_t sum = 0;
   for (int qb = 0; qb < m.nq; ++qb)
-    sum += QueryBlockReductions(static_cast<int>(m.rows[qb].size()), m.rows[qb].data(), m.block_k, m.L, qb);
+    sum += QueryBlockPairs(static_cast<int>(m.rows[qb].size()), m.rows[qb].data(), m.block_k, m.L, qb);
   return 2 * sum;
 }
 
@@ -65,7 +76,7 @@ int64_t ItemReductions(const Mask& m, int chunk) {
   return sum;
 }
 
-TEST(BwdCounts, HeadTargetEqualsTheItemsReductions) {
+TEST(BwdCounts, ItemsVisitExactlyTheMasksPairs) {
   std::mt19937 rng(7);
   // Lengths around block and tile edges (1, 63, 64, 65, 127, 128, 129, 255, 256, 257, ...) and
   // the Wan shapes' 32760 and 75600 (a last query block of 120 / 80 rows).
@@ -113,14 +124,14 @@ TEST(BwdCounts, ItemQueryTilesCountsOnlyTilesInsideL) {
     }
 }
 
-TEST(BwdCounts, QueryBlockReductionsCountsKeyTilesOfWideBlocks) {
+TEST(BwdCounts, ReferenceCountsKeyTilesOfWideBlocks) {
   // block_k = 256 over L = 300: key tiles 0, 1 (block 0) and 2 (block 1, its second tile past L).
   const int32_t both[] = {0, 1};
-  EXPECT_EQ(QueryBlockReductions(2, both, 256, 300, 0), 3 * 2);  // 3 key tiles x 2 query tiles
-  EXPECT_EQ(QueryBlockReductions(2, both, 256, 300, 2), 3 * 1);  // the last block: 44 rows, 1 tile
+  EXPECT_EQ(QueryBlockPairs(2, both, 256, 300, 0), 3 * 2);  // 3 key tiles x 2 query tiles
+  EXPECT_EQ(QueryBlockPairs(2, both, 256, 300, 2), 3 * 1);  // the last block: 44 rows, 1 tile
   const int32_t last[] = {1};
-  EXPECT_EQ(QueryBlockReductions(1, last, 256, 300, 1), 1 * 2);
-  EXPECT_EQ(QueryBlockReductions(0, nullptr, 128, 300, 0), 0);
+  EXPECT_EQ(QueryBlockPairs(1, last, 256, 300, 1), 1 * 2);
+  EXPECT_EQ(QueryBlockPairs(0, nullptr, 128, 300, 0), 0);
 }
 
 }  // namespace

@@ -499,9 +499,7 @@ TEST(SpargeKernelsGpu, FusedBackwardChunkedWan13BShape) {
 // Launch variants that must not change results: the launches the backward's defaults replaced: SPARGE_BWD_SCHED_STREAM=0 (the schedule kernels on the caller's stream instead of a
 // side stream under the prep kernel), SPARGE_BWD_PREP_DELTA=0 (DeltaKernel before the prep kernel
 // instead of delta inside it, same summation order) and SPARGE_BWD_ONE_CONVERT=0 (the dK/dV chunk
-// and dQ converts as two launches), and SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the
-// fused kernel, by slices between items, into a persistent accumulator), alone and with slices of
-// 4 tiles converted only after the list: mask, O and LSE bitwise the default's, dK and dV too with chunking off
+// and dQ converts as two launches): mask, O and LSE bitwise the default's, dK and dV too with chunking off
 // (a fixed order), dQ to the accumulator's addition order; with the default (chunked) schedule,
 // dK/dV to rounding as well.
 TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
@@ -509,8 +507,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
   const std::pair<at::ScalarType, int64_t> cases[] = {{at::kBFloat16, 128}, {at::kHalf, 64}};
   const std::pair<const char*, const char*> variants[] = {
       {"SPARGE_BWD_SCHED_STREAM", "0"}, {"SPARGE_BWD_PREP_DELTA", "0"},
-      {"SPARGE_BWD_ONE_CONVERT", "0"},   {"SPARGE_BWD_FUSED_DQ", "1"},
-      {"SPARGE_BWD_FUSED_DQ", "1+"}};
+      {"SPARGE_BWD_ONE_CONVERT", "0"}};
   for (const auto& [variant, value] : variants)
     for (const char* schedule : {static_cast<const char*>(nullptr), "default"})
       for (const auto& [dtype, D] : cases) {
@@ -522,10 +519,7 @@ TEST(SpargeKernelsGpu, LaunchVariantsGiveTheSameResults) {
         const double scale = 1.0 / std::sqrt(double(D));
         BlockMask m0 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
         Outs r0 = RunKernels(q, k, v, g, m0, scale);
-        const bool more = std::string(value) == "1+";  // the per-head conversion's other knobs
-        ScopedEnv on(variant, more ? "1" : value);
-        ScopedEnv slice("SPARGE_BWD_DQ_SLICE", more ? "4" : nullptr);
-        ScopedEnv between("SPARGE_BWD_DQ_BETWEEN", more ? "0" : nullptr);
+        ScopedEnv on(variant, value);
         BlockMask m1 = ops::PredictBlockMask(q, k, kb.mode, kb.topk, kb.topp, 128, 128);
         const std::string what = std::string(variant) + "=" + value + " D=" + std::to_string(D) +
                                  " schedule=" + (schedule ? schedule : "unchunked");
@@ -565,15 +559,13 @@ BlockMask MaskFromKeep(const Tensor& keep, int64_t bq, int64_t bk) {
 // every query block (its chunks' dK/dV rows past L are not written), a random 6% and the
 // diagonal, the block before the last kept by none (dK = dV = 0 there).
 // "4scd": chunks of 4 and the sort with the launches the defaults replaced (DeltaKernel before the
-// prep kernel, two converts). "4sh": dQ converted per head inside the fused kernel
-// (SPARGE_BWD_FUSED_DQ=1), with the chunked dK/dV convert alone after it.
+// prep kernel, two converts).
 // (SanitizerCaseChunked: L = 2000, two sinks per head, chunks of one block and the sort (also with
 // "cd"), whose
 // 366 list entries leave 174 before the 192-entry tail; no float64 reference: small enough for
 // racecheck.)
 void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, int sinks = 10,
-                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "4sh", "1s",
-                                                                "32s", "default"},
+                            std::vector<const char*> chunks = {nullptr, "4", "4s", "4sg", "4scd", "1s", "32s", "default"},
                             bool reference = true) {
   const int64_t B = 2, H = 3, nb = (L + 127) / 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(31 + D);
@@ -598,8 +590,7 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     // Letters after the chunk number: "s" the sort (ScopedBwdSchedule); "g" the chunk schedule
     // reads the counts from global memory instead of shared (the path for lists too long for
     // shared memory); "c" the dK/dV chunk and dQ converts as two launches (SPARGE_BWD_ONE_CONVERT=0);
-    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0); "f" / "p" / "h" dQ
-    // converted per head in the fused kernel (SPARGE_BWD_FUSED_DQ=1).
+    // "d" delta by DeltaKernel before the prep kernel (SPARGE_BWD_PREP_DELTA=0).
     std::string spec = chunk_spec ? chunk_spec : "";
     const bool is_default = spec == "default";
     auto take = [&](char c) {
@@ -608,12 +599,10 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
       return at != std::string::npos;
     };
     const bool global_counts = take('g'), two_converts = take('c'), delta_kernel = take('d');
-    const bool per_head = take('h');
     const char* chunk = chunk_spec ? spec.c_str() : nullptr;
     ScopedEnv counts("SPARGE_BWD_SCHED_COUNTS", global_counts ? "global" : nullptr);
     ScopedEnv convert("SPARGE_BWD_ONE_CONVERT", two_converts ? "0" : nullptr);
     ScopedEnv prep("SPARGE_BWD_PREP_DELTA", delta_kernel ? "0" : nullptr);
-    ScopedEnv fdq("SPARGE_BWD_FUSED_DQ", per_head ? "1" : nullptr);
     ScopedBwdSchedule schedule(chunk);
     Outs r = RunKernels(q, k, v, g, m, scale);
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
@@ -647,25 +636,26 @@ TEST(SpargeKernelsGpu, ChunkedHeavyKeyTiles) {
 
 TEST(SpargeKernelsGpu, SanitizerCaseChunked) {
   SKIP_WITHOUT_GPU();
-  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd", "1sh"}, false);
+  CheckChunkedHeavyTiles(at::kBFloat16, 128, 2000, 2, {"1s", "1scd"}, false);
 }
 
-// SPARGE_BWD_FUSED_DQ=1 (dQ converted per head inside the fused kernel, in slices between items
-// and after the list, into an accumulator that persists across calls) against the float64
-// reference and the default path, on poisoned outputs: a query block that keeps nothing (its dQ
-// rows come from its head's conversion of an all-zero accumulator), a head that keeps nothing at
-// all (queued by the prep kernel), 128- and 256-wide key blocks (a kept 256-wide block is two
-// 128-key tiles, the partial last one a single tile), both head dims, chunked and whole
-// schedules. Each variant runs the main shape, a longer one (the accumulator grows) and the main
-// shape again: each call must leave the accumulator and the queue all zeros for the next.
-// Variants: the defaults; 3 persistent CTAs (each takes many items, so most slices are converted
-// between items, not after the list); the same with slices of 5 tiles (partial bulk-copy batches,
-// many tickets per CTA).
-void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* schedule, bool reference) {
+// The fused backward on poisoned outputs with rows and heads that keep nothing: a query block that
+// keeps no key block (its dQ rows are the converted zeros of an untouched accumulator), a head of
+// the second batch element that keeps nothing at all (dQ = dK = dV = 0), the partial last key
+// block kept by every other query block, 128- and 256-wide key blocks (a kept 256-wide block is
+// two 128-key work items, the partial last one a single item), both head dims, chunked and whole
+// schedules, and three calls in a row whose length grows and shrinks again (workspace reuse).
+// Against the float64 reference (reference = false: only the zeros and finiteness, small enough
+// for the sanitizers). Carried over from the removed per-head dQ conversion's test
+// (kernels/NOTES.md, "Thirteenth session"), where it covered the same cases.
+void CheckEmptyRowsAndWideBlocks(at::ScalarType dtype, int64_t D, int64_t bk, const char* schedule, bool reference) {
   const int64_t B = 2, H = 3;
-  auto make = [&](int64_t L, uint64_t seed) {
+  const double scale = 1.0 / std::sqrt(double(D));
+  const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
+  ScopedBwdSchedule order(schedule);
+  for (const int64_t L : {1000, 2333, 1000}) {
     const int64_t nq = (L + 127) / 128, nk = (L + bk - 1) / bk;
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(11 + D + bk + L);
     Tensor keep = at::rand({B, H, nq, nk}, gen) < 0.3;
     keep.select(3, nk - 1).fill_(true);  // the partial last key block, kept by every query block
     keep.select(2, 1).fill_(false);      // but query block 1, which keeps nothing
@@ -673,62 +663,39 @@ void CheckFusedDq(at::ScalarType dtype, int64_t D, int64_t bk, const char* sched
     auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
     Tensor q = at::randn({B, L, H, D}, opts), k = at::randn({B, L, H, D}, opts),
            v = at::randn({B, L, H, D}, opts), g = at::randn({B, L, H, D}, opts);
-    return std::make_tuple(MaskFromKeep(keep, 128, bk), q, k, v, g);
-  };
-  const double scale = 1.0 / std::sqrt(double(D));
-  const double tol = dtype == at::kBFloat16 ? 1e-2 : 2e-3;
-  ScopedBwdSchedule order(schedule);
-  const int64_t lengths[] = {1000, 2333, 1000};
-  struct Variant {
-    const char* name;
-    const char* ctas;
-    const char* slice;
-  };
-  for (const Variant& var : {Variant{"default", nullptr, nullptr}, Variant{"3 CTAs", "3", nullptr},
-                             Variant{"3 CTAs, slices of 5", "3", "5"}}) {
-    for (int run = 0; run < 3; ++run) {
-      const int64_t L = lengths[run];
-      auto [m, q, k, v, g] = make(L, 11 + D + bk + L);
-      Outs base = RunKernels(q, k, v, g, m, scale);
-      Outs r;
-      {
-        ScopedEnv on("SPARGE_BWD_FUSED_DQ", "1");
-        ScopedEnv ctas("SPARGE_BWD_CTAS", var.ctas);
-        ScopedEnv slice("SPARGE_BWD_DQ_SLICE", var.slice);
-        r = RunKernels(q, k, v, g, m, scale);
-      }
-      const std::string what = std::string("SPARGE_BWD_FUSED_DQ=1 (") + var.name + ") D=" + std::to_string(D) +
-                               " bk=" + std::to_string(bk) + " L=" + std::to_string(L) + " run " +
-                               std::to_string(run) + " schedule=" + (schedule ? schedule : "unchunked");
-      ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
-      EXPECT_EQ(r.dq.slice(1, 128, 256).abs().max().item<float>(), 0.f) << what << " (empty query block)";
-      EXPECT_EQ(r.dq[1].select(1, 2).abs().max().item<float>(), 0.f) << what << " (empty head)";
-      EXPECT_LT(testing::RelErr(r.dq, base.dq), 1e-3) << what << " vs default";
-      EXPECT_LT(testing::RelErr(r.dk, base.dk), 1e-3) << what << " vs default";
-      EXPECT_LT(testing::RelErr(r.dv, base.dv), 1e-3) << what << " vs default";
-      if (reference) {
-        auto ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, bk, scale);
-        const double eq = testing::RelErr(r.dq, ref.dq);
-        std::printf("%s: dq %.2e (default %.2e)\n", what.c_str(), eq, testing::RelErr(base.dq, ref.dq));
-        EXPECT_LT(eq, 2.5 * tol) << what;
-      }
+    const BlockMask m = MaskFromKeep(keep, 128, bk);
+    const Outs r = RunKernels(q, k, v, g, m, scale);
+    const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
+                             " bk=" + std::to_string(bk) + " L=" + std::to_string(L) +
+                             " schedule=" + (schedule ? schedule : "unchunked");
+    ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
+    EXPECT_EQ(r.dq.slice(1, 128, 256).abs().max().item<float>(), 0.f) << what << " (empty query block)";
+    for (const Tensor& t : {r.dq, r.dk, r.dv})
+      EXPECT_EQ(t[1].select(1, 2).abs().max().item<float>(), 0.f) << what << " (empty head)";
+    if (reference) {
+      auto ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, bk, scale);
+      const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
+                   ev = testing::RelErr(r.dv, ref.dv);
+      std::printf("%s: dq %.2e dk %.2e dv %.2e\n", what.c_str(), eq, ek, ev);
+      EXPECT_LT(eq, 2.5 * tol) << what;
+      EXPECT_LT(ek, 2.5 * tol) << what;
+      EXPECT_LT(ev, 2.5 * tol) << what;
     }
   }
 }
 
-TEST(SpargeKernelsGpu, FusedDqConvert) {
+TEST(SpargeKernelsGpu, FusedBackwardEmptyRowsAndWideBlocks) {
   SKIP_WITHOUT_GPU();
-  CheckFusedDq(at::kBFloat16, 128, 128, nullptr, true);
-  CheckFusedDq(at::kBFloat16, 128, 256, "default", true);
-  CheckFusedDq(at::kHalf, 64, 128, "default", true);
-  CheckFusedDq(at::kHalf, 64, 256, nullptr, true);
+  CheckEmptyRowsAndWideBlocks(at::kBFloat16, 128, 128, nullptr, true);
+  CheckEmptyRowsAndWideBlocks(at::kBFloat16, 128, 256, "default", true);
+  CheckEmptyRowsAndWideBlocks(at::kHalf, 64, 128, "default", true);
+  CheckEmptyRowsAndWideBlocks(at::kHalf, 64, 256, nullptr, true);
 }
 
-// The same, small enough for memcheck and racecheck (no float64 reference).
-TEST(SpargeKernelsGpu, SanitizerCaseFusedDq) {
+TEST(SpargeKernelsGpu, SanitizerCaseEmptyRows) {
   SKIP_WITHOUT_GPU();
-  CheckFusedDq(at::kBFloat16, 128, 256, "default", false);
-  CheckFusedDq(at::kHalf, 64, 128, nullptr, false);
+  CheckEmptyRowsAndWideBlocks(at::kBFloat16, 128, 256, "default", false);
+  CheckEmptyRowsAndWideBlocks(at::kHalf, 64, 128, nullptr, false);
 }
 
 // The warp-specialised TMA forward (the default) against the float64 reference: 128- and
