@@ -15,6 +15,7 @@ export PYTHONUNBUFFERED=1
 root=$(pwd)
 bdir=$root/build-dev
 stages=" $* "
+failed=""
 log() { echo "[$(date +%T)] $*"; }
 if [[ $stages == *" build "* ]]; then
   gt=$root/.devdeps/gtest/root
@@ -32,12 +33,16 @@ fi
 if [[ $stages == *" test "* ]]; then
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
   log "cpu test"
-  "$bdir/tests/kernels/sparge_ops_cpu_test" > "$OUT/cpu_test.log" 2>&1; echo "cpu_test rc=$?"
+  "$bdir/tests/kernels/sparge_ops_cpu_test" > "$OUT/cpu_test.log" 2>&1
+  cpu_rc=$?
+  echo "cpu_test rc=$cpu_rc"
+  [ $cpu_rc = 0 ] || failed="$failed cpu_test"
   grep -E "^\[  (PASSED|FAILED) |FAILED|Failure" "$OUT/cpu_test.log" | head -20
   log "gpu test"
   timeout "${TEST_TIMEOUT:-240}" "$bdir/tests/kernels/sparge_kernels_gpu_test" \
     ${GPU_TEST_FILTER:+--gtest_filter=$GPU_TEST_FILTER} > "$OUT/gpu_test.log" 2>&1
   gpu_rc=$?
+  [ $gpu_rc = 0 ] || failed="$failed gpu_test"
   echo "gpu_test rc=$gpu_rc (124 = timed out)"
   grep -E "^\[  (PASSED|FAILED) |^\[       OK|FAILED|Failure|Expected|Which is|vs SDPA|sparsity" "$OUT/gpu_test.log" | head -60
 fi
@@ -50,7 +55,9 @@ if [[ $stages == *" sanitize "* ]]; then
     log "compute-sanitizer $tool"
     timeout "${TEST_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 "$bdir/tests/kernels/sparge_kernels_gpu_test" \
       --gtest_filter="SpargeKernelsGpu.SanitizerCase*" > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
+    san_rc=$?
+    [ $san_rc = 0 ] || failed="$failed $tool"
+    echo "$tool rc=$san_rc"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer_$tool.log" | head -8
   done
 fi
 if [[ $stages == *" ncu "* ]]; then
@@ -131,3 +138,9 @@ if [ "${KEEP_LOGS:-0}" != 1 ]; then
   ( cd "$OUT" && logs=$(ls *.log *.txt 2>/dev/null) && [ -n "$logs" ] && tar czf logs.tar.gz $logs && rm -f $logs )
 fi
 log "end"
+# A failed test or sanitizer run fails the command (the benchmark still ran, and its logs came
+# back): rc 0 means every test stage that ran passed.
+if [ -n "$failed" ]; then
+  echo "FAILED:$failed"
+  exit 1
+fi

@@ -30,11 +30,17 @@ DenseRef DenseMaskedReference(const Tensor& q, const Tensor& k, const Tensor& v,
   Tensor qh = qd.permute({0, 2, 1, 3}), kh = kd.permute({0, 2, 1, 3}), vh = vd.permute({0, 2, 1, 3});
   Tensor s = at::matmul(qh, kh.transpose(-1, -2)) * scale;
   s = s.masked_fill(allowed.logical_not(), -INFINITY);
+  // A row that keeps no key block attends to nothing: O = 0, LSE = -inf, and it adds nothing to
+  // any gradient (the kernels' definition). Its scores are set to 0 before the softmax and its
+  // probabilities to 0 after it, so no NaN enters the forward or the backward.
+  Tensor empty = allowed.any(-1).logical_not();
+  s = s.masked_fill(empty.unsqueeze(-1), 0.0);
   Tensor lse = at::logsumexp(s, -1);
-  Tensor o = at::matmul(at::exp(s - lse.unsqueeze(-1)), vh).permute({0, 2, 1, 3});
+  Tensor p = at::exp(s - lse.unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0.0);
+  Tensor o = at::matmul(p, vh).permute({0, 2, 1, 3});
   DenseRef r;
   r.o = o.detach();
-  r.lse = lse.detach();
+  r.lse = lse.masked_fill(empty, -INFINITY).detach();
   if (grad_o.defined()) {
     o.backward(grad_o.to(at::kDouble));
     r.dq = qd.grad().detach();

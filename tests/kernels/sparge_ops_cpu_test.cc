@@ -214,6 +214,43 @@ TEST(SpargeOpsCpu, AttentionMatchesReferenceBf16HeadMajor) {
   CheckAttention(2, 257, 3, 128, at::kBFloat16, true, 128, 1e-2);
 }
 
+// Query blocks that keep no key block (a whole row of one head, the partial last block of
+// another): O = 0, LSE = -inf, no contribution to any gradient, in the CPU op and the float64
+// reference alike (the GPU test FusedBackwardEmptyRowsAndWideBlocks compares the kernels to the
+// same reference).
+TEST(SpargeOpsCpu, EmptyRowsMatchReference) {
+  const int64_t B = 1, L = 300, H = 2, D = 64;
+  auto [q, k] = testing::StructuredQK(B, L, H, D, at::kFloat, at::kCPU, 9);
+  Tensor v = at::randn({B, L, H, D}), g = at::randn({B, L, H, D});
+  BlockMask m = ops::PredictBlockMask(q, k, at::tensor({ops::kModeTopK}, at::kInt), at::tensor({0.5f}),
+                                      at::tensor({0.f}), 128, 64);
+  m.counts = m.counts.clone();
+  m.indices = m.indices.clone();
+  m.counts[0][1][0] = 0;  // head 1, query block 0
+  m.counts[0][0][2] = 0;  // head 0, the partial last query block (rows 256..299)
+  m.indices[0][1][0].fill_(-1);
+  m.indices[0][0][2].fill_(-1);
+  const double scale = 1.0 / std::sqrt(double(D));
+  auto ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, 64, scale);
+  for (const Tensor& t : {ref.o, ref.dq, ref.dk, ref.dv}) ASSERT_TRUE(at::isfinite(t).all().item<bool>());
+  Tensor qg = q.detach().clone().set_requires_grad(true);
+  Tensor kg = k.detach().clone().set_requires_grad(true);
+  Tensor vg = v.detach().clone().set_requires_grad(true);
+  auto [o, lse] = ops::BlockSparseAttention(qg, kg, vg, m, 0.0);
+  o.backward(g);
+  EXPECT_EQ(o[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
+  EXPECT_EQ(o[0].select(1, 0).slice(0, 256, L).abs().max().item<float>(), 0.f);
+  EXPECT_EQ(qg.grad()[0].select(1, 1).slice(0, 0, 128).abs().max().item<float>(), 0.f);
+  Tensor fin = at::isfinite(ref.lse);
+  EXPECT_TRUE(fin.equal(at::isfinite(lse)));
+  EXPECT_TRUE(at::isneginf(lse[0][1].slice(0, 0, 128)).all().item<bool>());
+  EXPECT_LT(testing::RelErr(lse.masked_select(fin), ref.lse.masked_select(fin)), 1e-5);
+  EXPECT_LT(testing::RelErr(o, ref.o), 1e-5);
+  EXPECT_LT(testing::RelErr(qg.grad(), ref.dq), 2e-5);
+  EXPECT_LT(testing::RelErr(kg.grad(), ref.dk), 2e-5);
+  EXPECT_LT(testing::RelErr(vg.grad(), ref.dv), 2e-5);
+}
+
 TEST(SpargeOpsCpu, DenseModeEqualsDenseAttention) {
   const int64_t B = 1, L = 200, H = 2, D = 64;
   auto [q, k] = testing::StructuredQK(B, L, H, D, at::kFloat, at::kCPU, 5);
