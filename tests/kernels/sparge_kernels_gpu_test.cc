@@ -125,6 +125,17 @@ Outs RunKernels(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 
 bool AllFinite(const Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
+// dQ, dK and dV against the float64 reference within 2.5 x tol, printed with a label.
+void ExpectGradsNearReference(const Outs& r, const testing::DenseRef& ref, double tol, const std::string& what,
+                              const char* label = "") {
+  const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
+               ev = testing::RelErr(r.dv, ref.dv);
+  std::printf("%s%s: dq %.2e dk %.2e dv %.2e\n", label, what.c_str(), eq, ek, ev);
+  EXPECT_LT(eq, 2.5 * tol) << what;
+  EXPECT_LT(ek, 2.5 * tol) << what;
+  EXPECT_LT(ev, 2.5 * tol) << what;
+}
+
 // Either mask may live on either device: both sides are compared on the CPU.
 void ExpectMaskEqual(const BlockMask& a, const BlockMask& b, const std::string& what) {
   EXPECT_TRUE(a.counts.cpu().equal(b.counts.cpu())) << what << " counts";
@@ -608,14 +619,7 @@ void CheckChunkedHeavyTiles(at::ScalarType dtype, int64_t D, int64_t L = 4000, i
     const std::string what = std::string(dtype == at::kBFloat16 ? "bf16" : "fp16") + " D=" + std::to_string(D) +
                              " chunk=" + (chunk_spec ? chunk_spec : "off");
     ASSERT_TRUE(AllFinite(r.dq) && AllFinite(r.dk) && AllFinite(r.dv)) << what;
-    if (reference) {
-      const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
-                   ev = testing::RelErr(r.dv, ref.dv);
-      std::printf("chunked heavy tiles %s: dq %.2e dk %.2e dv %.2e\n", what.c_str(), eq, ek, ev);
-      EXPECT_LT(eq, 2.5 * tol) << what;
-      EXPECT_LT(ek, 2.5 * tol) << what;
-      EXPECT_LT(ev, 2.5 * tol) << what;
-    }
+    if (reference) ExpectGradsNearReference(r, ref, tol, what, "chunked heavy tiles ");
     EXPECT_EQ(r.dk.slice(1, (nb - 2) * 128, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
     EXPECT_EQ(r.dv.slice(1, (nb - 2) * 128, (nb - 1) * 128).abs().max().item<float>(), 0.f) << what;
     if (chunk == nullptr) {
@@ -672,15 +676,9 @@ void CheckEmptyRowsAndWideBlocks(at::ScalarType dtype, int64_t D, int64_t bk, co
     EXPECT_EQ(r.dq.slice(1, 128, 256).abs().max().item<float>(), 0.f) << what << " (empty query block)";
     for (const Tensor& t : {r.dq, r.dk, r.dv})
       EXPECT_EQ(t[1].select(1, 2).abs().max().item<float>(), 0.f) << what << " (empty head)";
-    if (reference) {
-      auto ref = testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, bk, scale);
-      const double eq = testing::RelErr(r.dq, ref.dq), ek = testing::RelErr(r.dk, ref.dk),
-                   ev = testing::RelErr(r.dv, ref.dv);
-      std::printf("%s: dq %.2e dk %.2e dv %.2e\n", what.c_str(), eq, ek, ev);
-      EXPECT_LT(eq, 2.5 * tol) << what;
-      EXPECT_LT(ek, 2.5 * tol) << what;
-      EXPECT_LT(ev, 2.5 * tol) << what;
-    }
+    if (reference)
+      ExpectGradsNearReference(r, testing::DenseMaskedReference(q, k, v, g, m.counts, m.indices, 128, bk, scale),
+                               tol, what);
   }
 }
 
